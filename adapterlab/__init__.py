@@ -7,4 +7,22 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from adapterlab.evaluate import perplexity, sparsity_report, task_accuracy
 from adapterlab.models import load_default_model, load_model, load_tokenizer, tiny_llama
+from adapterlab.pruning import PruneReport, apply_masks_, get_masks, prune_
+from adapterlab.quant import load_quantized
+
+__all__ = [
+    "PruneReport",
+    "apply_masks_",
+    "get_masks",
+    "load_default_model",
+    "load_model",
+    "load_quantized",
+    "load_tokenizer",
+    "perplexity",
+    "prune_",
+    "sparsity_report",
+    "task_accuracy",
+    "tiny_llama",
+]

@@ -40,9 +40,9 @@ class DemoConfig:
         if self.pattern is None and not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
         if self.pattern is not None:
-            from adapterlab.evaluate import parse_nm
+            from adapterlab.pruning import parse_pattern
 
-            parse_nm(self.pattern)
+            parse_pattern(self.pattern)
         get_task(self.task)
 
 

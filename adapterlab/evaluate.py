@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from adapterlab.models import decoder_layers
+from adapterlab.pruning.base import LayerSparsity
+from adapterlab.pruning.functional import check_nm, parse_pattern
 from adapterlab.progress import ProgressFactory, track
 
 
@@ -199,19 +201,6 @@ def task_accuracy(
 
 
 @dataclass
-class LayerSparsity:
-    name: str
-    shape: tuple[int, ...]
-    zeros: int
-    numel: int
-    nm_valid: bool | None = None
-
-    @property
-    def sparsity(self) -> float:
-        return self.zeros / self.numel if self.numel else 0.0
-
-
-@dataclass
 class SparsityReport:
     """Zeros per decoder linear layer and in total; ``pattern`` ("N:M") adds a per-group check."""
 
@@ -244,32 +233,9 @@ class SparsityReport:
             "pattern": self.pattern,
             "nm_valid": self.nm_valid,
             "layers": [
-                {"name": r.name, "shape": list(r.shape), "zeros": r.zeros, "numel": r.numel,
-                 "sparsity": r.sparsity, "nm_valid": r.nm_valid}
-                for r in self.layers
+r.to_dict() for r in self.layers
             ],
         }
-
-
-def parse_nm(pattern: str) -> tuple[int, int]:
-    """Parse an ``"N:M"`` pattern string; errors name the value and the expected form."""
-    try:
-        n_str, m_str = str(pattern).split(":")
-        n, m = int(n_str), int(m_str)
-    except ValueError as exc:
-        raise ValueError(f"pattern {pattern!r} is not of the form 'N:M' (e.g. '2:4', '4:8')") from exc
-    if not (0 < n <= m):
-        raise ValueError(f"pattern {pattern!r} needs 0 < N <= M")
-    return n, m
-
-
-def nm_holds(weight: torch.Tensor, n: int, m: int) -> bool:
-    """True when every group of ``m`` consecutive inputs of every output row has <= ``n`` non-zeros."""
-    d_out, d_in = weight.shape
-    if d_in % m:
-        return False
-    groups = (weight != 0).view(d_out, d_in // m, m)  # (d_out, d_in/m, m)
-    return bool((groups.sum(-1) <= n).all())
 
 
 def _dense_weight(module: torch.nn.Module) -> torch.Tensor:
@@ -285,7 +251,7 @@ def _dense_weight(module: torch.nn.Module) -> torch.Tensor:
 
 def sparsity_report(model: torch.nn.Module, *, pattern: str | None = None) -> SparsityReport:
     """Per-layer zeros of every linear layer inside the decoder blocks (embeddings/head excluded)."""
-    nm = parse_nm(pattern) if pattern else None
+    nm = parse_pattern(pattern)
     rows: list[LayerSparsity] = []
     for i, block in enumerate(decoder_layers(model)):
         for name, mod in block.named_modules():
@@ -301,7 +267,7 @@ def sparsity_report(model: torch.nn.Module, *, pattern: str | None = None) -> Sp
                     shape=tuple(w.shape),
                     zeros=zeros,
                     numel=w.numel(),
-                    nm_valid=nm_holds(w, *nm) if nm else None,
+                    nm_valid=check_nm(w, *nm) if nm else None,
                 )
             )
     return SparsityReport(layers=rows, pattern=pattern)

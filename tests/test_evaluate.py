@@ -8,8 +8,6 @@ import torch
 
 from adapterlab.evaluate import (
     choice_logprobs,
-    nm_holds,
-    parse_nm,
     perplexity,
     sparsity_report,
     task_accuracy,
@@ -146,14 +144,3 @@ def test_sparsity_report_counts_exact_zeros_and_nm():
     assert next(r for r in nm.layers if r.name == row.name).nm_valid is True
     assert nm.nm_valid is False  # the other layers are dense
     assert rep.to_dict()["global_sparsity"] == pytest.approx(rep.zeros / rep.numel)
-
-
-def test_nm_helpers():
-    w = torch.tensor([[1.0, 0.0, 2.0, 0.0, 0.0, 0.0, 3.0, 4.0]])
-    assert nm_holds(w, 2, 4)
-    assert not nm_holds(w, 1, 4)
-    assert not nm_holds(w, 2, 3)  # 8 is not a multiple of 3
-    assert parse_nm("2:4") == (2, 4)
-    for bad in ("2-4", "x:4", "5:4", "0:4"):
-        with pytest.raises(ValueError, match="pattern"):
-            parse_nm(bad)
