@@ -12,11 +12,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 def _assets_present() -> bool:
     try:
-        from adapterlab.models import default_gguf_path
+        from adapterlab.assets import missing
 
-        default_gguf_path()
-        return True
-    except Exception:
+        return not missing()
+    except Exception:  # noqa: BLE001 - any failure to locate assets means "not present"
         return False
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from adapterlab.cli import assets, demo, evaluate, prune
+from adapterlab.cli import assets, demo, evaluate, extract, merge, prune
 
 app = typer.Typer(
     name="adapterlab",
@@ -23,6 +23,8 @@ app.command("assets", help=assets.HELP)(assets.command)
 app.command("demo", help=demo.HELP)(demo.command)
 app.command("prune", help=prune.HELP)(prune.command)
 app.command("eval", help=evaluate.HELP)(evaluate.command)
+app.command("merge", help=merge.HELP)(merge.command)
+app.command("extract", help=extract.HELP)(extract.command)
 
 
 def main() -> None:

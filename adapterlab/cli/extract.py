@@ -1,0 +1,87 @@
+"""`adapterlab extract`: PHLoRA — a LoRA adapter from a base and a fully fine-tuned model."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.table import Table
+
+from adapterlab.cli._common import console, progress, setup_logging, user_errors
+
+logger = logging.getLogger(__name__)
+
+HELP = (
+    "Extract a LoRA adapter from a full fine-tune (PHLoRA): per linear layer, a truncated SVD of the "
+    "fp32 weight delta, rank fixed (--rank) or per layer by retained energy (--energy), split sqrt(S) "
+    "on both factors. Changed embeddings / LM head / norms are stored as modules_to_save (or skipped "
+    "with --skip-extras) and reported. Writes a PEFT LoRA folder plus phlora_report.json to OUTPUT."
+)
+
+
+def _summary(result: Any, output: Path, limit: int = 40) -> Table:
+    table = Table(title=f"adapterlab extract -> {output}")
+    for col in ("module", "shape", "stored as", "rank", "energy", "rel. change", "time"):
+        table.add_column(col, justify="left" if col in ("module", "stored as") else "right")
+    rows = [m for m in result.modules if m.stored_as != "unchanged"]
+    for m in rows[:limit]:
+        table.add_row(
+            m.name, "x".join(map(str, m.shape)), m.stored_as,
+            "-" if m.rank is None else str(m.rank),
+            "-" if m.energy is None else f"{m.energy:.4f}",
+            f"{m.delta_rel:.2e}", f"{m.seconds * 1000:.1f} ms",
+        )
+    if len(rows) > limit:
+        table.add_row(f"... {len(rows) - limit} more", "", "", "", "", "", "")
+    unchanged = len(result.modules) - len(rows)
+    table.caption = (
+        f"global energy {result.global_energy:.4f}; {len(result.factors)} LoRA modules, "
+        f"{len(result.extras)} modules_to_save, {unchanged} unchanged; {result.n_params():,} parameters; "
+        f"{result.seconds:.2f} s"
+    )
+    return table
+
+
+@user_errors
+def command(
+    base: str = typer.Option(..., "--base", "-b", help="Base model folder, or 'default' (embedded SmolLM2-135M-Instruct)."),
+    tuned: str = typer.Option(..., "--tuned", "-t", help="Fully fine-tuned model folder of the same architecture."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder to write the PEFT LoRA adapter to."),
+    rank: Optional[int] = typer.Option(None, "--rank", "-r", help="Fixed rank for every layer."),
+    energy: Optional[float] = typer.Option(None, "--energy", "-e", help="Per-layer rank: smallest k keeping this energy fraction, in (0, 1]."),
+    min_rank: int = typer.Option(1, "--min-rank", help="Lower clip of the energy rank."),
+    max_rank: Optional[int] = typer.Option(None, "--max-rank", help="Upper clip of the energy rank."),
+    randomized: bool = typer.Option(False, "--randomized", help="Randomized SVD (needs --rank)."),
+    skip_extras: bool = typer.Option(False, "--skip-extras", help="Do not store changed embeddings / LM head / norms (still reported)."),
+    threshold: float = typer.Option(1e-4, "--threshold", help="Relative change above which a non-linear parameter counts as changed."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Saved dtype: float32, float16 or bfloat16 (default: the tuned model's)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    import torch
+
+    from adapterlab.extraction import extract_lora
+    from adapterlab.extraction.phlora import _check_settings
+    from adapterlab.merging.lora_dir import check_output_dir
+    from adapterlab.progress import rich_factory
+
+    setup_logging(verbose)
+    if rank is not None and energy is not None:
+        raise ValueError("--rank/--energy: give exactly one of them")
+    if rank is None and energy is None:
+        raise ValueError("--rank/--energy: give one of them (e.g. --energy 0.9 or --rank 16)")
+    _check_settings(rank, energy, min_rank, max_rank, randomized, "skip" if skip_extras else "save")
+    if dtype is not None and dtype not in ("float32", "float16", "bfloat16"):
+        raise ValueError(f"--dtype {dtype!r}: choose one of float32, float16, bfloat16")
+    check_output_dir(output, overwrite)
+    with progress() as prog:
+        result = extract_lora(
+            base, tuned, rank=rank, energy=energy, randomized=randomized, min_rank=min_rank, max_rank=max_rank,
+            extras="skip" if skip_extras else "save", threshold=threshold,
+            dtype=getattr(torch, dtype) if dtype else None, progress=rich_factory(prog),
+        )
+    result.save(output, overwrite=overwrite)
+    console.print(_summary(result, output))
+    console.print(f"wrote {output}")

@@ -1,0 +1,133 @@
+"""Pure tensor math for adapter extraction: truncated / randomized SVD, energy-based rank, sqrt(S) split.
+
+Reference:
+    PHLoRA — Vasani et al. 2025, https://arxiv.org/abs/2509.10971
+    Randomized SVD — Halko, Martinsson, Tropp 2011, https://arxiv.org/abs/0909.4061
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["LowRankFactors", "energy_rank", "low_rank_factors", "retained_energy"]
+
+
+@dataclass
+class LowRankFactors:
+    """``delta ≈ B @ A`` with the balanced split ``B = U_k S_k^{1/2}``, ``A = S_k^{1/2} V_kᵀ``.
+
+    Attributes:
+        B: ``[d_out, k]`` fp32.
+        A: ``[k, d_in]`` fp32.
+        spectrum: the singular values computed (all of them for the exact SVD, ``q`` for randomized).
+        rank: ``k``.
+        energy: retained energy ``E(k) = Σ_{i≤k} σ_i² / ‖delta‖_F²`` (1.0 for a zero delta).
+        total_energy: ``‖delta‖_F²`` (exact, from the entries).
+    """
+
+    B: Tensor
+    A: Tensor
+    spectrum: Tensor
+    rank: int
+    energy: float
+    total_energy: float
+
+
+def energy_rank(spectrum: Tensor, energy: float, total_energy: float | None = None) -> int:
+    """Smallest ``k`` with ``Σ_{i≤k} σ_i² ≥ energy · total`` (peft's ``searchsorted(cumsum) + 1``).
+
+    Args:
+        spectrum: singular values, descending, ``[n]``.
+        energy: the threshold τ in (0, 1].
+        total_energy: ``‖ΔW‖_F²``; defaults to ``Σ σ_i²`` (exact SVD).
+
+    Returns:
+        k in ``[0, n]``; 0 only when the spectrum is all zero.
+    """
+    if not 0.0 < energy <= 1.0:
+        raise ValueError(f"energy must be in (0, 1], got {energy}")
+    sq = spectrum.double().square()
+    total = float(sq.sum()) if total_energy is None else float(total_energy)
+    if total <= 0.0:
+        return 0
+    cum = torch.cumsum(sq, 0)  # [n]
+    # relative slack so that energy=1.0 is reachable despite rounding of the cumulative sum
+    target = torch.tensor(energy * total * (1.0 - 1e-12), dtype=cum.dtype)
+    k = int(torch.searchsorted(cum, target).item()) + 1
+    return min(k, int(spectrum.numel()))
+
+
+def retained_energy(spectrum: Tensor, k: int, total_energy: float) -> float:
+    """``E(k) = Σ_{i≤k} σ_i² / total`` (1.0 when ``total`` is 0)."""
+    if total_energy <= 0.0:
+        return 1.0
+    return float(min(1.0, spectrum[:k].double().square().sum().item() / total_energy))
+
+
+def low_rank_factors(
+    delta: Tensor,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    min_rank: int = 1,
+    max_rank: int | None = None,
+    randomized: bool = False,
+    oversample: int = 16,
+    n_iter: int = 4,
+    seed: int = 0,
+) -> LowRankFactors:
+    """Truncated SVD of one delta matrix in fp32, split ``sqrt(S)`` on both sides.
+
+    Exactly one of ``rank`` (fixed k) and ``energy`` (smallest k with ``E(k) ≥ energy``, clipped to
+    ``[min_rank, max_rank]``) is given. ``randomized=True`` uses ``torch.svd_lowrank`` with
+    ``q = k + oversample`` and ``n_iter`` power iterations; it needs a fixed ``rank``. ``E(k)`` is
+    always reported against the exact ``‖delta‖_F²``.
+
+    Args:
+        delta: ``[d_out, d_in]``, any float dtype (computed in fp32).
+
+    Returns:
+        :class:`LowRankFactors` with ``B @ A ≈ delta`` (exact when k ≥ rank(delta)).
+
+    Reference:
+        PHLoRA §2 — https://arxiv.org/abs/2509.10971
+    """
+    if (rank is None) == (energy is None):
+        raise ValueError("give exactly one of rank= and energy=")
+    if delta.dim() != 2:
+        raise ValueError(f"delta must be a matrix, got shape {list(delta.shape)}")
+    d = delta.detach().to(torch.float32)
+    d_out, d_in = d.shape
+    full = min(d_out, d_in)
+    total = float(d.double().square().sum().item())
+    if total == 0.0:
+        return LowRankFactors(d.new_zeros(d_out, 0), d.new_zeros(0, d_in), d.new_zeros(0), 0, 1.0, 0.0)
+    if randomized:
+        if rank is None:
+            raise ValueError("randomized SVD needs a fixed rank= (the energy rule needs the full spectrum)")
+        k = min(int(rank), full)
+        q = min(k + oversample, full)
+        gen_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        try:
+            U, S, V = torch.svd_lowrank(d, q=q, niter=n_iter)  # U [d_out,q], S [q], V [d_in,q]
+        finally:
+            torch.random.set_rng_state(gen_state)
+        Vh = V.T  # svd_lowrank returns V (columns), not Vh   [q, d_in]
+    else:
+        U, S, Vh = torch.linalg.svd(d, full_matrices=False)  # [d_out,n] [n] [n,d_in]
+        if rank is not None:
+            k = min(int(rank), full)
+        else:
+            k = energy_rank(S, float(energy), total)
+            k = max(k, min(min_rank, full))
+            if max_rank is not None:
+                k = min(k, max_rank)
+    root = S[:k].clamp_min(0).sqrt()  # [k]
+    B = U[:, :k] * root  # [d_out, k]
+    A = root[:, None] * Vh[:k]  # [k, d_in]
+    return LowRankFactors(B.contiguous(), A.contiguous(), S, k, retained_energy(S, k, total), total)
+

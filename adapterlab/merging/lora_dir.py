@@ -1,0 +1,131 @@
+"""Writing PEFT LoRA folders (merge and extraction outputs) with staged, all-or-nothing writes.
+
+Factors are given in the layout of the base weight (``delta = B @ A`` has ``weight.shape``) with
+scale 1; the writer sets ``lora_alpha = r`` per module (``rank_pattern`` / ``alpha_pattern`` when
+ranks differ) so peft's scale is exactly 1, and transposes embeddings / ``fan_in_fan_out`` layers
+into peft's storage layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from adapterlab.io import save_tensors
+
+__all__ = ["check_output_dir", "staged_dir", "write_lora_dir"]
+
+_PREFIX = "base_model.model."
+
+
+def check_output_dir(path: str | os.PathLike[str], overwrite: bool = False) -> Path:
+    """Refuse a file, or a non-empty folder unless ``overwrite``."""
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"output {str(out)!r} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"output folder {str(out)!r} exists and is not empty (pass overwrite=True / --overwrite)")
+    return out
+
+
+@contextlib.contextmanager
+def staged_dir(path: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces ``path`` by rename, on error it is removed.
+
+    Nothing partial is ever left at ``path``.
+    """
+    out = check_output_dir(path, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.stage-", dir=out.parent))
+    old: Path | None = None
+    try:
+        yield stage
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+        os.replace(stage, out)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
+        if old is not None and old.exists():
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _peft_tensors(name: str, B: Tensor, A: Tensor, transpose: bool, embedding: bool) -> dict[str, Tensor]:
+    if embedding:  # peft: delta = (emb_B @ emb_A)ᵀ, emb_A [k, num_emb], emb_B [dim, k]
+        return {f"{_PREFIX}{name}.lora_embedding_A": B.T, f"{_PREFIX}{name}.lora_embedding_B": A.T}
+    if transpose:  # fan_in_fan_out (Conv1D): delta = (lora_B @ lora_A)ᵀ
+        return {f"{_PREFIX}{name}.lora_A.weight": B.T, f"{_PREFIX}{name}.lora_B.weight": A.T}
+    return {f"{_PREFIX}{name}.lora_A.weight": A, f"{_PREFIX}{name}.lora_B.weight": B}
+
+
+def write_lora_dir(
+    stage: Path,
+    factors: Mapping[str, tuple[Tensor, Tensor]],
+    *,
+    embeddings: set[str] | frozenset[str] = frozenset(),
+    fan_in_fan_out: bool = False,
+    base_model_name_or_path: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    modules_to_save: Mapping[str, Mapping[str, Tensor]] | None = None,
+    ensure_weight_tying: bool = False,
+    metadata: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` into an (already staged) folder.
+
+    Args:
+        stage: the folder to write into (see :func:`staged_dir`).
+        factors: module name -> ``(B [d_out, k], A [k, d_in])`` in weight layout, scale 1; k = 0 is skipped.
+        embeddings: names of embedding modules among ``factors``.
+        fan_in_fan_out: the base stores these weights as ``[d_in, d_out]`` (GPT-2 Conv1D).
+        modules_to_save: module name -> {param name: full tensor} stored densely.
+        metadata: JSON-able dict stored under the ``adapterlab`` key of the safetensors header.
+
+    Returns:
+        The written config as a dict.
+    """
+    from peft import LoraConfig
+
+    ranks = {n: int(a.shape[0]) for n, (b, a) in factors.items() if a.shape[0] > 0}
+    if not ranks:
+        raise ValueError("nothing to write: every module has rank 0 (all deltas are zero)")
+    r = max(ranks.values())
+    pattern = {n: k for n, k in ranks.items() if k != r}
+    mts = dict(modules_to_save or {})
+    cfg = LoraConfig(
+        r=r,
+        lora_alpha=r,
+        target_modules=sorted(ranks),
+        rank_pattern=pattern,
+        alpha_pattern=dict(pattern),
+        modules_to_save=sorted(mts) or None,
+        fan_in_fan_out=fan_in_fan_out,
+        base_model_name_or_path=base_model_name_or_path,
+        ensure_weight_tying=ensure_weight_tying,
+        lora_dropout=0.0,
+        bias="none",
+    )
+    cfg.inference_mode = True
+    tensors: dict[str, Tensor] = {}
+    for name in ranks:
+        B, A = factors[name]
+        for key, t in _peft_tensors(name, B, A, fan_in_fan_out and name not in embeddings, name in embeddings).items():
+            tensors[key] = t.detach().to(dtype).contiguous()
+    for mod, params in mts.items():
+        for pname, t in params.items():
+            tensors[f"{_PREFIX}{mod}.{pname}"] = t.detach().to(dtype).contiguous()
+    cfg.save_pretrained(str(stage))
+    meta = {"format": "pt"}
+    if metadata is not None:
+        meta["adapterlab"] = json.dumps(metadata, sort_keys=True, default=str)
+    save_tensors(stage / "adapter_model.safetensors", tensors, metadata=meta)
+    return json.loads((stage / "adapter_config.json").read_text(encoding="utf-8"))
