@@ -36,6 +36,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed pruning repeats (median reported)")
     ap.add_argument("--methods", default="magnitude,wanda,sparsegpt")
     ap.add_argument("--patterns", default="unstructured,2:4")
+    ap.add_argument("--timing-only", action="store_true",
+                    help="time pruning only (no perplexity, no quantized rows); writes foundation_timing.*")
     args = ap.parse_args()
     if args.quick:
         args.nsamples, args.calib_seqlen, args.eval_windows, args.repeats = 4, 128, 4, 1
@@ -54,9 +56,10 @@ def main() -> None:
     rows: list[dict] = []
     start = time.perf_counter()
     dense = models.load_model(None)
-    rows.append({"config": "dense", "method": None, "pattern": None, "ppl": ppl(dense),
+    if not args.timing_only:
+        rows.append({"config": "dense", "method": None, "pattern": None, "ppl": ppl(dense),
                  "sparsity": evaluate.sparsity_report(dense).global_sparsity})
-    log.info("dense ppl %.3f", rows[-1]["ppl"])
+        log.info("dense ppl %.3f", rows[-1]["ppl"])
     del dense
 
     # warm-up: one untimed prune on a tiny model so lazy imports/allocations are not timed
@@ -79,17 +82,17 @@ def main() -> None:
                 "config": f"{method} {pattern if pat else '50%'}",
                 "method": method,
                 "pattern": pattern,
-                "ppl": ppl(model),
+                "ppl": None if args.timing_only else ppl(model),
                 "sparsity": rep.global_sparsity,
                 "nm_valid": rep.nm_valid,
                 "prune_seconds_median": median,
                 "prune_seconds_all": times,
             }
             rows.append(row)
-            log.info("%s ppl %.3f sparsity %.4f time %.1fs", row["config"], row["ppl"], row["sparsity"], median)
+            log.info("%s ppl %s sparsity %.4f time %.1fs", row["config"], row["ppl"], row["sparsity"], median)
             del model, holder
 
-    for bits, qt in ((4, "nf4"), (4, "fp4"), (8, None)):
+    for bits, qt in () if args.timing_only else ((4, "nf4"), (4, "fp4"), (8, None)):
         kw = {"quant_type": qt} if qt else {}
         model = load_quantized(None, bits=bits, **kw)
         name = f"bnb {bits}-bit{' ' + qt if qt else ''}"
@@ -110,14 +113,15 @@ def main() -> None:
         "dtype": "float32",
         "total_seconds": time.perf_counter() - start,
     }
-    name = "foundation_quick" if args.quick else "foundation"
+    name = "foundation_quick" if args.quick else "foundation_timing" if args.timing_only else "foundation"
     path = write_json(name, {"benchmark": "foundation", "settings": settings, "rows": rows})
     md = ["| config | wiki ppl | sparsity | N:M valid | prune time (median s) |", "|---|---:|---:|---|---:|"]
     for r in rows:
         sp = "" if r["sparsity"] is None else f"{r['sparsity']:.2%}"
         nm = "" if r.get("nm_valid") is None else str(r["nm_valid"])
         t = f"{r['prune_seconds_median']:.1f}" if "prune_seconds_median" in r else ""
-        md.append(f"| {r['config']} | {r['ppl']:.2f} | {sp} | {nm} | {t} |")
+        ppl_s = "" if r["ppl"] is None else f"{r['ppl']:.2f}"
+        md.append(f"| {r['config']} | {ppl_s} | {sp} | {nm} | {t} |")
     write_markdown(name, "\n".join(md) + "\n")
     log.info("wrote %s", path)
 
