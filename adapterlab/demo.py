@@ -24,7 +24,7 @@ class DemoConfig:
     nsamples: int = 32
     calib_seqlen: int = 512
     eval_seqlen: int = 512
-    eval_windows: int | None = 40
+    eval_windows: int | None = 20
     task: str = "sentiment"
     task_n: int | None = 300
     seed: int = 0

@@ -25,7 +25,7 @@ def command(
     sparsity: float = typer.Option(0.5, "--sparsity", help="Unstructured sparsity in [0, 1)."),
     pattern: Optional[str] = typer.Option(None, "--pattern", help="N:M pattern instead (e.g. 2:4)."),
     nsamples: int = typer.Option(32, "--nsamples", help="Calibration windows for Wanda/SparseGPT."),
-    eval_windows: int = typer.Option(40, "--eval-windows", help="512-token wiki windows for perplexity (0 = all)."),
+    eval_windows: int = typer.Option(20, "--eval-windows", help="512-token wiki windows for perplexity (0 = all)."),
     task_n: int = typer.Option(300, "--task-n", help="Sentiment test examples to score (0 = all)."),
     output: Path = typer.Option(Path("out/demo"), "--output", "-o", help="Folder for results.json."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),

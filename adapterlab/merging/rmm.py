@@ -256,7 +256,7 @@ class RmmMerger(Merger):
         return {"K": self.n_basis, "coeff_scope": self.coeff_scope, "gauge": self.gauge}
 
     def merge(self, key: tuple[str, str], x: Tensor, weights: Tensor) -> Tensor | None:  # pragma: no cover
-        raise NotImplementedError("rmm keeps a basis per task; use RmmMerger.fit")
+        raise TypeError("rmm does not merge tensor by tensor: it fits a basis per task (use RmmMerger.fit)")
 
     def _stack(self, ctx: MergeContext, name: str) -> tuple[Tensor, Tensor]:
         r = max(s.modules[name].rank for s in ctx.sources if name in s.modules)

@@ -36,11 +36,16 @@ logger = logging.getLogger(__name__)
 #: Keys of the checkpoint whose length legitimately differs from the freshly built layer (LoRI-S).
 VARIABLE_SIZE_SUFFIXES = (".values", ".indices")
 
+
+class QuantizedMergeError(RuntimeError):
+    """Merging into a bitsandbytes 4-bit base through the tuner layer (use the quantization-aware merge)."""
+
+
 FOUR_BIT_MERGE_HINT = (
-    "merging into a bitsandbytes 4-bit base is not done by the tuner layer: re-quantizing a 4-bit "
-    "weight after adding the delta needs the quantization-aware merge (adapterlab.merge(model, ...): "
-    "dequantize -> add in fp32 -> requantize, DESIGN.md section 2). Forward, training, saving and "
-    "loading work unmerged on 4-bit bases; or load the base unquantized to merge"
+    "merging into a bitsandbytes 4-bit base is not supported by the tuner layer: it needs the "
+    "quantization-aware merge (dequantize -> add in fp32 -> requantize), which adapterlab does not "
+    "ship yet. Forward, training, saving and loading work unmerged on 4-bit bases; to merge, load "
+    "the base unquantized (adapterlab.load_model) and merge there"
 )
 
 
@@ -178,8 +183,11 @@ class LowRankLayer(nn.Module, BaseTunerLayer):
 
     # -- subclass interface ------------------------------------------------------------------
     def factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """``(A (r, d_in), B (d_out, r), scale)`` of ``adapter`` as used by forward right now."""
-        raise NotImplementedError
+        """``(A (r, d_in), B (d_out, r), scale)`` of ``adapter`` as used by forward right now.
+
+        Every concrete layer (DyLoRA, LoRI) overrides this.
+        """
+        raise TypeError(f"{type(self).__name__} does not define factors(); subclasses must")
 
     def merge_factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor, float]:
         """The factors merged by :meth:`merge` (default: :meth:`factors` in eval semantics)."""
@@ -210,7 +218,7 @@ class LowRankLayer(nn.Module, BaseTunerLayer):
     def _add_to_base_(self, delta: torch.Tensor, adapter: str, *, safe_merge: bool, sign: float) -> None:
         base = self.get_base_layer()
         if is_4bit(base):
-            raise NotImplementedError(FOUR_BIT_MERGE_HINT)
+            raise QuantizedMergeError(FOUR_BIT_MERGE_HINT)
         if is_8bit(base):
             self._add_to_int8_(base, delta, adapter, safe_merge=safe_merge, sign=sign)
             return
