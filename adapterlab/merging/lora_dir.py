@@ -79,6 +79,8 @@ def write_lora_dir(
     modules_to_save: Mapping[str, Mapping[str, Tensor]] | None = None,
     ensure_weight_tying: bool = False,
     metadata: Mapping[str, Any] | None = None,
+    lora_alpha: float | None = None,
+    use_rslora: bool = False,
 ) -> dict[str, Any]:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` into an (already staged) folder.
 
@@ -89,6 +91,9 @@ def write_lora_dir(
         fan_in_fan_out: the base stores these weights as ``[d_in, d_out]`` (GPT-2 Conv1D).
         modules_to_save: module name -> {param name: full tensor} stored densely.
         metadata: JSON-able dict stored under the ``adapterlab`` key of the safetensors header.
+        lora_alpha: ``None`` (default) writes scale-1 factors (``lora_alpha = r`` per module); a
+            value keeps the adapter's own ``lora_alpha`` / ``use_rslora`` (the factors then carry no
+            folded scale, e.g. a DyLoRA rank export), which needs one rank for every module.
 
     Returns:
         The written config as a dict.
@@ -100,10 +105,13 @@ def write_lora_dir(
         raise ValueError("nothing to write: every module has rank 0 (all deltas are zero)")
     r = max(ranks.values())
     pattern = {n: k for n, k in ranks.items() if k != r}
+    if lora_alpha is not None and pattern:
+        raise ValueError(f"lora_alpha={lora_alpha} needs one rank for every module, got ranks {sorted(set(ranks.values()))}")
     mts = dict(modules_to_save or {})
     cfg = LoraConfig(
         r=r,
-        lora_alpha=r,
+        lora_alpha=r if lora_alpha is None else float(lora_alpha),
+        use_rslora=bool(use_rslora),
         target_modules=sorted(ranks),
         rank_pattern=pattern,
         alpha_pattern=dict(pattern),

@@ -16,7 +16,6 @@ Reference:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -356,40 +355,36 @@ def write_lora_dir(
     base_model_name_or_path: str | None = None,
     metadata: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write a plain peft LoRA adapter directory (``adapter_config.json`` + safetensors).
+    """Write a plain peft LoRA adapter directory (``adapter_config.json`` + safetensors), atomically.
+
+    A thin front of :func:`adapterlab.merging.lora_dir.write_lora_dir` (the one PEFT LoRA writer)
+    that keeps the adapter's own ``r`` / ``lora_alpha`` / ``use_rslora``.
 
     Args:
-        save_directory: the folder to create.
+        save_directory: the folder to create (replaced if it exists).
         factors: base-model module key (e.g. ``"model.layers.0.self_attn.q_proj"``) to
             ``(A (r, d_in), B (d_out, r))``.
         r / lora_alpha / use_rslora: written to ``LoraConfig``; the scale any peft user gets is
             ``lora_alpha / r`` (or ``/ sqrt(r)`` with rsLoRA).
         base_model_name_or_path: recorded in the config.
-        metadata: extra string metadata for the safetensors header (provenance).
+        metadata: provenance stored in the safetensors header.
 
     Returns:
         The directory.
     """
-    from peft import LoraConfig
-    from safetensors.torch import save_file
+    from adapterlab.merging.lora_dir import staged_dir, write_lora_dir as write_peft_lora
 
+    bad = sorted(k for k, (a, _) in factors.items() if a.shape[0] != r)
+    if bad:
+        raise ValueError(f"factors of {bad[:3]} do not have rank r={r}")
     out = Path(save_directory)
-    out.mkdir(parents=True, exist_ok=True)
-    targets = sorted({k.rsplit(".", 1)[-1] for k in factors})
-    cfg = LoraConfig(
-        r=int(r),
-        lora_alpha=float(lora_alpha),
-        use_rslora=bool(use_rslora),
-        target_modules=targets,
-        lora_dropout=0.0,
-        bias="none",
-        base_model_name_or_path=base_model_name_or_path,
-    )
-    cfg.save_pretrained(str(out))
-    tensors: dict[str, torch.Tensor] = {}
-    for key, (a, b) in factors.items():
-        tensors[f"base_model.model.{key}.lora_A.weight"] = a.detach().to("cpu").contiguous()
-        tensors[f"base_model.model.{key}.lora_B.weight"] = b.detach().to("cpu").contiguous()
-    meta = {"format": "pt", **{k: (v if isinstance(v, str) else json.dumps(v)) for k, v in (metadata or {}).items()}}
-    save_file(tensors, str(out / "adapter_model.safetensors"), metadata=meta)
+    with staged_dir(out, overwrite=True) as stage:
+        write_peft_lora(
+            stage,
+            {k: (b, a) for k, (a, b) in factors.items()},
+            base_model_name_or_path=base_model_name_or_path,
+            metadata=dict(metadata or {}),
+            lora_alpha=lora_alpha,
+            use_rslora=use_rslora,
+        )
     return out
