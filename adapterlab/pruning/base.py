@@ -187,7 +187,6 @@ class PruneReport:
     pattern: str | None
     target_sparsity: float
     layers: list[LayerSparsity] = field(default_factory=list)
-    global_sparsity: float = 0.0
     nm_valid: bool | None = None
     seconds: float = 0.0
     params: dict[str, Any] = field(default_factory=dict)
@@ -201,11 +200,16 @@ class PruneReport:
     def numel(self) -> int:
         return sum(row.numel for row in self.layers)
 
+    @property
+    def global_sparsity(self) -> float:
+        return self.zeros / self.numel if self.numel else 0.0
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["layers"] = [row.to_dict() for row in self.layers]
         d["zeros"] = self.zeros
         d["numel"] = self.numel
+        d["global_sparsity"] = self.global_sparsity
         return d
 
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -615,14 +619,11 @@ def prune_(
             layers.append(LayerSparsity(name, tuple(w.shape), int((w == 0).sum()), w.numel()))
             if nm is not None and not check_nm(w, *nm):
                 nm_valid = False
-    zeros = sum(r.zeros for r in layers)
-    numel = sum(r.numel for r in layers)
     report = PruneReport(
         method=cls.name or str(method).lower(),
         pattern=f"{nm[0]}:{nm[1]}" if nm else None,
         target_sparsity=target,
         layers=layers,
-        global_sparsity=zeros / numel if numel else 0.0,
         nm_valid=nm_valid,
         seconds=time.perf_counter() - start,
         params=pruner.params(),
