@@ -1,15 +1,18 @@
-"""Benchmark: merging (TIES speed / peak memory vs peft, quality on 3 tasks) and PHLoRA extraction.
+"""Benchmark: merging (TIES speed / peak memory vs peft and mergekit, quality on 3 tasks) and PHLoRA.
 
-    python bench/merging.py speed                 # tiny Llama h=512, 4 layers, r=16; T = 2, 4, 8
-    python bench/merging.py quality [--steps 150] # embedded SmolLM2-135M, tasks sentiment/domain/compare
-    python bench/merging.py phlora  [--steps 150] # full fine-tune of one task, extract, re-evaluate
+    python bench/merging.py speed [--model embedded|tiny] [--counts 2 4 8] [--repeat 3]
+    python bench/merging.py quality [--steps 100]  # embedded SmolLM2-135M, tasks sentiment/domain/compare
+    python bench/merging.py phlora  [--steps 150]  # full fine-tune of one task, extract, re-evaluate
 
 Each part writes bench/results/merging_<part>.json (machine, versions, settings, numbers) and prints
-a markdown table. Each timed case runs in a fresh subprocess; peak memory is the growth of the
-process' max RSS during the measured call. Anchors: peft's ``add_weighted_adapter(combination_type=
-"ties_svd")`` (the only equal-output anchor: it merges dense deltas per tensor and re-factorises by
-SVD); peft's plain ``ties`` merges A and B factors separately and is reported for its error only.
-mergekit is not installed in this environment (it merges full models; not measured here).
+a markdown table. Each timed case runs in a fresh subprocess, the implementations interleaved, one
+warm-up round and ``--repeat`` kept rounds (median); peak memory is the growth of the process' max
+RSS during the measured call. Equal-output anchors: for a LoRA output, peft's
+``add_weighted_adapter(combination_type="ties_svd")`` (it merges dense deltas per tensor and
+re-factorises by SVD); for a full merged model, mergekit's ``ties`` over the T full checkpoints
+(base + each LoRA, written beforehand; mergekit runs from ``$MERGEKIT_PYTHON``, default
+/tmp/mkvenv/bin/python). peft's plain ``ties`` merges A and B factors separately and is reported for
+its error only.
 """
 
 from __future__ import annotations
@@ -82,14 +85,22 @@ class _PeakRSS:
 # speed
 
 
-def _make_adapters(root: Path, n: int, r: int) -> list[Path]:
-    from peft import LoraConfig, get_peft_model
+def _model_for(kind: str) -> Any:
+    """The base of the speed benchmark: the embedded SmolLM2-135M, or the tiny Llama of the issue."""
+    from adapterlab.models import load_default_model, tiny_llama
 
-    from adapterlab.models import tiny_llama
+    if kind == "embedded":
+        return load_default_model()[0]
+    return tiny_llama(**TINY)
+
+
+def _make_adapters(root: Path, n: int, r: int, model_kind: str) -> list[Path]:
+    from peft import LoraConfig, get_peft_model
 
     paths = []
     for i in range(n):
-        pm = get_peft_model(tiny_llama(**TINY), LoraConfig(r=r, lora_alpha=r, target_modules=TARGETS, init_lora_weights=False))
+        pm = get_peft_model(_model_for(model_kind), LoraConfig(r=r, lora_alpha=r, target_modules=TARGETS,
+                                                               init_lora_weights=False))
         torch.manual_seed(1000 + i)
         with torch.no_grad():
             for name, p in pm.named_parameters():
@@ -101,87 +112,207 @@ def _make_adapters(root: Path, n: int, r: int) -> list[Path]:
     return paths
 
 
-def _case(kind: str, dirs: list[str], rank: int, queue: Any) -> None:
-    torch.set_num_threads(min(2, torch.get_num_threads()))
-    from adapterlab.models import tiny_llama
+def _full_models(root: Path, dirs: list[Path], model_kind: str) -> tuple[Path, list[Path]]:
+    """mergekit merges full checkpoints: write the base and base + each LoRA (setup, not timed)."""
+    from peft import PeftModel
 
-    if kind.startswith("peft"):
+    base_dir = root / "full_base"
+    if not base_dir.exists():
+        _model_for(model_kind).save_pretrained(str(base_dir))
+    out = []
+    for d in dirs:
+        target = root / f"full_{d.name}"
+        if not target.exists():
+            PeftModel.from_pretrained(_model_for(model_kind), str(d)).merge_and_unload().save_pretrained(str(target))
+        out.append(target)
+    return base_dir, out
+
+
+SAMPLE = "model.layers.0.self_attn.q_proj"
+
+
+def _case_main(argv: list[str]) -> None:
+    """Runs one timed case in this (fresh) process; writes {seconds, peak_mib} + the sample tensor."""
+    kind, model_kind, rank, out_file, *dirs = argv
+    rank_i = int(rank)
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    from safetensors.torch import save_file
+
+    if kind == "mergekit":
+        from mergekit.config import MergeConfiguration
+        from mergekit.merge import run_merge
+        from mergekit.options import MergeOptions
+
+        base_dir, fulls = dirs[0], dirs[1:]
+        cfg = MergeConfiguration.model_validate({
+            "merge_method": "ties", "base_model": base_dir, "dtype": "float32",
+            "parameters": {"normalize": True, "int8_mask": False},
+            "models": [{"model": f, "parameters": {"density": 0.2, "weight": 1.0}} for f in fulls],
+        })
+        opts = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, lazy_unpickle=False)
+        work = Path(out_file).with_suffix(".out")
+        with _PeakRSS() as mem:
+            t0 = time.perf_counter()
+            run_merge(cfg, str(work), opts)
+            seconds = time.perf_counter() - t0
+        from safetensors import safe_open
+
+        sample = None
+        for f in sorted(work.glob("*.safetensors")):
+            with safe_open(str(f), "pt") as fh:
+                if SAMPLE + ".weight" in fh.keys():
+                    sample = fh.get_tensor(SAMPLE + ".weight").float()
+        assert sample is not None, "mergekit output misses the sample tensor"
+        sample = sample - _model_for(model_kind).get_submodule(SAMPLE).weight.detach().float()
+    elif kind.startswith("peft"):
         from peft import PeftModel
 
-        pm = PeftModel.from_pretrained(tiny_llama(**TINY), dirs[0], adapter_name="a0")
+        pm = PeftModel.from_pretrained(_model_for(model_kind), dirs[0], adapter_name="a0")
         for i, d in enumerate(dirs[1:], 1):
             pm.load_adapter(d, adapter_name=f"a{i}")
         names = [f"a{i}" for i in range(len(dirs))]
         combo = "ties_svd" if kind == "peft_ties_svd" else "ties"
-        extra = {"svd_rank": rank} if combo == "ties_svd" else {}
+        extra = {"svd_rank": rank_i} if combo == "ties_svd" else {}
         with _PeakRSS() as mem:
             t0 = time.perf_counter()
             pm.add_weighted_adapter(names, [1.0] * len(dirs), "merged", combination_type=combo, density=0.2, **extra)
             seconds = time.perf_counter() - t0
-        peak = mem.growth
-        layer = pm.base_model.model.model.layers[0].self_attn.q_proj
-        sample = layer.get_delta_weight("merged").detach().clone()
+        sample = pm.base_model.model.get_submodule(SAMPLE).get_delta_weight("merged").detach().float()
+    elif kind == "adapterlab_full":
+        from adapterlab.merging import merge_adapters
+
+        base = _model_for(model_kind)
+        before = base.get_submodule(SAMPLE).weight.detach().float().clone()
+        work = Path(out_file).with_suffix(".out")
+        with _PeakRSS() as mem:
+            t0 = time.perf_counter()
+            res = merge_adapters(dirs, "ties", density=0.2, trim_scope="tensor", output="full", base=base)
+            res.model.save_pretrained(str(work))  # mergekit writes its merged model too
+            seconds = time.perf_counter() - t0
+        sample = res.model.get_submodule(SAMPLE).weight.detach().float() - before
     else:
         from adapterlab.merging import merge_adapters
 
-        scope = "tensor" if kind == "adapterlab_tensor" else "model"
+        scope = "model" if kind == "adapterlab_lora_model_scope" else "tensor"
         with _PeakRSS() as mem:
             t0 = time.perf_counter()
-            res = merge_adapters(dirs, "ties", density=0.2, trim_scope=scope, rank=rank)
+            res = merge_adapters(dirs, "ties", density=0.2, trim_scope=scope, rank=rank_i)
             seconds = time.perf_counter() - t0
-        peak = mem.growth
-        sample = res.delta("model.layers.0.self_attn.q_proj")
-    queue.put({"seconds": seconds, "peak_mib": peak, "sample": sample.float().numpy().copy()})  # by value
+        sample = res.delta(SAMPLE)
+    save_file({"sample": sample.contiguous()}, out_file,
+              metadata={"seconds": repr(seconds), "peak_mib": repr(mem.growth)})
 
 
-def _run_case(kind: str, dirs: list[Path], rank: int) -> dict[str, Any]:
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=_case, args=(kind, [str(d) for d in dirs], rank, q))
-    p.start()
-    out = q.get()
-    p.join()
-    return out
+def _run_case(kind: str, model_kind: str, dirs: list[Path], rank: int, tmp: Path) -> dict[str, Any]:
+    import subprocess
+
+    from safetensors import safe_open
+
+    python = MERGEKIT_PYTHON if kind == "mergekit" else sys.executable
+    out_file = tmp / f"case_{kind}_{len(dirs)}_{time.monotonic_ns()}.safetensors"
+    proc = subprocess.run([python, str(Path(__file__).resolve()), "_case", kind, model_kind, str(rank), str(out_file),
+                           *map(str, dirs)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"case {kind} failed:\n{proc.stderr[-3000:]}")
+    with safe_open(str(out_file), "pt") as fh:
+        meta = fh.metadata()
+        sample = fh.get_tensor("sample")
+    out_file.unlink()
+    return {"seconds": float(meta["seconds"]), "peak_mib": float(meta["peak_mib"]), "sample": sample}
+
+
+#: mergekit lives in its own venv (it pins packages the project does not): `python -m venv
+#: --system-site-packages /tmp/mkvenv && /tmp/mkvenv/bin/pip install mergekit`.
+MERGEKIT_PYTHON = os.environ.get("MERGEKIT_PYTHON", "/tmp/mkvenv/bin/python")
 
 
 def bench_speed(args: argparse.Namespace) -> dict[str, Any]:
+    import statistics
+
     from adapterlab.merging import merge_adapters
 
+    have_mergekit = Path(MERGEKIT_PYTHON).exists()
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        dirs = _make_adapters(Path(tmp), max(args.counts), args.rank)
+    with tempfile.TemporaryDirectory() as tmp_s:
+        tmp = Path(tmp_s)
+        dirs = _make_adapters(tmp, max(args.counts), args.rank, args.model)
         for n in args.counts:
             sub = dirs[:n]
             # reference: TIES of the dense deltas per tensor, no truncation
-            dense = merge_adapters(sub, "ties", density=0.2, trim_scope="tensor", output="sparse").delta(
-                "model.layers.0.self_attn.q_proj")
-            for kind in ("adapterlab_tensor", "adapterlab_model", "peft_ties_svd", "peft_ties"):
-                best = None
-                for _ in range(args.repeat):
-                    got = _run_case(kind, sub, args.rank)
-                    best = got if best is None or got["seconds"] < best["seconds"] else best
-                assert best is not None
-                err = float((torch.from_numpy(best["sample"]) - dense).norm() / dense.norm())
-                rows.append({"adapters": n, "impl": kind, "seconds": round(best["seconds"], 3),
-                             "peak_mib": round(best["peak_mib"], 1), "rel_err_vs_dense_ties_q0": round(err, 4)})
+            dense = merge_adapters(sub, "ties", density=0.2, trim_scope="tensor", output="sparse").delta(SAMPLE)
+            kinds: list[tuple[str, list[Path]]] = [(k, sub) for k in
+                                                   ("adapterlab_lora", "peft_ties_svd", "adapterlab_full")]
+            if have_mergekit:
+                base_dir, fulls = _full_models(tmp, sub, args.model)
+                kinds.append(("mergekit", [base_dir, *fulls]))
+            times: dict[str, list[float]] = {k: [] for k, _ in kinds}
+            peaks: dict[str, list[float]] = {k: [] for k, _ in kinds}
+            samples: dict[str, torch.Tensor] = {}
+            for rep in range(args.repeat + 1):  # first round = warm-up (page cache, imports), not kept
+                for kind, inputs in kinds:  # interleaved, so machine load hits all alike
+                    got = _run_case(kind, args.model, inputs, args.rank, tmp)
+                    if rep > 0:
+                        times[kind].append(got["seconds"])
+                        peaks[kind].append(got["peak_mib"])
+                    samples[kind] = got["sample"]
+            peft_plain = _run_case("peft_ties", args.model, sub, args.rank, tmp)
+            for kind, _ in kinds:
+                err = float((samples[kind] - dense).norm() / dense.norm())
+                rows.append({"adapters": n, "impl": kind, "output": "full model" if kind in ("adapterlab_full", "mergekit")
+                             else f"LoRA r={args.rank}", "seconds_median": round(statistics.median(times[kind]), 3),
+                             "seconds_all": [round(t, 3) for t in times[kind]],
+                             "peak_mib_median": round(statistics.median(peaks[kind]), 1),
+                             "rel_err_vs_dense_ties_q0": round(err, 4)})
                 print(rows[-1], flush=True)
-    for n in args.counts:
-        ours = next(r for r in rows if r["adapters"] == n and r["impl"] == "adapterlab_tensor")
-        peft_r = next(r for r in rows if r["adapters"] == n and r["impl"] == "peft_ties_svd")
-        ours["speedup_vs_peft_ties_svd"] = round(peft_r["seconds"] / max(ours["seconds"], 1e-9), 2)
-        ours["memory_ratio_vs_peft_ties_svd"] = round(ours["peak_mib"] / max(peft_r["peak_mib"], 1e-9), 2)
-    return {"part": "speed", "model": TINY, "rank": args.rank, "density": 0.2, "targets": TARGETS,
-            "repeat_best_of": args.repeat, "rows": rows}
+            err = float((peft_plain["sample"] - dense).norm() / dense.norm())
+            rows.append({"adapters": n, "impl": "peft_ties (factor-wise: not TIES)", "output": f"LoRA r={args.rank * n}",
+                         "seconds_median": round(peft_plain["seconds"], 3), "seconds_all": [round(peft_plain["seconds"], 3)],
+                         "peak_mib_median": round(peft_plain["peak_mib"], 1), "rel_err_vs_dense_ties_q0": round(err, 4)})
+            # ratios against the equal-output anchor of the same output form
+            for ours, anchor in (("adapterlab_lora", "peft_ties_svd"), ("adapterlab_full", "mergekit")):
+                a = next((r for r in rows if r["adapters"] == n and r["impl"] == anchor), None)
+                o = next(r for r in rows if r["adapters"] == n and r["impl"] == ours)
+                if a is not None:
+                    o[f"speedup_vs_{anchor}"] = round(a["seconds_median"] / max(o["seconds_median"], 1e-9), 2)
+                    o[f"memory_ratio_vs_{anchor}"] = round(o["peak_mib_median"] / max(a["peak_mib_median"], 1e-9), 2)
+    return {"part": "speed", "model": args.model if args.model == "embedded" else TINY, "rank": args.rank,
+            "density": 0.2, "targets": TARGETS, "repeats": args.repeat, "statistic": "median after 1 warm-up round",
+            "mergekit": _mergekit_version() if have_mergekit else "not installed",
+            "timing_scope": ("in-process call only (imports and model/adapter loading excluded); full-model outputs "
+                             "include writing the merged model as safetensors; peak = growth of max RSS during the call"),
+            "rows": rows}
+
+
+def _mergekit_version() -> str:
+    import subprocess
+
+    out = subprocess.run([MERGEKIT_PYTHON, "-c", "import importlib.metadata as m; print(m.version('mergekit'))"],
+                         capture_output=True, text=True)
+    return out.stdout.strip() or "unknown"
 
 
 # ------------------------------------------------------------------------------------------------
 # quality
 
 
+def task_adapter_cache() -> Path:
+    """Where trained task adapters are kept between benchmark runs (shared with bench/compression.py)."""
+    from adapterlab._paths import cache_dir
+
+    return cache_dir() / "bench" / "task_adapters"
+
+
+def cached_task_lora(task: str, steps: int, r: int, seed: int) -> Path:
+    """Train (once) and cache the LoRA of one task; later runs with the same settings reuse it."""
+    out = task_adapter_cache() / f"{task}_r{r}_s{steps}_seed{seed}"
+    if (out / "adapter_model.safetensors").is_file():
+        return out
+    return _train_lora(task, steps, r, seed, out)
+
+
 def _train_lora(task: str, steps: int, r: int, seed: int, out: Path) -> Path:
     from peft import LoraConfig, get_peft_model
 
-    from adapterlab.data import tokenize_for_training
     from adapterlab.models import load_default_model
 
     model, tok = load_default_model()
@@ -227,7 +358,7 @@ def bench_quality(args: argparse.Namespace) -> dict[str, Any]:
         dirs = {}
         t0 = time.perf_counter()
         for i, task in enumerate(TASKS):
-            dirs[task] = _train_lora(task, args.steps, args.rank, i, Path(tmp) / task)
+            dirs[task] = cached_task_lora(task, args.steps, args.rank, i)
             print(f"trained {task} ({time.perf_counter() - t0:.0f} s)", flush=True)
         base, tok = load_default_model()
         acc = out["acc"]
@@ -270,32 +401,118 @@ def bench_quality(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def bench_phlora(args: argparse.Namespace) -> dict[str, Any]:
-    from adapterlab.extraction import extract_lora
+def _phlora_tuned(steps: int) -> Path:
+    """Full fine-tune of the embedded model on sentiment (cached: the slow part of this benchmark)."""
     from adapterlab.models import load_default_model
 
+    out = task_adapter_cache().parent / f"phlora_full_ft_sentiment_s{steps}"
+    if (out / "model.safetensors").is_file():
+        return out
+    model, tok = load_default_model()
+    tmp = out.with_name(out.name + ".partial")
+    _train(model, tok, "sentiment", steps, 0, tmp, lr=2e-5, lora=False)
+    tmp.rename(out)
+    return out
+
+
+def _global_energy_of(adapter_dir: Path, base: Any, tuned: Any) -> tuple[float, int]:
+    """Retained energy Σ‖BA‖² ... computed exactly: 1 - Σ‖Δ - BA‖² / Σ‖Δ‖² over the adapter's modules."""
+    from adapterlab.merging import resolve_adapter
+
+    src = resolve_adapter(adapter_dir)
+    err = tot = 0.0
+    params = 0
+    for name, m in src.modules.items():
+        delta = tuned.get_submodule(name).weight.detach().float() - base.get_submodule(name).weight.detach().float()
+        approx = src.delta(name)
+        err += float((delta - approx).square().sum())
+        tot += float(delta.square().sum())
+        params += m.rank * (m.shape[0] + m.shape[1])
+    return 1.0 - err / tot, params
+
+
+def bench_phlora(args: argparse.Namespace) -> dict[str, Any]:
+    import statistics
+    import subprocess
+
+    from adapterlab.extraction import extract_lora
+    from adapterlab.models import load_default_model, load_model
+
     task = "sentiment"
-    out: dict[str, Any] = {"part": "phlora", "task": task, "steps": args.steps, "n_eval": args.n_eval, "rows": []}
-    with tempfile.TemporaryDirectory() as tmp:
-        model, tok = load_default_model()
-        base_acc = _accuracy(model, tok, task, args.n_eval)
-        _train(model, tok, task, args.steps, 0, Path(tmp) / "ft", lr=2e-5, lora=False)
-        ft_acc = _accuracy(model, tok, task, args.n_eval)
-        base, _ = load_default_model()
-        out.update(base_acc=base_acc, ft_acc=ft_acc)
-        for energy in args.energies:
+    out: dict[str, Any] = {"part": "phlora", "task": task, "steps": args.steps, "n_eval": args.n_eval, "rows": [],
+                           "mergekit_rows": []}
+    tuned_dir = _phlora_tuned(args.steps)
+    base, tok = load_default_model()
+    tuned = load_model(str(tuned_dir))
+    base_acc = _accuracy(base, tok, task, args.n_eval)
+    ft_acc = _accuracy(tuned, tok, task, args.n_eval)
+    out.update(base_acc=base_acc, ft_acc=ft_acc, tuned_dir=str(tuned_dir))
+    have_mergekit = Path(MERGEKIT_PYTHON).exists()
+    if have_mergekit:
+        t = []
+        for _ in range(3):
             t0 = time.perf_counter()
-            res = extract_lora(base, model, energy=energy, max_rank=256)
-            secs = time.perf_counter() - t0
+            subprocess.run([MERGEKIT_PYTHON, "-c", "import mergekit.scripts.extract_lora"], capture_output=True)
+            t.append(time.perf_counter() - t0)
+        out["mergekit_import_seconds"] = round(statistics.median(t), 2)
+    with tempfile.TemporaryDirectory() as tmp_s:
+        tmp = Path(tmp_s)
+        for energy in args.energies:
+            row: dict[str, Any] = {"energy": energy}
+            for solver in ("svd", "gram"):
+                times = []
+                for _ in range(args.repeat):
+                    t0 = time.perf_counter()
+                    res = extract_lora(base, tuned, energy=energy, max_rank=256, extras="skip", solver=solver)
+                    times.append(time.perf_counter() - t0)
+                row[f"seconds_{solver}"] = round(statistics.median(times), 2)
+            ranks = list(res.ranks.values())
+            folder = tmp / f"ours_{energy}"
+            res.save(folder)
             m, _ = load_default_model()
             res.apply_(m)
             acc = _accuracy(m, tok, task, args.n_eval)
-            ranks = list(res.ranks.values())
             gain = (acc - base_acc) / (ft_acc - base_acc) if ft_acc != base_acc else float("nan")
-            out["rows"].append({"energy": energy, "seconds": round(secs, 2), "global_energy": round(res.global_energy, 4),
-                                "mean_rank": round(sum(ranks) / len(ranks), 1), "max_rank": max(ranks),
-                                "params": res.n_params(), "acc": acc, "gain_kept": round(gain, 3)})
-            print(out["rows"][-1], flush=True)
+            g_energy, params = _global_energy_of(folder, base, tuned)
+            row.update(global_energy=round(g_energy, 4), mean_rank=round(sum(ranks) / len(ranks), 1),
+                       max_rank=max(ranks), params=params, acc=acc, gain_kept=round(gain, 3))
+            # CLI wall time, the same for both tools (imports, loading, writing included)
+            cli = tmp / f"cli_{energy}"
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "adapterlab.cli.app", "extract", "--base", "default", "--tuned",
+                            str(tuned_dir), "--energy", str(energy), "--max-rank", "256", "--skip-extras",
+                            "--solver", "gram", "-o", str(cli)], capture_output=True, check=True)
+            row["cli_wall_seconds"] = round(time.perf_counter() - t0, 2)
+            out["rows"].append(row)
+            print(row, flush=True)
+            if not have_mergekit:
+                continue
+            # mergekit: one uniform rank (its only knob besides an absolute cutoff), = our mean rank
+            mk_rank = max(1, round(sum(ranks) / len(ranks)))
+            mk_out = tmp / f"mergekit_{energy}"
+            base_dir = tmp / "base_full"
+            if not base_dir.exists():
+                base.save_pretrained(str(base_dir))
+            t0 = time.perf_counter()
+            proc = subprocess.run([str(Path(MERGEKIT_PYTHON).with_name("mergekit-extract-lora")), "--model", str(tuned_dir),
+                                   "--base-model", str(base_dir), "--out-path", str(mk_out), "--max-rank", str(mk_rank),
+                                   "--exclude-regex", ".*(embed_tokens|lm_head).*", "--quiet"],
+                                  capture_output=True, text=True)
+            wall = time.perf_counter() - t0
+            if proc.returncode != 0:
+                out["mergekit_rows"].append({"energy": energy, "error": proc.stderr[-1500:]})
+                continue
+            from peft import PeftModel
+
+            mk_g, mk_params = _global_energy_of(mk_out, base, tuned)
+            pm = PeftModel.from_pretrained(load_default_model()[0], str(mk_out)).merge_and_unload()
+            mk_acc = _accuracy(pm, tok, task, args.n_eval)
+            mk_gain = (mk_acc - base_acc) / (ft_acc - base_acc) if ft_acc != base_acc else float("nan")
+            mk = {"energy_of_ours": energy, "rank": mk_rank, "cli_wall_seconds": round(wall, 2),
+                  "seconds_minus_import": round(wall - out.get("mergekit_import_seconds", 0.0), 2),
+                  "global_energy": round(mk_g, 4), "params": mk_params, "acc": mk_acc, "gain_kept": round(mk_gain, 3)}
+            out["mergekit_rows"].append(mk)
+            print(mk, flush=True)
     return out
 
 
@@ -316,10 +533,15 @@ def _table(result: dict[str, Any]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    if len(sys.argv) > 1 and sys.argv[1] == "_case":
+        _case_main(sys.argv[2:])
+        return
     ap.add_argument("part", choices=["speed", "quality", "phlora"])
+    ap.add_argument("--model", choices=["embedded", "tiny"], default="embedded",
+                    help="speed: the embedded SmolLM2-135M (default) or the issue's tiny Llama h=512")
     ap.add_argument("--counts", type=int, nargs="+", default=[2, 4, 8])
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--n-eval", type=int, default=200)
     ap.add_argument("--lambdas", type=float, nargs="+", default=[0.5, 1.0])

@@ -54,6 +54,8 @@ def command(
     min_rank: int = typer.Option(1, "--min-rank", help="Lower clip of the energy rank."),
     max_rank: Optional[int] = typer.Option(None, "--max-rank", help="Upper clip of the energy rank."),
     randomized: bool = typer.Option(False, "--randomized", help="Randomized SVD (needs --rank)."),
+    solver: str = typer.Option("svd", "--solver", help="svd (LAPACK, exact) or gram (eigh of the Gram matrix: "
+                               "same truncation, ~3x faster on CPU; tiny singular values lose precision)."),
     skip_extras: bool = typer.Option(False, "--skip-extras", help="Do not store changed embeddings / LM head / norms (still reported)."),
     threshold: float = typer.Option(1e-4, "--threshold", help="Relative change above which a non-linear parameter counts as changed."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Saved dtype: float32, float16 or bfloat16 (default: the tuned model's)."),
@@ -78,7 +80,7 @@ def command(
     check_output_dir(output, overwrite)
     with progress() as prog:
         result = extract_lora(
-            base, tuned, rank=rank, energy=energy, randomized=randomized, min_rank=min_rank, max_rank=max_rank,
+            base, tuned, rank=rank, energy=energy, randomized=randomized, solver=solver, min_rank=min_rank, max_rank=max_rank,
             extras="skip" if skip_extras else "save", threshold=threshold,
             dtype=getattr(torch, dtype) if dtype else None, progress=rich_factory(prog),
         )

