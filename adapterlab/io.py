@@ -205,6 +205,18 @@ def _decoder_linear_names(model: nn.Module) -> set[str]:
     return {n for n, m in base_named_modules(model) if id(m) in ids and isinstance(m, nn.Linear)}
 
 
+def _zero_mask(w: torch.Tensor) -> Any:
+    """Flat numpy bool array of ``w == 0`` (numpy: an order of magnitude faster than torch's bool ops on CPU)."""
+    w = w.detach().reshape(-1)
+    if w.device.type != "cpu":
+        return (w == 0).cpu().numpy()
+    if w.dtype == torch.bfloat16:  # numpy has no bf16: +0 and -0 are the bit patterns with no bits but the sign
+        return (w.view(torch.int16).numpy() & 0x7FFF) == 0
+    if w.dtype in (torch.float16, torch.float32, torch.float64):
+        return w.numpy() == 0
+    return (w == 0).numpy()
+
+
 def base_fingerprint(model: nn.Module) -> dict[str, Any]:
     """What identifies a base model for adapters: shapes, quantization and sparsity pattern.
 
@@ -252,12 +264,16 @@ def base_fingerprint(model: nn.Module) -> dict[str, Any]:
     for name, module in base_named_modules(model):
         if name not in decoder:
             continue
-        w = dequantize_weight(module)
-        z = (w == 0).numpy()
-        zeros += int(z.sum())
+        weight = getattr(module, "weight", None)
+        if module_quantization(module) is None and isinstance(weight, torch.Tensor):
+            w = weight.detach()  # a plain weight: compare in place, no fp32 copy
+        else:
+            w = dequantize_weight(module)  # [out, in] fp32
+        z = _zero_mask(w)  # numpy bool, flat
+        zeros += int(np.count_nonzero(z))
         total += z.size
         mask.update(f"{name}:{list(w.shape)}\n".encode())
-        mask.update(np.packbits(z.reshape(-1)).tobytes())
+        mask.update(np.packbits(z).tobytes())
 
     return {
         "format": FINGERPRINT_FORMAT,

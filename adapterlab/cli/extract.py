@@ -60,6 +60,8 @@ def command(
     threshold: float = typer.Option(1e-4, "--threshold", help="Relative change above which a non-linear parameter counts as changed."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Saved dtype: float32, float16 or bfloat16 (default: the tuned model's)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder."),
+    put: Optional[str] = typer.Option(None, "--put", help="Also put the extracted LoRA into the registry under this name."),
+    hub: Optional[Path] = typer.Option(None, "--hub", envvar="ADAPTERLAB_HUB", help="Registry root for --put (default ./hub)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     import torch
@@ -78,6 +80,10 @@ def command(
     if dtype is not None and dtype not in ("float32", "float16", "bfloat16"):
         raise ValueError(f"--dtype {dtype!r}: choose one of float32, float16, bfloat16")
     check_output_dir(output, overwrite)
+    if put is not None:
+        from adapterlab.registry.manifest import check_name
+
+        check_name(put, "--put")
     with progress() as prog:
         result = extract_lora(
             base, tuned, rank=rank, energy=energy, randomized=randomized, solver=solver, min_rank=min_rank, max_rank=max_rank,
@@ -87,3 +93,13 @@ def command(
     result.save(output, overwrite=overwrite)
     console.print(_summary(result, output))
     console.print(f"wrote {output}")
+    if put is not None:
+        from adapterlab.cli.hub import put_output
+        from adapterlab.io import base_fingerprint
+        from adapterlab.models import load_model
+
+        settings = {"rank": rank, "energy": energy, "min_rank": min_rank, "max_rank": max_rank, "randomized": randomized,
+                    "skip_extras": skip_extras, "threshold": threshold, "dtype": dtype}
+        provenance = {"kind": "extracted", "parents": [tuned], "base": base,
+                      "recipe": {"command": "adapterlab extract", "settings": settings}}
+        put_output(hub, output, put, provenance, base=base_fingerprint(load_model(base)))

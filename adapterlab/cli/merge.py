@@ -164,6 +164,8 @@ def command(
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate the config and adapters, show the plan, write nothing."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a config key: --set params.density=0.3 (repeatable)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder."),
+    put: Optional[str] = typer.Option(None, "--put", help="Also put the merged LoRA into the registry under this name."),
+    hub: Optional[Path] = typer.Option(None, "--hub", envvar="ADAPTERLAB_HUB", help="Registry root for --put and hub: refs (default ./hub)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     import torch
@@ -185,11 +187,22 @@ def command(
     except (ValueError, TypeError) as exc:
         raise ValueError(f"{config}: {exc}") from None
     check_output_dir(output, overwrite)
+    registry = None
+    if put is not None or hub is not None:
+        from adapterlab.registry import AdapterRegistry
+        from adapterlab.registry.manifest import check_name
+
+        registry = AdapterRegistry(hub)
+    if put is not None:
+        check_name(put, "--put")
+        if cfg.method == "rmm" or cfg.output.format != "lora":
+            raise ValueError(f"--put {put}: only a LoRA output (output.format: lora, not rmm) can go into the registry")
     sources = []
     weights: list[float] | None = []
     seen: set[str] = set()
     for i, entry in enumerate(cfg.adapters):
-        src = resolve_adapter(_adapter_ref(entry, config.parent), name=entry.name, where=f"{config}: adapters.{i}")
+        src = resolve_adapter(_adapter_ref(entry, config.parent), name=entry.name, where=f"{config}: adapters.{i}",
+                              registry=registry)
         if src.name in seen:
             src.name = f"{src.name}_{i}"
         seen.add(src.name)
@@ -239,3 +252,19 @@ def command(
     for note in result.warnings:
         logger.warning(note)
     console.print(f"wrote {output}")
+    if put is not None:
+        from adapterlab.cli.hub import put_output
+
+        fp = None
+        if cfg.base is not None:
+            from adapterlab.io import base_fingerprint
+            from adapterlab.models import load_model
+
+            fp = base_fingerprint(load_model(cfg.base))
+        provenance = {
+            "kind": "merged",
+            "parents": [e.path for e in cfg.adapters],
+            "parents_sha256": [s.sha256 for s in sources],
+            "recipe": {"path": str(config), "config": cfg.model_dump(mode="json")},
+        }
+        put_output(hub, output, put, provenance, base=fp)

@@ -253,7 +253,11 @@ def _resolve_hub_ref(ref: str, where: str, registry: Any) -> Path:
                 f"installation does not provide yet; pass the adapter's folder instead"
             ) from exc
         registry = AdapterRegistry(os.environ.get("ADAPTERLAB_HUB", "hub"))
-    folder = registry.get(ref)
+    try:
+        folder = registry.get(ref)  # verified: every file re-hashed against the manifest
+    except (KeyError, ValueError, FileNotFoundError) as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        raise type(exc)(f"{where}: 'hub:{ref}': {msg}") from None
     return Path(getattr(folder, "path", folder))
 
 

@@ -1,0 +1,216 @@
+"""`adapterlab hub ...`: the content-addressed adapter registry (put, get, resolve, ls, show, tag, verify, rm, gc)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.table import Table
+
+from adapterlab.cli._common import console, err_console, setup_logging, user_errors
+
+logger = logging.getLogger(__name__)
+
+HELP = (
+    "The adapter registry: a content-addressed store of PEFT adapter folders and shared-basis bundles "
+    "under --hub (default $ADAPTERLAB_HUB, else ./hub). Every get/load re-hashes the files; adapters "
+    "record the base they were made for, and loads on another base are refused."
+)
+
+app = typer.Typer(name="hub", help=HELP, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    hub: Optional[Path] = typer.Option(None, "--hub", envvar="ADAPTERLAB_HUB", help="Registry root folder (default ./hub)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    setup_logging(verbose)
+    ctx.obj = {"hub": hub}
+
+
+def _registry(ctx: typer.Context) -> Any:
+    from adapterlab.registry import AdapterRegistry
+
+    return AdapterRegistry((ctx.obj or {}).get("hub"))
+
+
+def _size(n: Any) -> str:
+    if not isinstance(n, int):
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)  # pragma: no cover
+
+
+@app.command("put")
+@user_errors
+def put(
+    ctx: typer.Context,
+    src: Path = typer.Argument(..., help="PEFT adapter folder (or a shared-basis bundle folder with --bundle)."),
+    name: Optional[str] = typer.Option(None, "--name", "-n", help="Name to point at it (default: the folder name)."),
+    tag: Optional[list[str]] = typer.Option(None, "--tag", "-t", help="Extra names (repeatable)."),
+    base: Optional[str] = typer.Option(None, "--base", "-b", help="Base model folder or 'default': record its fingerprint."),
+    kind: Optional[str] = typer.Option(None, "--kind", help="Provenance: trained, extracted, merged, compressed or imported (default: inferred)."),
+    parent: Optional[list[str]] = typer.Option(None, "--parent", help="Parent adapter ref or path (repeatable)."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="Recipe file to record in the provenance."),
+    bundle: bool = typer.Option(False, "--bundle", help="SRC is a shared-basis bundle (stored under compressed/)."),
+) -> None:
+    """Store an adapter folder; prints its sha256 digest."""
+    reg = _registry(ctx)
+    if kind is not None:
+        from adapterlab.registry import PROVENANCE_KINDS
+
+        if kind not in PROVENANCE_KINDS:
+            raise ValueError(f"--kind {kind!r}: choose one of {', '.join(PROVENANCE_KINDS)}")
+    provenance: dict[str, Any] = {"parents": list(parent or [])}
+    if kind is not None:
+        provenance["kind"] = kind
+    if recipe is not None:
+        if not recipe.is_file():
+            raise FileNotFoundError(f"--recipe {str(recipe)!r} does not exist")
+        provenance["recipe"] = {"path": str(recipe), "text": recipe.read_text(encoding="utf-8")}
+    fp = None
+    if base is not None:
+        from adapterlab.io import base_fingerprint
+        from adapterlab.models import load_model
+
+        with err_console.status(f"fingerprinting base {base} ..."):
+            fp = base_fingerprint(load_model(base))
+    if bundle:
+        digest = reg.put_bundle(src, name, provenance=provenance, base=fp, tags=tuple(tag or ()))
+    else:
+        digest = reg.put(src, name, provenance=provenance, base=fp, tags=tuple(tag or ()))
+    typer.echo(digest)  # plain: scripts read it
+
+
+@app.command("get")
+@user_errors
+def get(
+    ctx: typer.Context,
+    ref: str = typer.Argument(..., help="Name, hub:NAME, digest or digest prefix (>= 8 hex)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Copy the verified adapter folder here (without manifest.json)."),
+    bundle: bool = typer.Option(False, "--bundle", help="REF is a shared-basis bundle."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder."),
+) -> None:
+    """Verify an adapter and print its folder (or copy it to --output)."""
+    reg = _registry(ctx)
+    folder = reg.get_bundle(ref) if bundle else reg.get(ref)
+    if output is None:
+        typer.echo(str(folder))  # plain: scripts read it
+        return
+    from adapterlab.merging.lora_dir import staged_dir
+
+    with staged_dir(output, overwrite) as stage:
+        for f in folder.iterdir():
+            if f.name != "manifest.json":
+                shutil.copyfile(f, stage / f.name)
+    console.print(f"wrote {output}", highlight=False)
+
+
+@app.command("resolve")
+@user_errors
+def resolve(ctx: typer.Context, ref: str = typer.Argument(..., help="Name, digest or digest prefix.")) -> None:
+    """Print the full digest a ref points to."""
+    typer.echo(_registry(ctx).resolve(ref))
+
+
+@app.command("ls")
+@user_errors
+def ls(
+    ctx: typer.Context,
+    all_: bool = typer.Option(False, "--all", "-a", help="Also list objects no name points to."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON rows instead of a table."),
+) -> None:
+    """List names with their digest, method, rank, size, base and provenance."""
+    reg = _registry(ctx)
+    rows = reg.ls(all=all_)
+    if as_json:
+        console.print_json(json.dumps(rows))
+        return
+    table = Table(title=f"adapterlab hub: {reg.root}")
+    for col in ("name", "digest", "method", "rank", "size", "base", "provenance"):
+        table.add_column(col, justify="right" if col in ("rank", "size") else "left",
+                         no_wrap=col in ("name", "digest"), overflow="fold")
+    for r in rows:
+        if "problem" in r:
+            table.add_row(r["name"] or "-", (r.get("digest") or "-")[:12], f"[red]{r['problem']}[/]", "", "", "", "")
+            continue
+        table.add_row(
+            r["name"] or "-", r["digest"][:12], str(r.get("method")),
+            "-" if r.get("rank") is None else str(r["rank"]), _size(r.get("bytes")),
+            str(r.get("base") or "-"), str(r.get("provenance") or "-"),
+        )
+    table.caption = f"{len(rows)} entr{'y' if len(rows) == 1 else 'ies'}"
+    console.print(table)
+
+
+@app.command("show")
+@user_errors
+def show(ctx: typer.Context, ref: str = typer.Argument(..., help="Name, digest or digest prefix.")) -> None:
+    """Print an adapter's manifest (JSON)."""
+    console.print_json(json.dumps(_registry(ctx).show(ref), default=str))
+
+
+@app.command("tag")
+@user_errors
+def tag(
+    ctx: typer.Context,
+    ref: str = typer.Argument(..., help="The adapter to tag."),
+    name: str = typer.Argument(..., help="The new name."),
+    force: bool = typer.Option(False, "--force", "-f", help="Move the name if it points elsewhere."),
+) -> None:
+    """Point another name at an adapter."""
+    digest = _registry(ctx).tag(ref, name, force=force)
+    console.print(f"{name} -> {digest}", highlight=False)
+
+
+@app.command("verify")
+@user_errors
+def verify(ctx: typer.Context, ref: Optional[str] = typer.Argument(None, help="One adapter (default: everything).")) -> None:
+    """Re-hash stored files; exit 1 and list the problems if any."""
+    reg = _registry(ctx)
+    problems = reg.verify(ref)
+    if problems:
+        for p in problems:
+            err_console.print(f"[red]problem:[/] {p}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+    console.print(f"ok: {ref or reg.root} verified", highlight=False)
+
+
+@app.command("rm")
+@user_errors
+def rm(ctx: typer.Context, name: str = typer.Argument(..., help="The name to remove (objects go at the next gc).")) -> None:
+    """Remove a name; `hub gc` deletes objects no name points to."""
+    digest = _registry(ctx).rm(name)
+    console.print(f"removed {name} (was {digest[:12]})", highlight=False)
+
+
+@app.command("gc")
+@user_errors
+def gc(ctx: typer.Context, dry_run: bool = typer.Option(False, "--dry-run", help="List what would go, delete nothing.")) -> None:
+    """Delete objects no name points to and leftovers of interrupted writes."""
+    removed = _registry(ctx).gc(dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    for d in removed:
+        console.print(f"{verb} {d}", highlight=False)
+    console.print(f"{verb} {len(removed)} object(s)", highlight=False)
+
+
+def put_output(hub: Optional[Path], folder: Path, name: str, provenance: dict[str, Any], base: Any = None) -> str:
+    """Put a CLI output folder into the registry (used by `merge --put` / `extract --put`)."""
+    from adapterlab.registry import AdapterRegistry
+
+    digest = AdapterRegistry(hub).put(folder, name, provenance=provenance, base=base)
+    console.print(f"put {folder} -> hub:{name} ({digest[:12]})", highlight=False)
+    return digest
+
+
+__all__ = ["app", "put_output"]
