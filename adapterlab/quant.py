@@ -38,6 +38,12 @@ on a tiny Llama and by ``tests/test_quant.py``):
 4. NF4 and FP4 code books both contain an exact 0 and absmax scaling maps 0 to 0, so zeros of a
    pruned base survive 4-bit quantization (quantization may add zeros).
 
+5. **Writing weights back.** :func:`set_weight_` / :func:`requantize_4bit_` / :func:`requantize_8bit_`
+   store an fp32 weight into a layer (requantized with the layer's own quant type and block size, in
+   the standard layout); :func:`snapshot_weight` / :func:`restore_weight_` keep and restore the exact
+   codes (for unmerge); :func:`check_cpu_4bit_inference` names 4-bit layers that would fail fact 1's
+   shape assertion. The quantization-aware merge (:func:`adapterlab.merge`) is built on them.
+
 Reference: QLoRA (NF4, double quantization), https://arxiv.org/abs/2305.14314;
 LLM.int8(), https://arxiv.org/abs/2208.07339.
 """
@@ -514,3 +520,145 @@ def quant_info(model: nn.Module) -> dict[str, Any]:
         "n_cpu_repacked": n_repacked,
         "cpu_repack": may_repack,
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# writing weights back (quantization-aware merge)
+
+
+def check_cpu_4bit_inference(model: nn.Module) -> None:
+    """Raise ``ValueError`` if a 4-bit layer of ``model`` would fail bitsandbytes' CPU inference.
+
+    With the CPU repack allowed (``cpu_repack=True`` / ``set_cpu_repack_(model, True)``) on an
+    AVX512-BF16 CPU, the first eval forward of a ``Linear4bit`` asserts ``out_features % 32 == 0``
+    and needs ``in_features % 64 == 0`` (module docstring, fact 1). This check names such layers
+    before anything runs.
+
+    Raises:
+        ValueError: naming the offending layers, their shapes and the two ways out.
+    """
+    bad = []
+    for name, m in base_named_modules(model):
+        if not is_4bit(m) or not getattr(m, "support_avx512bf16_for_cpu", False):
+            continue
+        if getattr(m.weight.quant_state, "packing_format_for_cpu", False):
+            continue  # already repacked: it ran
+        n, k = (int(s) for s in m.weight.quant_state.shape)
+        if not _linear_is_cpu_4bit_safe(k, n, int(m.weight.quant_state.blocksize)):
+            bad.append(f"{name} (out_features={n}, in_features={k})")
+    if bad:
+        raise ValueError(
+            f"4-bit inference on CPU fails for {len(bad)} layer(s) whose out_features is not a multiple of "
+            f"{CPU_REPACK_BLOCK_N} (or in_features not a multiple of {BNB_4BIT_BLOCKSIZE}): "
+            f"{', '.join(bad[:6])}{' ...' if len(bad) > 6 else ''}; load the base with "
+            f"adapterlab.load_quantized (keeps such layers in full precision) or call "
+            f"adapterlab.quant.set_cpu_repack_(model, False)"
+        )
+
+
+def snapshot_weight(module: nn.Module) -> dict[str, Any]:
+    """An exact copy of a linear layer's stored weight (4-bit codes + quant state, 8-bit codes +
+    scales, or the plain tensor), for :func:`restore_weight_`."""
+    module = _base_layer(module)
+    w = module.weight
+    if is_4bit(module):
+        return {"kind": "4bit", "data": w.data.clone(), "quant_state": w.quant_state}
+    if is_8bit(module):
+        scb = getattr(w, "SCB", None)
+        on_weight = scb is not None
+        if scb is None:
+            scb = module.state.SCB
+        return {"kind": "8bit", "data": w.data.clone(), "SCB": scb.clone(), "on_weight": on_weight}
+    return {"kind": "plain", "data": w.data.clone()}
+
+
+def restore_weight_(module: nn.Module, snapshot: dict[str, Any]) -> None:
+    """Put a :func:`snapshot_weight` back (exact)."""
+    module = _base_layer(module)
+    kind = snapshot["kind"]
+    if kind == "4bit":
+        module.weight.data = snapshot["data"]
+        module.weight.quant_state = snapshot["quant_state"]
+        if hasattr(module, "quant_state"):
+            module.quant_state = snapshot["quant_state"]
+    elif kind == "8bit":
+        _set_int8_(module, snapshot["data"], snapshot["SCB"])
+    else:
+        module.weight.data = snapshot["data"]
+
+
+def _set_int8_(module: nn.Module, cb: torch.Tensor, scb: torch.Tensor) -> None:
+    weight = module.weight
+    weight.data = cb
+    if getattr(weight, "SCB", None) is not None:
+        weight.CB = cb
+        weight.SCB = scb
+    state = getattr(module, "state", None)
+    if state is not None and getattr(state, "SCB", None) is not None:
+        state.SCB = scb
+        if getattr(state, "CB", None) is not None:
+            state.CB = cb
+    elif getattr(weight, "SCB", None) is None:
+        weight.CB = cb
+        weight.SCB = scb
+
+
+def requantize_4bit_(module: nn.Module, weight: torch.Tensor) -> None:
+    """Replace a ``Linear4bit``'s weight by ``weight`` (fp32 ``[out, in]``), quantized again.
+
+    Same ``quant_type``, block size, double quantization and storage dtype as the layer has; new
+    absmax per block. The result is in bitsandbytes' standard layout (not the CPU repack layout),
+    whatever layout the layer was in. Exact zeros of ``weight`` dequantize to exact zeros (both code
+    books contain 0; an all-zero block keeps absmax 0).
+    """
+    import bitsandbytes.functional as bnbF
+
+    module = _base_layer(module)
+    if not is_4bit(module):
+        raise TypeError(f"{type(module).__name__} is not a bitsandbytes Linear4bit")
+    p = module.weight
+    old = p.quant_state
+    shape = tuple(int(s) for s in old.shape)
+    if tuple(weight.shape) != shape:
+        raise ValueError(f"new weight has shape {tuple(weight.shape)}, the 4-bit layer has {shape}")
+    orig_dtype = getattr(old, "original_dtype", None) or old.dtype
+    storage = getattr(old, "original_storage_type", None) or getattr(p, "quant_storage", torch.uint8)
+    nested = bool(getattr(old, "nested", False) or getattr(old, "original_nested", False))
+    qweight, qs = bnbF.quantize_4bit(
+        weight.detach().to(device=p.device, dtype=torch.float32).contiguous(),
+        blocksize=int(old.blocksize),
+        compress_statistics=nested,
+        quant_type=old.quant_type,
+        quant_storage=storage,
+    )
+    qs.dtype = orig_dtype  # dequantize to the layer's original dtype, as before
+    p.data = qweight
+    p.quant_state = qs
+    if hasattr(module, "quant_state"):
+        module.quant_state = qs
+
+
+def requantize_8bit_(module: nn.Module, weight: torch.Tensor) -> None:
+    """Replace a ``Linear8bitLt``'s weight by ``weight`` (fp32 ``[out, in]``), row-wise int8 again."""
+    import bitsandbytes.functional as bnbF
+
+    module = _base_layer(module)
+    if not is_8bit(module):
+        raise TypeError(f"{type(module).__name__} is not a bitsandbytes Linear8bitLt")
+    cb, scb, _ = bnbF.int8_vectorwise_quant(weight.detach().to(torch.float16))  # (out, in) int8, (out,)
+    _set_int8_(module, cb.to(module.weight.device), scb.to(module.weight.device))
+
+
+def set_weight_(module: nn.Module, weight: torch.Tensor) -> None:
+    """Write an fp32 weight ``[out, in]`` into a linear layer: requantized for bitsandbytes 4/8-bit
+    layers, cast once to the stored dtype otherwise."""
+    base = _base_layer(module)
+    if is_4bit(base):
+        requantize_4bit_(base, weight)
+    elif is_8bit(base):
+        requantize_8bit_(base, weight)
+    else:
+        w = base.weight
+        if tuple(weight.shape) != tuple(w.shape):
+            raise ValueError(f"new weight has shape {tuple(weight.shape)}, the layer has {tuple(w.shape)}")
+        w.data = weight.detach().to(device=w.device, dtype=w.dtype)

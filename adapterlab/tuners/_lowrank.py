@@ -5,8 +5,10 @@
 * :class:`LowRankLayer` — a peft tuner layer around any linear base layer (``nn.Linear``, a pruned
   ``nn.Linear``, bitsandbytes ``Linear8bitLt`` / ``Linear4bit``) computing
   ``y = base(x) + s * dropout(x) A^T B^T``; subclasses only say what ``(A, B, s)`` are. Merging is
-  exact on dense bases (fp32 delta, cast once), exact-on-unmerge on 8-bit bases (the original int8
-  codes are kept and restored), and refused with a clear error on 4-bit bases.
+  exact on dense bases (fp32 delta, cast once); on 8-bit and 4-bit bases it dequantizes, adds the
+  delta in fp32 and requantizes (4-bit: same quant_type/block size, read through
+  :func:`adapterlab.quant.dequantize_weight`, so it is correct after CPU-repacking forwards), and
+  unmerge restores the original codes exactly.
 * validation helpers whose errors name the key and the expected value, and
   :func:`write_lora_dir`, which writes a plain peft LoRA adapter directory from factors.
 
@@ -28,7 +30,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from adapterlab.quant import dequantize_weight, is_4bit, is_8bit
+from adapterlab.quant import dequantize_weight, is_4bit, is_8bit, requantize_4bit_, restore_weight_, snapshot_weight
 
 logger = logging.getLogger(__name__)
 
@@ -37,15 +39,7 @@ VARIABLE_SIZE_SUFFIXES = (".values", ".indices")
 
 
 class QuantizedMergeError(RuntimeError):
-    """Merging into a bitsandbytes 4-bit base through the tuner layer (use the quantization-aware merge)."""
-
-
-FOUR_BIT_MERGE_HINT = (
-    "merging into a bitsandbytes 4-bit base is not supported by the tuner layer: it needs the "
-    "quantization-aware merge (dequantize -> add in fp32 -> requantize), which adapterlab does not "
-    "ship yet. Forward, training, saving and loading work unmerged on 4-bit bases; to merge, load "
-    "the base unquantized (adapterlab.load_model) and merge there"
-)
+    """A quantization-aware merge into a bitsandbytes base that cannot be done or undone."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,6 +171,8 @@ class LowRankLayer(nn.Module, BaseTunerLayer):
         self.in_features, self.out_features = _base_features(self.get_base_layer())
         #: per adapter, a stack of original 8-bit (CB, SCB) saved by merge for an exact unmerge
         self._int8_cache: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        #: per adapter, a stack of original 4-bit (codes, quant state) saved by merge for an exact unmerge
+        self._int4_cache: dict[str, list[dict[str, Any]]] = {}
         #: the module's name in the base model, e.g. "model.layers.0.self_attn.q_proj"
         self.key: str = str(kwargs.get("key", ""))
 
@@ -217,7 +213,8 @@ class LowRankLayer(nn.Module, BaseTunerLayer):
     def _add_to_base_(self, delta: torch.Tensor, adapter: str, *, safe_merge: bool, sign: float) -> None:
         base = self.get_base_layer()
         if is_4bit(base):
-            raise QuantizedMergeError(FOUR_BIT_MERGE_HINT)
+            self._add_to_int4_(base, delta, adapter, safe_merge=safe_merge, sign=sign)
+            return
         if is_8bit(base):
             self._add_to_int8_(base, delta, adapter, safe_merge=safe_merge, sign=sign)
             return
@@ -226,6 +223,20 @@ class LowRankLayer(nn.Module, BaseTunerLayer):
         if safe_merge and not torch.isfinite(merged).all():
             raise ValueError(f"NaNs/Infs in the merged weights of adapter {adapter!r}; the adapter is broken")
         w.data = merged.to(w.dtype)
+
+    def _add_to_int4_(self, base: nn.Module, delta: torch.Tensor, adapter: str, *, safe_merge: bool, sign: float) -> None:
+        """4-bit base: merge = dequantize (either CPU layout) -> add in fp32 -> requantize; unmerge restores the codes."""
+        if sign < 0:
+            stack = self._int4_cache.get(adapter)
+            if not stack:
+                raise QuantizedMergeError(f"no cached 4-bit weight to unmerge adapter {adapter!r}")
+            restore_weight_(base, stack.pop())
+            return
+        merged = dequantize_weight(base) + delta.to(base.weight.device)  # (d_out, d_in) fp32
+        if safe_merge and not torch.isfinite(merged).all():
+            raise ValueError(f"NaNs/Infs in the merged weights of adapter {adapter!r}")
+        self._int4_cache.setdefault(adapter, []).append(snapshot_weight(base))
+        requantize_4bit_(base, merged)
 
     def _add_to_int8_(self, base: nn.Module, delta: torch.Tensor, adapter: str, *, safe_merge: bool, sign: float) -> None:
         """8-bit base: merge = dequantize -> add in fp32 -> row-wise requantize; unmerge restores the codes."""

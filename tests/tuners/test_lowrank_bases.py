@@ -66,17 +66,13 @@ def test_quantized_base_forward_train_merge(quantized, bits, name):
     assert grads_ok and all(p.dtype == torch.float32 for p in grads_ok)
     after = logits(pm, x)
     assert (after - ref).abs().max() > 1e-4
-    if bits == 4:
-        with pytest.raises(RuntimeError, match="quantization-aware merge"):
-            pm.base_model.merge_adapter()
-        torch.testing.assert_close(logits(pm, x), after, rtol=0, atol=0)
-        return
     layer = next(m for m in pm.modules() if isinstance(m, LowRankLayer))
     codes = layer.get_base_layer().weight.data.clone()
     pm.base_model.merge_adapter()
     merged = logits(pm, x)
     rel = ((merged - after).norm() / after.norm()).item()
-    assert rel < 0.05  # requantized int8 merge: row-wise rounding only
+    # dequantize -> add in fp32 -> requantize: only the requantization rounding changes the output
+    assert rel < (0.05 if bits == 8 else 0.1)
     pm.base_model.unmerge_adapter()
     assert torch.equal(layer.get_base_layer().weight.data, codes)  # exact unmerge: original codes restored
     torch.testing.assert_close(logits(pm, x), after, rtol=0, atol=0)
