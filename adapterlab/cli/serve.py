@@ -1,0 +1,122 @@
+"""`adapterlab serve`: an HTTP endpoint on 127.0.0.1 serving many adapters on one base model."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from adapterlab.cli._common import console, progress, setup_logging, user_errors
+
+logger = logging.getLogger(__name__)
+
+HELP = (
+    "Serve adapters over HTTP (JSON) on one base model loaded once. Each completion request names its "
+    "adapter; a batch mixing adapters runs as one forward (grouped LoRA, shared-basis bundles, SHiRA "
+    "switching). Adapters are PEFT folders or hub:NAME refs (--adapter NAME=SOURCE), loaded on demand into "
+    "an LRU cache (--capacity, --pin); registry names resolve through --hub. Routes: POST /v1/completions "
+    '{"prompt", "adapter", "max_tokens"}, GET /v1/adapters, POST /v1/adapters/load, POST /v1/adapters/unload, '
+    "GET /health. --check loads everything and exits without serving."
+)
+
+
+def _parse_adapters(items: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, source = item.partition("=")
+        if not sep or not name or not source:
+            raise ValueError(f"--adapter {item!r}: write NAME=FOLDER or NAME=hub:REF")
+        if name in out:
+            raise ValueError(f"--adapter: name {name!r} is given twice")
+        out[name] = source
+    return out
+
+
+def _table(server: object, url: str | None) -> Table:
+    table = Table(title=f"adapterlab serve{' on ' + url if url else ''}")
+    for col in ("adapter", "kind", "loaded", "pinned", "rank", "source"):
+        table.add_column(col, justify="left")
+    for row in server.adapters():  # type: ignore[attr-defined]
+        table.add_row(row["name"], str(row["kind"] or "-"), "yes" if row["loaded"] else "no",
+                      "yes" if row["pinned"] else "no", str(row["rank"] if row["rank"] is not None else "-"),
+                      str(row["source"]))
+    return table
+
+
+@user_errors
+def command(
+    model: str = typer.Option("default", "--model", help="Base model folder, or 'default' (the embedded model)."),
+    adapter: list[str] = typer.Option([], "--adapter", "-a", help="NAME=FOLDER or NAME=hub:REF (repeatable)."),
+    bundle: list[str] = typer.Option([], "--bundle", "-b", help="Shared-basis bundle folder or hub:REF (repeatable)."),
+    pin: list[str] = typer.Option([], "--pin", help="Adapter names to load now and never evict (repeatable)."),
+    hub: Optional[Path] = typer.Option(None, "--hub", help="Registry root (default: $ADAPTERLAB_HUB, else none)."),
+    capacity: int = typer.Option(32, "--capacity", help="LoRA/SHiRA adapters kept in memory (LRU)."),
+    max_batch: int = typer.Option(16, "--max-batch", help="Requests per batched forward."),
+    queue: int = typer.Option(64, "--queue", help="Queued requests before answering 503."),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens", help="Largest max_tokens a request may ask for."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Bind address (loopback only)."),
+    port: int = typer.Option(8000, "--port", "-p", help="TCP port (0 = any free port)."),
+    port_file: Optional[Path] = typer.Option(None, "--port-file", help="Write the bound port to this file."),
+    check: bool = typer.Option(False, "--check", help="Load the base, adapters and bundles, print them, exit."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    from adapterlab.progress import rich_factory, track
+    from adapterlab.serving import AdapterServer
+    from adapterlab.serving.http import ServingHTTP
+
+    setup_logging(verbose)
+    for opt, value, low in (("--capacity", capacity, 1), ("--max-batch", max_batch, 1), ("--queue", queue, 1),
+                            ("--max-new-tokens", max_new_tokens, 1), ("--port", port, 0)):
+        if value < low:
+            raise ValueError(f"{opt} must be >= {low}, got {value}")
+    if port > 65535:
+        raise ValueError(f"--port must be <= 65535, got {port}")
+    try:
+        if not ipaddress.ip_address(host).is_loopback:
+            raise ValueError(f"--host {host!r} is not a loopback address; adapterlab serve binds to 127.0.0.1 / ::1 only")
+    except ValueError as exc:
+        if "loopback" in str(exc):
+            raise
+        raise ValueError(f"--host {host!r} is not an IP address; use 127.0.0.1") from None
+    specs = _parse_adapters(adapter)
+    for name, source in specs.items():
+        if not source.startswith("hub:") and not (Path(source).expanduser() / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"--adapter {name}: {source!r} is not a PEFT adapter folder (no adapter_config.json)")
+    registry = None
+    root = hub or os.environ.get("ADAPTERLAB_HUB")
+    if root is not None:
+        try:
+            from adapterlab.registry import AdapterRegistry  # type: ignore[attr-defined]
+        except ImportError as exc:
+            raise ValueError(f"--hub: the adapter registry is not available ({exc})") from None
+        registry = AdapterRegistry(root)
+    with console.status(f"loading base model {model!r}"):
+        server = AdapterServer(model, registry, capacity=capacity, max_batch_size=max_batch, adapters=specs)
+    with progress() as prog:
+        factory = rich_factory(prog)
+        for ref in track(bundle, "bundles", progress=factory):
+            server.add_bundle(ref)
+        for name in track(pin, "pinned adapters", progress=factory):
+            server.load(name, pin=True)
+        if check:
+            for name in track([n for n in specs if n not in pin], "adapters", progress=factory):
+                server.load(name)
+    if check:
+        console.print(_table(server, None))
+        console.print("check passed: base, adapters and bundles load")
+        return
+    try:
+        app = ServingHTTP(server, host=host, port=port, max_queue=queue, max_batch=max_batch,
+                          max_new_tokens=max_new_tokens)
+    except OSError as exc:
+        raise ValueError(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
+    if port_file is not None:
+        port_file.write_text(f"{app.port}\n", encoding="utf-8")
+    console.print(_table(server, app.url))
+    console.print(f"serving on {app.url} (Ctrl-C to stop)")
+    app.serve_forever()

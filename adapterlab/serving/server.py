@@ -1,0 +1,686 @@
+"""``AdapterServer``: one base model, many adapters, batched generation with an adapter per request.
+
+The base is loaded once. Its targeted linear layers are wrapped (:class:`MultiAdapterLinear`) on
+first use; adapters are read on demand (PEFT folders, ``hub:`` / registry refs, in-memory factors)
+into an LRU cache of ``capacity`` LoRA/SHiRA slots with pinning, so hot-swapping an adapter writes a
+few small tensors into a bank and never reloads the base. Shared-basis bundles
+(:class:`~adapterlab.compression.SharedBasisBundle`) are resident as a whole: all their adapters
+cost ``n·c²`` (or ``n·c``) floats per layer.
+
+A batch mixing adapters runs as one forward: grouped LoRA, the shared basis (one GEMM for ``x Vᵀ``,
+the per-request core, one GEMM for ``Uᵀ``), and SHiRA fused into the base when the whole batch
+shares one SHiRA adapter (sparse on the fly otherwise).
+
+Reference: Brüel-Gabrielsson et al., "Compress then Serve", https://arxiv.org/abs/2407.00066.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from adapterlab.serving.batched import BatchRouter, RowSpec, wrap_linear
+from adapterlab.serving.reference import MultiAdapterLinear
+
+__all__ = ["AdapterServer", "Completion", "Request", "UnknownAdapterError"]
+
+logger = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,199}$")
+_SHIRA_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<mod>.+?)\.(?:adapterlab_)?shira_(?P<kind>[a-z]+)(?:\.[^.]+)?$"
+)
+
+
+class UnknownAdapterError(ValueError):
+    """A request or command names an adapter the server does not know (HTTP 404)."""
+
+
+@dataclass
+class Request:
+    """One completion request.
+
+    Attributes:
+        prompt: text (needs the server's tokenizer) or token ids.
+        adapter: adapter name (None = the base model).
+        max_new_tokens: greedy tokens to generate, >= 1.
+    """
+
+    prompt: str | Sequence[int]
+    adapter: str | None = None
+    max_new_tokens: int = 16
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if isinstance(self.prompt, str):
+            if not self.prompt:
+                raise ValueError("prompt is empty; give a non-empty string or token ids")
+        elif not self.prompt or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.prompt):
+            raise ValueError("prompt must be a non-empty string or a non-empty list of token ids (ints >= 0)")
+        if self.adapter is not None and not isinstance(self.adapter, str):
+            raise ValueError(f"adapter must be a string or None, got {type(self.adapter).__name__}")
+
+
+@dataclass
+class Completion:
+    """The result of one :class:`Request`."""
+
+    adapter: str | None
+    tokens: list[int]
+    text: str | None
+    prompt_tokens: int
+    finish_reason: str  # "stop" (EOS) or "length"
+
+
+@dataclass
+class _Entry:
+    name: str
+    kind: str  # lora | shira
+    slot: int | None
+    rank: int
+    modules: int
+    source: str
+    pinned: bool = False
+
+
+@dataclass
+class _Bundle:
+    key: str
+    names: dict[str, int]  # served name -> core index
+    mode: str
+    rank: int
+    modules: int
+    source: str
+    storage: dict[str, Any] = field(default_factory=dict)
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def _check_finite(name: str, what: str, t: Tensor) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"adapter {name!r}: tensor {what!r} holds NaN or Inf")
+
+
+class AdapterServer:
+    """Serve many adapters on one base model with per-request adapter choice.
+
+    Args:
+        base: a loaded causal LM, or a model folder / ``"default"`` (the embedded model) to load.
+        registry: an ``AdapterRegistry`` (or its root folder): unknown adapter names and ``hub:NAME``
+            sources are looked up there.
+        tokenizer: needed for text prompts (loaded with the model when ``base`` is a path).
+        capacity: LoRA/SHiRA cache slots (LRU; pinned adapters are never evicted).
+        max_batch_size: requests per forward in :meth:`generate`.
+        plan_mode: ``auto`` | ``grouped`` | ``gather`` — how LoRA rows are batched.
+        check_base: refuse registry adapters whose recorded base fingerprint differs from ``base``.
+        adapters: ``{name: source}`` registered up front (loaded on first use).
+
+    Example:
+        >>> server = AdapterServer(model, tokenizer=tok, adapters={"a": "out/a", "b": "hub:b"})
+        >>> server.generate([Request("Hi", "a"), Request("Hi", "b"), Request("Hi", None)])
+    """
+
+    def __init__(
+        self,
+        base: nn.Module | str | os.PathLike[str] | None = None,
+        registry: Any = None,
+        *,
+        tokenizer: Any = None,
+        capacity: int = 32,
+        max_batch_size: int = 64,
+        plan_mode: str = "auto",
+        check_base: bool = True,
+        adapters: Mapping[str, Any] | None = None,
+    ) -> None:
+        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
+        if isinstance(base, nn.Module):
+            if hasattr(base, "peft_config"):
+                raise ValueError("base is a PeftModel; pass the plain base model and give adapters to the server")
+            model = base
+        else:
+            from adapterlab.models import load_model, load_tokenizer
+
+            model = load_model(base)
+            tokenizer = tokenizer if tokenizer is not None else load_tokenizer(base)
+        if registry is not None and isinstance(registry, (str, os.PathLike)):
+            from adapterlab.registry import AdapterRegistry  # type: ignore[attr-defined]
+
+            registry = AdapterRegistry(registry)
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.registry = registry
+        self.check_base = check_base
+        self.max_batch_size = max_batch_size
+        param = next(model.parameters())
+        self.router = BatchRouter(capacity, dtype=_float_dtype(model), device=param.device, plan_mode=plan_mode)
+        self._sources: dict[str, Any] = {}
+        self._cache: OrderedDict[str, _Entry] = OrderedDict()
+        self._bundles: dict[str, _Bundle] = {}
+        self._bundle_of: dict[str, str] = {}
+        self._lock = threading.RLock()
+        self._fingerprint: dict[str, Any] | None = None
+        self.stats = {"loads": 0, "evictions": 0, "requests": 0, "batches": 0}
+        for name, src in (adapters or {}).items():
+            self.register(name, src)
+
+    # -- adapter bookkeeping ------------------------------------------------------------------
+
+    @property
+    def capacity(self) -> int:
+        return self.router.capacity
+
+    def register(self, name: str, source: Any) -> None:
+        """Make adapter ``name`` known without loading it (folder, ``hub:REF``, LoraSource, peft model,
+        or ``{module: (B, A)}`` factors with the scale folded into B)."""
+        self._check_name(name)
+        if isinstance(source, (str, os.PathLike)) and not os.fspath(source).startswith("hub:"):
+            path = Path(os.fspath(source)).expanduser()
+            if not (path / "adapter_config.json").is_file():
+                raise FileNotFoundError(f"adapter {name!r}: {str(path)!r} is not a PEFT adapter folder (no adapter_config.json)")
+        with self._lock:
+            if name in self._bundle_of:
+                raise ValueError(f"adapter name {name!r} is already used by bundle {self._bundle_of[name]!r}")
+            if name in self._cache and self._sources.get(name) is not source:
+                self._evict(name)
+            self._sources[name] = source
+
+    @staticmethod
+    def _check_name(name: Any) -> None:
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise ValueError(
+                f"adapter name {name!r} is invalid; use 1-200 characters from letters, digits and ._:/@+- "
+                f"(starting with a letter or digit)"
+            )
+
+    def known(self, name: str) -> bool:
+        """True if ``name`` can be served (cached, registered, in a bundle, or in the registry)."""
+        if name in self._cache or name in self._sources or name in self._bundle_of:
+            return True
+        if self.registry is not None:
+            try:
+                self.registry.resolve(name)
+                return True
+            except Exception:  # noqa: BLE001 - any lookup failure means "not in the registry"
+                return False
+        return False
+
+    def adapters(self) -> list[dict[str, Any]]:
+        """Every servable adapter: name, kind, loaded, pinned, rank, source."""
+        with self._lock:
+            out: dict[str, dict[str, Any]] = {}
+            for name, src in self._sources.items():
+                out[name] = {"name": name, "kind": None, "loaded": False, "pinned": False, "rank": None,
+                             "source": self._describe(src)}
+            for name, e in self._cache.items():
+                out[name] = {"name": name, "kind": e.kind, "loaded": True, "pinned": e.pinned, "rank": e.rank,
+                             "source": e.source}
+            for key, b in self._bundles.items():
+                for name in b.names:
+                    out[name] = {"name": name, "kind": "shared_basis", "loaded": True, "pinned": True,
+                                 "rank": b.rank, "source": f"{b.source} ({b.mode})", "bundle": key}
+            if self.registry is not None:
+                try:
+                    for row in self.registry.ls():
+                        ref = row.get("name") or row.get("ref")
+                        if ref and ref not in out:
+                            out[ref] = {"name": ref, "kind": None, "loaded": False, "pinned": False, "rank": None,
+                                        "source": f"hub:{ref}"}
+                except Exception as exc:  # noqa: BLE001 - the list still works without the registry
+                    logger.warning("cannot list the registry: %s", exc)
+            return sorted(out.values(), key=lambda r: r["name"])
+
+    @staticmethod
+    def _describe(src: Any) -> str:
+        if isinstance(src, (str, os.PathLike)):
+            return os.fspath(src)
+        return type(src).__name__
+
+    def load(self, name: str, source: Any = None, *, pin: bool = False) -> dict[str, Any]:
+        """Load adapter ``name`` into the cache now (optionally registering ``source`` and pinning it)."""
+        with self._lock:
+            if source is not None:
+                self.register(name, source)
+            if name in self._bundle_of:
+                return {"name": name, "kind": "shared_basis", "loaded": True, "pinned": True}
+            self._ensure(name, busy=set())
+            if pin:
+                self._cache[name].pinned = True
+            e = self._cache[name]
+            return {"name": name, "kind": e.kind, "loaded": True, "pinned": e.pinned, "rank": e.rank, "source": e.source}
+
+    def unload(self, name: str) -> None:
+        """Drop adapter ``name`` from the cache (it stays registered and reloads on demand)."""
+        with self._lock:
+            if name in self._bundle_of:
+                raise ValueError(f"adapter {name!r} belongs to bundle {self._bundle_of[name]!r}; use remove_bundle")
+            if name not in self._cache:
+                if self.known(name):
+                    return
+                raise UnknownAdapterError(f"unknown adapter {name!r}; loaded: {sorted(self._cache)}")
+            self._evict(name)
+
+    def pin(self, name: str, pinned: bool = True) -> None:
+        """Pin (or unpin) a loaded adapter: pinned adapters are never evicted by the LRU."""
+        with self._lock:
+            if name in self._bundle_of:
+                return
+            if name not in self._cache:
+                self._ensure(name, busy=set())
+            self._cache[name].pinned = pinned
+
+    def loaded(self) -> list[str]:
+        """Cached adapter names, least recently used first."""
+        return list(self._cache)
+
+    def _evict(self, name: str) -> None:
+        e = self._cache.pop(name)
+        if e.kind == "lora" and e.slot is not None:
+            self.router.clear_slot(e.slot)
+        elif e.kind == "shira":
+            self.router.remove_shira(name)
+        self.stats["evictions"] += 1
+        logger.debug("evicted adapter %s", name)
+
+    def _free_slot(self, busy: set[str]) -> int:
+        used = {e.slot for e in self._cache.values() if e.slot is not None}
+        free = [s for s in range(self.capacity) if s not in used]
+        if len(self._cache) < self.capacity and free:
+            return free[0]
+        for victim, e in self._cache.items():  # least recently used first
+            if not e.pinned and victim not in busy:
+                slot = e.slot
+                self._evict(victim)
+                if slot is not None:
+                    return slot
+                used = {x.slot for x in self._cache.values() if x.slot is not None}
+                return next(s for s in range(self.capacity) if s not in used)
+        raise RuntimeError(
+            f"the adapter cache is full ({self.capacity} slots, all pinned or in the current batch); "
+            f"unpin or unload an adapter, or raise capacity"
+        )
+
+    def _ensure(self, name: str, busy: set[str]) -> RowSpec:
+        """The row spec of adapter ``name``, loading it (and evicting the LRU) when needed."""
+        if name in self._bundle_of:
+            key = self._bundle_of[name]
+            return RowSpec("bundle", (key, self._bundles[key].names[name]))
+        if name in self._cache:
+            self._cache.move_to_end(name)
+            e = self._cache[name]
+            return RowSpec("lora", e.slot) if e.kind == "lora" else RowSpec("shira", name)
+        source = self._source_of(name)
+        try:
+            kind, payload, desc = self._read(name, source)
+        except (ValueError, FileNotFoundError, KeyError, RuntimeError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - e.g. SafetensorError on a corrupted or truncated file
+            raise ValueError(
+                f"adapter {name!r}: cannot read {self._describe(source)} ({type(exc).__name__}: {exc}); "
+                f"corrupted or truncated file?"
+            ) from None
+        slot = self._free_slot(busy)
+        if kind == "lora":
+            self.router.write_lora(slot, payload)
+            rank = max(int(a.shape[0]) for _, a in payload.values())
+        else:
+            self.router.add_shira(name, payload)
+            rank = 0
+        self._cache[name] = _Entry(name, kind, slot, rank, len(payload), desc)
+        self.stats["loads"] += 1
+        logger.info("loaded adapter %s (%s, %d modules) from %s", name, kind, len(payload), desc)
+        return RowSpec("lora", slot) if kind == "lora" else RowSpec("shira", name)
+
+    def _source_of(self, name: str) -> Any:
+        if name in self._sources:
+            return self._sources[name]
+        if self.registry is not None and self.known(name):
+            return f"hub:{name}"
+        raise UnknownAdapterError(
+            f"unknown adapter {name!r}; known: {sorted(set(self._sources) | set(self._cache) | set(self._bundle_of))[:20]}"
+            + (" (and the registry)" if self.registry is not None else "")
+        )
+
+    # -- reading adapters ---------------------------------------------------------------------
+
+    def _base_fingerprint(self) -> dict[str, Any]:
+        """``adapterlab.io.base_fingerprint`` of the plain base (wrappers swapped out, SHiRA unfused)."""
+        if self._fingerprint is None:
+            from adapterlab.io import base_fingerprint
+
+            self.router.unfuse()
+            swapped = []
+            for mod, wrapper in self.router.wrappers.items():
+                parent_name, _, child = mod.rpartition(".")
+                parent = self.model.get_submodule(parent_name) if parent_name else self.model
+                setattr(parent, child, wrapper.base_layer)
+                swapped.append((parent, child, wrapper))
+            try:
+                self._fingerprint = base_fingerprint(self.model)
+            finally:
+                for parent, child, wrapper in swapped:
+                    setattr(parent, child, wrapper)
+        return self._fingerprint
+
+    def _hub_folder(self, name: str, ref: str) -> Path:
+        """The verified registry folder of ``ref``; refuses an adapter recorded for another base."""
+        registry = self.registry
+        if registry is None:
+            from adapterlab.registry import AdapterRegistry  # type: ignore[attr-defined]
+
+            registry = AdapterRegistry(os.environ.get("ADAPTERLAB_HUB", "hub"))
+        try:
+            folder = Path(registry.get(ref))
+        except (KeyError, FileNotFoundError, LookupError) as exc:
+            msg = exc.args[0] if exc.args else exc
+            raise UnknownAdapterError(f"adapter {name!r}: {msg}") from None
+        if self.check_base:
+            registry.check_base(ref, fingerprint=self._base_fingerprint())
+        return folder
+
+    def _read(self, name: str, source: Any) -> tuple[str, dict[str, tuple[Tensor, Tensor]], str]:
+        """Read one adapter into ``(kind, {module: tensors}, description)`` and validate it."""
+        from adapterlab.merging.adapters import LoraSource, resolve_adapter
+
+        desc = self._describe(source)
+        if isinstance(source, Mapping):  # in-memory {module: (B, A)}
+            factors = {m: (b.float(), a.float()) for m, (b, a) in source.items()}
+            return "lora", self._check_lora(name, factors), "memory"
+        if isinstance(source, (str, os.PathLike)):
+            text = os.fspath(source)
+            folder = self._hub_folder(name, text[4:]) if text.startswith("hub:") else Path(text).expanduser()
+            cfg_path = folder / "adapter_config.json"
+            if not cfg_path.is_file():
+                raise FileNotFoundError(f"adapter {name!r}: {str(folder)!r} is not a PEFT adapter folder")
+            try:
+                config = json.loads(cfg_path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"adapter {name!r}: {cfg_path} is not valid JSON ({exc.msg})") from None
+            peft_type = str(config.get("peft_type", "")).upper()
+            if "SHIRA" in peft_type:
+                return "shira", self._read_shira(name, folder, config), desc
+            if peft_type != "LORA":
+                raise ValueError(
+                    f"adapter {name!r}: peft_type {config.get('peft_type')!r} cannot be served; "
+                    f"supported: LORA, SHIRA (and shared-basis bundles via add_bundle)"
+                )
+            source = resolve_adapter(folder, name=name, where=f"adapter {name!r}")
+        elif not isinstance(source, LoraSource):
+            source = resolve_adapter(source, name=name, where=f"adapter {name!r}")
+        factors = {}
+        for mod, info in source.modules.items():
+            if info.embedding:
+                raise ValueError(f"adapter {name!r}: module {mod!r} is an embedding; only linear layers can be served")
+            factors[mod] = source.factors(mod)
+        return "lora", self._check_lora(name, factors), desc
+
+    def _target(self, name: str, mod: str, shape: tuple[int, int] | None) -> MultiAdapterLinear:
+        try:
+            module = self.model.get_submodule(mod)
+        except AttributeError:
+            raise ValueError(f"adapter {name!r}: the base model has no module {mod!r}") from None
+        inner = module.base_layer if isinstance(module, MultiAdapterLinear) else module
+        if not isinstance(inner, nn.Linear):
+            raise ValueError(f"adapter {name!r}: module {mod!r} is a {type(inner).__name__}, not a linear layer")
+        have = (int(inner.out_features), int(inner.in_features))
+        if shape is not None and tuple(shape) != have:
+            raise ValueError(
+                f"adapter {name!r}: module {mod!r} has delta shape {list(shape)} but the base weight is {list(have)} "
+                f"(an adapter for a different base?)"
+            )
+        return wrap_linear(self.model, mod, self.router)
+
+    def _check_lora(self, name: str, factors: dict[str, tuple[Tensor, Tensor]]) -> dict[str, tuple[Tensor, Tensor]]:
+        if not factors:
+            raise ValueError(f"adapter {name!r} holds no LoRA modules")
+        for mod, (b, a) in factors.items():
+            if b.dim() != 2 or a.dim() != 2 or b.shape[1] != a.shape[0]:
+                raise ValueError(f"adapter {name!r}: module {mod!r} has factors {list(b.shape)} x {list(a.shape)}")
+            _check_finite(name, f"{mod}.lora_B", b)
+            _check_finite(name, f"{mod}.lora_A", a)
+            self._target(name, mod, (int(b.shape[0]), int(a.shape[1])))
+        return factors
+
+    def _read_shira(self, name: str, folder: Path, config: Mapping[str, Any]) -> dict[str, tuple[Tensor, Tensor]]:
+        from adapterlab.io import load_tensors
+
+        weights = folder / "adapter_model.safetensors"
+        if not weights.is_file():
+            raise FileNotFoundError(f"adapter {name!r}: {str(folder)!r} has no adapter_model.safetensors")
+        tensors = load_tensors(weights)
+        parts: dict[str, dict[str, Tensor]] = {}
+        for key, t in tensors.items():
+            m = _SHIRA_KEY.match(key)
+            if m is None:
+                raise ValueError(f"adapter {name!r}: unexpected tensor {key!r} in a SHiRA adapter")
+            if m["kind"] in ("values", "weight", "indices"):  # other entries (e.g. dims) are metadata
+                parts.setdefault(m["mod"], {})["indices" if m["kind"] == "indices" else "values"] = t
+        scale = float(config.get("scaling", 1.0) or 1.0) if isinstance(config.get("scaling", 1.0), (int, float)) else 1.0
+        entries: dict[str, tuple[Tensor, Tensor]] = {}
+        for mod, kinds in parts.items():
+            if "indices" not in kinds or "values" not in kinds:
+                raise ValueError(f"adapter {name!r}: module {mod!r} lacks SHiRA values or indices")
+            values, idx = kinds["values"].float().reshape(-1) * scale, kinds["indices"].long()
+            _check_finite(name, f"{mod}.values", values)
+            wrapper = self._target(name, mod, None)
+            d_out, d_in = wrapper.out_features, wrapper.in_features
+            flat = idx[0] * d_in + idx[1] if idx.dim() == 2 and idx.shape[0] == 2 else idx.reshape(-1)
+            if flat.numel() != values.numel():
+                raise ValueError(f"adapter {name!r}: module {mod!r} has {flat.numel()} indices for {values.numel()} values")
+            if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= d_out * d_in):
+                raise ValueError(f"adapter {name!r}: module {mod!r} has indices outside its {d_out}x{d_in} weight")
+            entries[mod] = (flat, values)
+        if not entries:
+            raise ValueError(f"adapter {name!r} holds no SHiRA tensors")
+        return entries
+
+    # -- shared-basis bundles -----------------------------------------------------------------
+
+    def add_bundle(self, bundle: Any, *, key: str | None = None, prefix: str = "") -> list[str]:
+        """Serve every adapter of a shared-basis bundle (object, folder, or ``hub:REF`` of a bundle).
+
+        Returns the served adapter names (``prefix + name``).
+        """
+        from adapterlab.compression import SharedBasisBundle
+
+        source = "memory"
+        if isinstance(bundle, (str, os.PathLike)):
+            text = os.fspath(bundle)
+            if text.startswith("hub:"):
+                registry = self.registry
+                if registry is None:
+                    from adapterlab.registry import AdapterRegistry  # type: ignore[attr-defined]
+
+                    registry = AdapterRegistry(os.environ.get("ADAPTERLAB_HUB", "hub"))
+                path = Path(registry.get_bundle(text[4:]))
+            else:
+                path = Path(text).expanduser()
+            bundle, source = SharedBasisBundle.load(path), text
+        if not isinstance(bundle, SharedBasisBundle):
+            raise ValueError(f"add_bundle: expected a SharedBasisBundle, a bundle folder or 'hub:REF', got {type(bundle).__name__}")
+        key = key or (Path(source).name if source != "memory" else f"bundle{len(self._bundles)}")
+        with self._lock:
+            if key in self._bundles:
+                raise ValueError(f"bundle key {key!r} is already served; give another key or remove_bundle({key!r})")
+            names = {prefix + n: i for i, n in enumerate(bundle.names)}
+            clash = [n for n in names if n in self._bundle_of or n in self._sources or n in self._cache]
+            if clash:
+                raise ValueError(f"bundle {key!r}: adapter names {clash[:5]} are already served; pass prefix=")
+            for n in names:
+                self._check_name(n)
+            tensors = {}
+            for mod in bundle.module_names:
+                if mod in bundle.embeddings:
+                    raise ValueError(f"bundle {key!r}: module {mod!r} is an embedding; only linear layers can be served")
+                U, V, cores, group = bundle.factors(mod)
+                _check_finite(key, f"{mod}.cores", cores)
+                self._target(f"{key}", mod, (int(U.shape[1]), int(V.shape[2])))
+                tensors[mod] = (U, V, cores, group)
+            self.router.add_bundle(key, tensors)
+            self._bundles[key] = _Bundle(key, names, bundle.mode, bundle.rank, len(tensors), source, bundle.storage())
+            for n in names:
+                self._bundle_of[n] = key
+            return list(names)
+
+    def remove_bundle(self, key: str) -> None:
+        with self._lock:
+            if key not in self._bundles:
+                raise UnknownAdapterError(f"unknown bundle {key!r}; served bundles: {sorted(self._bundles)}")
+            for n in self._bundles.pop(key).names:
+                self._bundle_of.pop(n, None)
+            self.router.remove_bundle(key)
+
+    # -- running a batch ----------------------------------------------------------------------
+
+    def _specs(self, names: Sequence[str | None]) -> list[RowSpec | None]:
+        busy = {n for n in names if n is not None}
+        distinct = [n for n in dict.fromkeys(names) if n is not None and n not in self._bundle_of]
+        if len(distinct) > self.capacity:
+            raise ValueError(
+                f"a batch uses {len(distinct)} distinct cached adapters but capacity is {self.capacity}; "
+                f"raise capacity or split the batch"
+            )
+        specs: dict[str, RowSpec] = {}
+        for n in dict.fromkeys(names):
+            if n is not None:
+                specs[n] = self._ensure(n, busy)
+        return [None if n is None else specs[n] for n in names]
+
+    @torch.no_grad()
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, adapters: Sequence[str | None] | None = None,
+        *, reference: bool = False,
+    ) -> Tensor:
+        """Logits ``[B, T, vocab]`` of one batch where row b uses ``adapters[b]`` (None = base).
+
+        ``reference=True`` runs the plain per-row loop of :func:`reference_delta` instead of the kernels.
+        """
+        B = input_ids.shape[0]
+        names = list(adapters) if adapters is not None else [None] * B
+        if len(names) != B:
+            raise ValueError(f"adapters has {len(names)} entries for a batch of {B} rows")
+        with self._lock:
+            self.router.set_batch(self._specs(names))
+            self.router.reference = reference
+            try:
+                return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+            finally:
+                self.router.reference = False
+                self.router.clear_batch()
+
+    def _encode(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer; pass tokenizer= or give token ids")
+            ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            if not ids:
+                raise ValueError("the prompt tokenizes to nothing")
+            return list(ids)
+        vocab = getattr(self.model.config, "vocab_size", None)
+        if isinstance(vocab, int) and max(prompt) >= vocab:
+            raise ValueError(f"prompt token id {max(prompt)} is outside the vocabulary (size {vocab})")
+        return list(prompt)
+
+    def _pad_id(self) -> int:
+        tok = self.tokenizer
+        for cand in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None),
+                     getattr(self.model.config, "pad_token_id", None), getattr(self.model.config, "eos_token_id", None)):
+            if isinstance(cand, int):
+                return cand
+            if isinstance(cand, (list, tuple)) and cand:
+                return int(cand[0])
+        return 0
+
+    def _eos_ids(self) -> set[int]:
+        out: set[int] = set()
+        for cand in (getattr(self.tokenizer, "eos_token_id", None), getattr(self.model.config, "eos_token_id", None)):
+            if isinstance(cand, int):
+                out.add(cand)
+            elif isinstance(cand, (list, tuple)):
+                out.update(int(c) for c in cand)
+        return out
+
+    @torch.no_grad()
+    def generate(self, requests: Iterable[Request | Mapping[str, Any]]) -> list[Completion]:
+        """Greedy completions; every request names its own adapter. Order is kept.
+
+        Requests are run ``max_batch_size`` at a time (and so that each forward needs at most
+        ``capacity`` distinct cached adapters); each forward is one batched call.
+        """
+        reqs = [r if isinstance(r, Request) else Request(**dict(r)) for r in requests]
+        for r in reqs:
+            if r.adapter is not None and not self.known(r.adapter):
+                self._source_of(r.adapter)  # raises UnknownAdapterError with the known names
+        out: list[Completion] = []
+        chunk: list[Request] = []
+        distinct: set[str] = set()
+        for r in reqs:
+            cached = r.adapter is not None and r.adapter not in self._bundle_of
+            grows = cached and r.adapter not in distinct
+            if chunk and (len(chunk) >= self.max_batch_size or (grows and len(distinct) >= self.capacity)):
+                out.extend(self._generate_batch(chunk))
+                chunk, distinct = [], set()
+            chunk.append(r)
+            if cached:
+                distinct.add(r.adapter)  # type: ignore[arg-type]
+        if chunk:
+            out.extend(self._generate_batch(chunk))
+        return out
+
+    def _generate_batch(self, reqs: list[Request]) -> list[Completion]:
+        prompts = [self._encode(r.prompt) for r in reqs]
+        L = max(len(p) for p in prompts)
+        pad = self._pad_id()
+        device = self.router.device
+        ids = torch.full((len(reqs), L), pad, dtype=torch.long)
+        mask = torch.zeros((len(reqs), L), dtype=torch.long)
+        for b, p in enumerate(prompts):  # left padding: one copy per request
+            ids[b, L - len(p):] = torch.tensor(p)
+            mask[b, L - len(p):] = 1
+        n_new = max(r.max_new_tokens for r in reqs)
+        eos = self._eos_ids()
+        with self._lock:
+            self.router.set_batch(self._specs([r.adapter for r in reqs]))
+            try:
+                seq = self.model.generate(
+                    input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=n_new,
+                    do_sample=False, num_beams=1, pad_token_id=pad, eos_token_id=sorted(eos) or None,
+                    temperature=None, top_p=None, top_k=None,
+                )
+            finally:
+                self.router.clear_batch()
+            self.stats["batches"] += 1
+            self.stats["requests"] += len(reqs)
+        new = seq[:, L:].tolist()
+        results = []
+        for r, p, toks in zip(reqs, prompts, new):
+            toks = toks[: r.max_new_tokens]
+            reason = "length"
+            stop = next((i for i, t in enumerate(toks) if t in eos), None)
+            if stop is not None:
+                toks, reason = toks[:stop], "stop"
+            text = self.tokenizer.decode(toks, skip_special_tokens=True) if self.tokenizer is not None else None
+            results.append(Completion(r.adapter, toks, text, len(p), reason))
+        return results
+
+    def close(self) -> None:
+        """Restore any SHiRA adapter fused into the base weights."""
+        with self._lock:
+            self.router.unfuse()
