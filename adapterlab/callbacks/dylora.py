@@ -12,6 +12,7 @@ from typing import Any
 
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import ExportableState
 
 from adapterlab.tuners.dylora.model import DyLoraModel
 
@@ -28,7 +29,7 @@ def find_tuner(model: nn.Module | None, tuner_cls: type) -> Any:
     raise ValueError(f"no {tuner_cls.__name__} inside {type(model).__name__}; build the model with get_peft_model")
 
 
-class DyLoraCallback(TrainerCallback):
+class DyLoraCallback(TrainerCallback, ExportableState):
     """Drives DyLoRA rank sampling from a ``transformers.Trainer`` (or trl ``SFTTrainer``).
 
     * ``on_step_begin`` (once per optimizer step in transformers 5.x, before the first
@@ -39,8 +40,10 @@ class DyLoraCallback(TrainerCallback):
       evaluation during training never sees the last sampled rank.
     * ``on_log`` adds ``dylora_rank`` (the last sampled rank) to the logs.
 
-    The callback keeps no state of its own: the schedule is a function of the seed and the step,
-    so resuming from a checkpoint needs nothing saved.
+    The schedule is a function of the seed and the step, so a run resumed from a checkpoint
+    (``state.global_step`` restored) draws the same ranks as an uninterrupted one. The callback's
+    own state (``adapter_name``, ``last_rank``) is saved in ``trainer_state.json`` through
+    ``ExportableState`` and restored with ``restore_callback_states_from_checkpoint=True``.
 
     Args:
         adapter_name: the DyLoRA adapter to drive (default: the active one).
@@ -50,6 +53,9 @@ class DyLoraCallback(TrainerCallback):
         self.adapter_name = adapter_name
         self.last_rank: int | None = None
         self.history: list[tuple[int, int]] = []  # (global_step, rank)
+
+    def state(self) -> dict[str, Any]:
+        return {"args": {"adapter_name": self.adapter_name}, "attributes": {"last_rank": self.last_rank}}
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         tuner: DyLoraModel = find_tuner(kwargs.get("model"), DyLoraModel)
@@ -64,3 +70,5 @@ class DyLoraCallback(TrainerCallback):
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs: dict | None = None, **kwargs: Any) -> None:
         if logs is not None and self.last_rank is not None:
             logs["dylora_rank"] = self.last_rank
+            if state.log_history and state.log_history[-1].get("step") == state.global_step:
+                state.log_history[-1]["dylora_rank"] = self.last_rank

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import ExportableState
 
 from adapterlab.callbacks.dylora import find_tuner
 from adapterlab.tuners.lori.model import LoriModel, SparsifyReport
@@ -70,7 +71,7 @@ def swap_optimizer_params_(
     return count
 
 
-class LoriCallback(TrainerCallback):
+class LoriCallback(TrainerCallback, ExportableState):
     """Switch a LoRI adapter from LoRI-D to LoRI-S at ``switch_step`` (an optimizer step count).
 
     At the start of the first optimizer step with ``state.global_step >= switch_step`` it extracts
@@ -82,9 +83,11 @@ class LoriCallback(TrainerCallback):
     gradient clipping (which transformers 5.x does before ``on_pre_optimizer_step``) cannot see
     or move them.
 
-    Resuming from a checkpoint saved after the switch works without callback state: the saved
-    adapter is LoRI-S (``variant="S"``) and loads as such, and the switch is skipped because the
-    model is already sparse.
+    Resuming from a checkpoint saved after the switch: the saved adapter is LoRI-S
+    (``variant="S"``) and loads as such, so the optimizer is built over the sparse parameters and
+    its saved state fits; the switch is skipped because the model is already sparse. The
+    callback's settings and ``switched_at`` are saved in ``trainer_state.json`` through
+    ``ExportableState`` (restored with ``restore_callback_states_from_checkpoint=True``).
 
     Args:
         switch_step: optimizer step at which LoRI-S starts (``>= 0``).
@@ -117,11 +120,28 @@ class LoriCallback(TrainerCallback):
         self.report: SparsifyReport | None = None
         self.switched_at: int | None = None
 
+    def state(self) -> dict[str, Any]:
+        return {
+            "args": {
+                "switch_step": self.switch_step,
+                "sparsity": self.sparsity,
+                "lr_s": self.lr_s,
+                "keep_values": self.keep_values,
+                "adapter_name": self.adapter_name,
+            },
+            "attributes": {"switched_at": self.switched_at},
+        }
+
     def _is_sparse(self, tuner: LoriModel) -> bool:
+        """True when every B of the adapter is sparse already (switched before, or a LoRI-S
+        checkpoint was loaded into a LoRI-D model, as ``Trainer`` does on resume; the config then
+        still says ``variant="D"`` and is corrected here)."""
         name = tuner._adapter(self.adapter_name)
-        return tuner.peft_config[name].variant == "S" and all(
-            layer.lori_B[name].is_sparse for _, layer in tuner._layers(name)
-        )
+        layers = tuner._layers(name)
+        sparse = bool(layers) and all(layer.lori_B[name].is_sparse for _, layer in layers)
+        if sparse and tuner.peft_config[name].variant != "S":
+            tuner.peft_config[name].variant = "S"
+        return sparse
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if state.global_step < self.switch_step:
