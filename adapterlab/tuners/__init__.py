@@ -6,9 +6,28 @@ Adding a tuner: a sub-package ``<method>/`` (config.py, layer.py, model.py) that
 
 from __future__ import annotations
 
-from adapterlab.tuners import dylora, lori  # noqa: F401  (registers the tuners with peft)
+from adapterlab.tuners import dylora, lori, lors, shira, snell, spp  # noqa: F401  (each registers with peft)
 from adapterlab.tuners._lowrank import lowrank_scale, write_lora_dir
 from adapterlab.tuners.dylora import DyLoraConfig, DyLoraModel
 from adapterlab.tuners.lori import LoriConfig, LoriModel
+from adapterlab.tuners.lors import LorsConfig, LorsModel
+from adapterlab.tuners.shira import ShiraConfig, ShiraModel
+from adapterlab.tuners.snell import SnellConfig, SnellModel
+from adapterlab.tuners.spp import SppConfig, SppModel
 
-__all__ = ["DyLoraConfig", "DyLoraModel", "LoriConfig", "LoriModel", "lowrank_scale", "write_lora_dir"]
+__all__ = [
+    "DyLoraConfig",
+    "DyLoraModel",
+    "LoriConfig",
+    "LoriModel",
+    "LorsConfig",
+    "LorsModel",
+    "ShiraConfig",
+    "ShiraModel",
+    "SnellConfig",
+    "SnellModel",
+    "SppConfig",
+    "SppModel",
+    "lowrank_scale",
+    "write_lora_dir",
+]
