@@ -55,7 +55,7 @@ def test_demo_runs_end_to_end_small(tmp_path):
     """The main job on the embedded model with tiny settings: dense row + a magnitude-pruned row."""
     res = runner.invoke(
         app,
-        ["demo", "--methods", "magnitude", "--eval-windows", "1", "--task-n", "8", "-o", str(tmp_path)],
+        ["demo", "--stages", "dense,prune", "--methods", "magnitude", "--eval-windows", "1", "--task-n", "8", "-o", str(tmp_path)],
     )
     assert res.exit_code == 0, res.output
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
