@@ -227,8 +227,11 @@ def test_bad_input_errors(lora_dirs: list[Path], tmp_path: Path) -> None:
         merge_adapters(lora_dirs, "ties", weights=[1.0, 2.0])
     with pytest.raises(ValueError, match=r"^params\.K = 4 exceeds"):
         merge_adapters(lora_dirs, "rmm", K=4)
-    with pytest.raises(ValueError, match=r"^adapters\[1\]: registry ref 'hub:math'"):
-        merge_adapters([lora_dirs[0], "hub:math"], "ties")
+    from adapterlab.registry import AdapterRegistry, RefNotFoundError
+
+    empty_hub = AdapterRegistry(lora_dirs[0].parent / "empty_hub")
+    with pytest.raises(RefNotFoundError, match=r"adapters\[1\]: 'hub:math': registry .* has no adapter 'math'"):
+        merge_adapters([lora_dirs[0], "hub:math"], "ties", registry=empty_hub)
     with pytest.raises(FileNotFoundError, match=r"^adapters\[0\]: adapter folder"):
         merge_adapters([tmp_path / "nope"], "ties")
     with pytest.raises(ValueError, match=r"^output is 'dense'; choose one of: lora, sparse, full"):
