@@ -120,15 +120,28 @@ def topk_trim(x: Tensor, density: float) -> Tensor:
         x: ``[*shape]`` one task tensor.
 
     Returns:
-        ``[*shape]``, zero outside the kept entries (ties at the cut are broken by ``topk``).
+        ``[*shape]``, zero outside the kept entries (entries tied with the k-th largest ``|x|`` are
+        kept in index order until exactly k are kept).
+
+    Semantics:
+        idx = topk(|x|, k).indices; out = zeros_like(x); out[idx] = x[idx]
+    The k-th largest ``|x|`` comes from the two-level fp32 bit histogram (:func:`kth_largest_abs`),
+    which is several times faster than ``torch.topk`` for k in the hundreds of thousands.
     """
     flat = x.reshape(-1)  # [numel]
     k = int(density * flat.numel())
-    out = torch.zeros_like(flat)
-    if k > 0:
-        idx = torch.topk(flat.abs(), k=k, largest=True).indices  # [k]
-        out[idx] = flat[idx]
-    return out.reshape(x.shape)
+    if k <= 0:
+        return torch.zeros_like(x)
+    if k >= flat.numel():
+        return x.clone()
+    mag = flat.detach().to(torch.float32).abs()  # [numel]
+    kappa = kth_largest_abs(mag, k)
+    keep = mag > kappa  # [numel]
+    need = k - int(keep.sum())
+    if need > 0:  # entries tied at kappa: the first `need` of them in index order
+        tied = torch.nonzero(mag == kappa).reshape(-1)[:need]  # [need]
+        keep[tied] = True
+    return torch.where(keep, flat, torch.zeros((), dtype=flat.dtype)).reshape(x.shape)
 
 
 def threshold_trim(x: Tensor, kappa: float) -> Tensor:

@@ -86,3 +86,22 @@ def test_canonical_gauge_keeps_product() -> None:
     R = torch.randn(4, 4) + 4 * torch.eye(4)
     Bc2, Ac2 = F.canonical_gauge(B @ R, torch.linalg.solve(R, A))
     torch.testing.assert_close(Bc2, Bc, atol=1e-3, rtol=1e-3)
+
+
+def test_topk_trim_equals_topk_and_keeps_exact_count_with_ties() -> None:
+    from adapterlab.merging.functional import topk_trim
+
+    g = torch.Generator().manual_seed(3)
+    for shape in [(64, 96), (7, 9), (100,)]:
+        x = torch.randn(*shape, generator=g)
+        for density in (0.0, 0.01, 0.2, 0.5, 1.0):
+            flat = x.reshape(-1)
+            k = int(density * flat.numel())
+            ref = torch.zeros_like(flat)
+            if k:
+                idx = torch.topk(flat.abs(), k).indices  # no ties in continuous data: a unique answer
+                ref[idx] = flat[idx]
+            assert torch.equal(topk_trim(x, density).reshape(-1), ref)
+    # ties at the cut: exactly k kept, the tied ones in index order
+    x = torch.tensor([1.0, -1.0, 1.0, 0.5, 2.0, 1.0])
+    assert torch.equal(topk_trim(x, 0.5), torch.tensor([1.0, -1.0, 0.0, 0.0, 2.0, 0.0]))
