@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
 from adapterlab.quant import dequantize_weight, is_4bit, is_8bit, requantize_4bit_, restore_weight_, snapshot_weight
@@ -399,3 +400,43 @@ def write_lora_dir(
             use_rslora=use_rslora,
         )
     return out
+
+
+class AdapterlabTuner(BaseTuner):
+    """The peft glue every adapterlab tuner shares: target check, layer replacement, load-time shape check.
+
+    Subclasses set ``prefix``, ``tuner_layer_cls`` and ``tuner_name`` (the registered peft type name),
+    and may extend :meth:`check_loaded` (e.g. with a sparsity-pattern check).
+    """
+
+    tuner_name: str = ""
+    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    def _pre_injection_hook(self, model: nn.Module, config: Any, adapter_name: str) -> None:
+        check_target_modules(model, config.target_modules)
+
+    def _create_and_replace(
+        self,
+        peft_config: Any,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **kwargs: Any,
+    ) -> None:
+        replace_with(self, self.tuner_layer_cls, peft_config, adapter_name, target, target_name, parent, current_key,
+                     self.tuner_name)
+
+    @classmethod
+    def check_loaded(cls, model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Refuse an adapter state dict that does not fit ``model`` (runs on every load)."""
+        check_loaded_shapes(model, state_dict)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: Any, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        out = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        cls.check_loaded(model, out)
+        return out

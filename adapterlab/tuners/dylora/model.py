@@ -12,11 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner
-from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
-from adapterlab.tuners._lowrank import check_loaded_shapes, check_target_modules, replace_with, tuner_layers, write_lora_dir
+from adapterlab.tuners._lowrank import AdapterlabTuner, tuner_layers, write_lora_dir
 from adapterlab.tuners.dylora.config import NAME, PREFIX, DyLoraConfig
 from adapterlab.tuners.dylora.functional import sample_rank
 from adapterlab.tuners.dylora.layer import DyLoraLayer
@@ -24,7 +22,7 @@ from adapterlab.tuners.dylora.layer import DyLoraLayer
 logger = logging.getLogger(__name__)
 
 
-class DyLoraModel(BaseTuner):
+class DyLoraModel(AdapterlabTuner):
     """peft tuner model for :class:`DyLoraConfig` (built by ``peft.get_peft_model``).
 
     Besides peft's API (merge, unmerge, disable_adapter, merge_and_unload, save/load) it offers
@@ -34,30 +32,7 @@ class DyLoraModel(BaseTuner):
 
     prefix: str = PREFIX
     tuner_layer_cls = DyLoraLayer
-    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-
-    def _pre_injection_hook(self, model: nn.Module, config: DyLoraConfig, adapter_name: str) -> None:
-        check_target_modules(model, config.target_modules)
-
-    def _create_and_replace(
-        self,
-        peft_config: DyLoraConfig,
-        adapter_name: str,
-        target: nn.Module,
-        target_name: str,
-        parent: nn.Module,
-        current_key: str,
-        **kwargs: Any,
-    ) -> None:
-        replace_with(self, DyLoraLayer, peft_config, adapter_name, target, target_name, parent, current_key, NAME)
-
-    @classmethod
-    def _remap_adapter_state_dict_for_load(
-        cls, model: nn.Module, config: Any, adapter_name: str, state_dict: dict[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
-        out = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        check_loaded_shapes(model, out)
-        return out
+    tuner_name = NAME
 
     # -- rank control ----------------------------------------------------------------------------
     def _adapter(self, adapter_name: str | None) -> str:

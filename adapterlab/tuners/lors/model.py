@@ -13,11 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner
-from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
-from adapterlab.tuners._lowrank import check_int, check_loaded_shapes, check_target_modules, replace_with, tuner_layers
+from adapterlab.tuners._lowrank import AdapterlabTuner, check_int, tuner_layers
 from adapterlab.tuners.lors.config import NAME, PREFIX, LorsConfig
 from adapterlab.tuners.lors.functional import gradient_init_a
 from adapterlab.tuners.lors.layer import LorsLayer
@@ -76,7 +74,7 @@ def _init_batches(data: Any, n_samples: int, batch_size: int, device: torch.devi
     return out
 
 
-class LorsModel(BaseTuner):
+class LorsModel(AdapterlabTuner):
     """peft tuner model for :class:`LorsConfig`.
 
     Besides peft's API (merge, unmerge, disable_adapter, merge_and_unload, save/load) it offers
@@ -87,31 +85,12 @@ class LorsModel(BaseTuner):
 
     prefix: str = PREFIX
     tuner_layer_cls = LorsLayer
-    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-
-    def _pre_injection_hook(self, model: nn.Module, config: LorsConfig, adapter_name: str) -> None:
-        check_target_modules(model, config.target_modules)
-
-    def _create_and_replace(
-        self,
-        peft_config: LorsConfig,
-        adapter_name: str,
-        target: nn.Module,
-        target_name: str,
-        parent: nn.Module,
-        current_key: str,
-        **kwargs: Any,
-    ) -> None:
-        replace_with(self, LorsLayer, peft_config, adapter_name, target, target_name, parent, current_key, NAME)
+    tuner_name = NAME
 
     @classmethod
-    def _remap_adapter_state_dict_for_load(
-        cls, model: nn.Module, config: Any, adapter_name: str, state_dict: dict[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
-        out = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        check_loaded_shapes(model, out)
-        check_patterns(model.state_dict(), out, ".lors_pattern.")
-        return out
+    def check_loaded(cls, model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+        super().check_loaded(model, state_dict)
+        check_patterns(model.state_dict(), state_dict, ".lors_pattern.")
 
     def _adapter(self, adapter_name: str | None) -> str:
         name = adapter_name or self.active_adapters[0]

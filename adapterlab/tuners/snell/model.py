@@ -11,11 +11,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner
-from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
-from adapterlab.tuners._lowrank import check_loaded_shapes, check_target_modules, replace_with, tuner_layers
+from adapterlab.tuners._lowrank import AdapterlabTuner, tuner_layers
 from adapterlab.tuners.snell.config import NAME, PREFIX, SnellConfig
 from adapterlab.tuners.snell.functional import keep_count
 from adapterlab.tuners.snell.layer import SnellLayer
@@ -23,7 +21,7 @@ from adapterlab.tuners.snell.layer import SnellLayer
 logger = logging.getLogger(__name__)
 
 
-class SnellModel(BaseTuner):
+class SnellModel(AdapterlabTuner):
     """peft tuner model for :class:`SnellConfig` (built by ``peft.get_peft_model``).
 
     Extra API (a ``PeftModel`` forwards these look-ups): ``snell_layers``, ``layer_sparsities``,
@@ -32,40 +30,7 @@ class SnellModel(BaseTuner):
 
     prefix: str = PREFIX
     tuner_layer_cls = SnellLayer
-    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-
-    def _pre_injection_hook(self, model: nn.Module, config: SnellConfig, adapter_name: str) -> None:
-        check_target_modules(model, config.target_modules)
-
-    def _create_and_replace(
-        self,
-        peft_config: SnellConfig,
-        adapter_name: str,
-        target: nn.Module,
-        target_name: str,
-        parent: nn.Module,
-        current_key: str,
-        **kwargs: Any,
-    ) -> None:
-        replace_with(self, SnellLayer, peft_config, adapter_name, target, target_name, parent, current_key, NAME)
-
-    @classmethod
-    def _remap_adapter_state_dict_for_load(
-        cls, model: nn.Module, config: Any, adapter_name: str, state_dict: dict[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
-        out = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        check_loaded_shapes(model, out)
-        own = model.state_dict()
-        for key, value in out.items():
-            if key.endswith(f"snell_keep.{adapter_name}") and key in own:
-                layer_key = key.rsplit(".snell_keep.", 1)[0]
-                p_key = f"{layer_key}.snell_P.{adapter_name}"
-                q_key = f"{layer_key}.snell_Q.{adapter_name}"
-                if p_key in own and q_key in own:
-                    numel = own[p_key].shape[1] * own[q_key].shape[1]
-                    if not 0 <= int(value) <= numel:
-                        raise ValueError(f"cannot load {key!r}: keep={int(value)} is outside [0, {numel}] for this layer")
-        return out
+    tuner_name = NAME
 
     # -- helpers ------------------------------------------------------------------------------
     def _adapter(self, adapter_name: str | None) -> str:
