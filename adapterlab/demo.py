@@ -13,8 +13,10 @@ The tour runs every step of the adapter lifecycle on one base and returns one ta
 7. ``serve``    serve a mixed batch (base + every compressed adapter) with :class:`AdapterServer`.
 
 Everything runs in memory on CPU; adapters and the bundle are written under ``DemoConfig.output``.
-Adapters adapt ``targets`` of the last ``adapt_layers`` decoder layers only, so the backward pass
-touches those layers only (the whole tour takes minutes on 2 CPU cores).
+Adapters adapt ``targets`` of the last ``adapt_layers`` decoder layers (default 30: every layer of
+the embedded SmolLM2-135M; fewer layers make the backward pass cheaper but, measured on the
+SparseGPT-50 % base, 30 steps on the last 8 layers do not learn the task while 100 steps on all
+layers do).
 """
 
 from __future__ import annotations
@@ -74,9 +76,9 @@ class DemoConfig:
     adapter: str = "lors"
     rank: int = 8
     targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    adapt_layers: int = 8
-    steps: int = 30
-    extra_steps: int = 15
+    adapt_layers: int = 30
+    steps: int = 100
+    extra_steps: int = 30
     batch_size: int = 8
     train_n: int | None = 512
     max_length: int = 64

@@ -132,12 +132,17 @@ SAMPLE = "model.layers.0.self_attn.q_proj"
 
 
 def _case_main(argv: list[str]) -> None:
-    """Runs one timed case in this (fresh) process; writes {seconds, peak_mib} + the sample tensor."""
+    """Runs one case twice in this (fresh) process and writes {seconds, peak_mib} of both calls + a sample.
+
+    The first call is "cold" (first use of the code paths in the process: lazy initialisation and
+    library pages count in its peak); the second, on the same inputs, is "warm". Both are reported.
+    """
     kind, model_kind, rank, out_file, *dirs = argv
     rank_i = int(rank)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     from safetensors.torch import save_file
 
+    work = Path(out_file).with_suffix(".out")
     if kind == "mergekit":
         from mergekit.config import MergeConfiguration
         from mergekit.merge import run_merge
@@ -150,20 +155,19 @@ def _case_main(argv: list[str]) -> None:
             "models": [{"model": f, "parameters": {"density": 0.2, "weight": 1.0}} for f in fulls],
         })
         opts = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, lazy_unpickle=False)
-        work = Path(out_file).with_suffix(".out")
-        with _PeakRSS() as mem:
-            t0 = time.perf_counter()
-            run_merge(cfg, str(work), opts)
-            seconds = time.perf_counter() - t0
-        from safetensors import safe_open
 
-        sample = None
-        for f in sorted(work.glob("*.safetensors")):
-            with safe_open(str(f), "pt") as fh:
-                if SAMPLE + ".weight" in fh.keys():
-                    sample = fh.get_tensor(SAMPLE + ".weight").float()
-        assert sample is not None, "mergekit output misses the sample tensor"
-        sample = sample - _model_for(model_kind).get_submodule(SAMPLE).weight.detach().float()
+        def call(i: int) -> Any:
+            run_merge(cfg, str(work) + str(i), opts)
+
+        def sample_of(_: Any) -> torch.Tensor:
+            from safetensors import safe_open
+
+            for f in sorted(Path(str(work) + "0").glob("*.safetensors")):
+                with safe_open(str(f), "pt") as fh:
+                    if SAMPLE + ".weight" in fh.keys():
+                        return fh.get_tensor(SAMPLE + ".weight").float() - \
+                            _model_for(model_kind).get_submodule(SAMPLE).weight.detach().float()
+            raise AssertionError("mergekit output misses the sample tensor")
     elif kind.startswith("peft"):
         from peft import PeftModel
 
@@ -173,34 +177,49 @@ def _case_main(argv: list[str]) -> None:
         names = [f"a{i}" for i in range(len(dirs))]
         combo = "ties_svd" if kind == "peft_ties_svd" else "ties"
         extra = {"svd_rank": rank_i} if combo == "ties_svd" else {}
-        with _PeakRSS() as mem:
-            t0 = time.perf_counter()
-            pm.add_weighted_adapter(names, [1.0] * len(dirs), "merged", combination_type=combo, density=0.2, **extra)
-            seconds = time.perf_counter() - t0
-        sample = pm.base_model.model.get_submodule(SAMPLE).get_delta_weight("merged").detach().float()
+
+        def call(i: int) -> Any:
+            pm.add_weighted_adapter(names, [1.0] * len(dirs), f"merged{i}", combination_type=combo, density=0.2,
+                                    **extra)
+
+        def sample_of(_: Any) -> torch.Tensor:
+            return pm.base_model.model.get_submodule(SAMPLE).get_delta_weight("merged0").detach().float()
     elif kind == "adapterlab_full":
         from adapterlab.merging import merge_adapters
 
-        base = _model_for(model_kind)
-        before = base.get_submodule(SAMPLE).weight.detach().float().clone()
-        work = Path(out_file).with_suffix(".out")
-        with _PeakRSS() as mem:
-            t0 = time.perf_counter()
-            res = merge_adapters(dirs, "ties", density=0.2, trim_scope="tensor", output="full", base=base)
-            res.model.save_pretrained(str(work))  # mergekit writes its merged model too
-            seconds = time.perf_counter() - t0
-        sample = res.model.get_submodule(SAMPLE).weight.detach().float() - before
+        bases = [_model_for(model_kind), _model_for(model_kind)]
+        before = bases[0].get_submodule(SAMPLE).weight.detach().float().clone()
+
+        def call(i: int) -> Any:
+            res = merge_adapters(dirs, "ties", density=0.2, trim_scope="tensor", output="full", base=bases[i],
+                                 progress=False)
+            res.model.save_pretrained(str(work) + str(i))  # mergekit writes its merged model too
+            return res
+
+        def sample_of(res: Any) -> torch.Tensor:
+            return res.model.get_submodule(SAMPLE).weight.detach().float() - before
     else:
         from adapterlab.merging import merge_adapters
 
         scope = "model" if kind == "adapterlab_lora_model_scope" else "tensor"
+
+        def call(i: int) -> Any:
+            return merge_adapters(dirs, "ties", density=0.2, trim_scope=scope, rank=rank_i, progress=False)
+
+        def sample_of(res: Any) -> torch.Tensor:
+            return res.delta(SAMPLE)
+    meta = {}
+    first = None
+    for i, label in enumerate(("cold", "warm")):
         with _PeakRSS() as mem:
             t0 = time.perf_counter()
-            res = merge_adapters(dirs, "ties", density=0.2, trim_scope=scope, rank=rank_i)
+            got = call(i)
             seconds = time.perf_counter() - t0
-        sample = res.delta(SAMPLE)
-    save_file({"sample": sample.contiguous()}, out_file,
-              metadata={"seconds": repr(seconds), "peak_mib": repr(mem.growth)})
+        meta[f"seconds_{label}"], meta[f"peak_mib_{label}"] = repr(seconds), repr(mem.growth)
+        if i == 0:
+            first = got
+    sample = sample_of(first)
+    save_file({"sample": sample.contiguous()}, out_file, metadata=meta)
 
 
 def _run_case(kind: str, model_kind: str, dirs: list[Path], rank: int, tmp: Path) -> dict[str, Any]:
@@ -218,7 +237,11 @@ def _run_case(kind: str, model_kind: str, dirs: list[Path], rank: int, tmp: Path
         meta = fh.metadata()
         sample = fh.get_tensor("sample")
     out_file.unlink()
-    return {"seconds": float(meta["seconds"]), "peak_mib": float(meta["peak_mib"]), "sample": sample}
+    import shutil
+
+    for extra in out_file.parent.glob(out_file.stem + ".out*"):
+        shutil.rmtree(extra, ignore_errors=True)
+    return {**{k: float(v) for k, v in meta.items()}, "sample": sample}
 
 
 #: mergekit lives in its own venv (it pins packages the project does not): `python -m venv
@@ -245,41 +268,48 @@ def bench_speed(args: argparse.Namespace) -> dict[str, Any]:
             if have_mergekit:
                 base_dir, fulls = _full_models(tmp, sub, args.model)
                 kinds.append(("mergekit", [base_dir, *fulls]))
-            times: dict[str, list[float]] = {k: [] for k, _ in kinds}
-            peaks: dict[str, list[float]] = {k: [] for k, _ in kinds}
+            stats: dict[str, dict[str, list[float]]] = {k: {} for k, _ in kinds}
             samples: dict[str, torch.Tensor] = {}
             for rep in range(args.repeat + 1):  # first round = warm-up (page cache, imports), not kept
                 for kind, inputs in kinds:  # interleaved, so machine load hits all alike
                     got = _run_case(kind, args.model, inputs, args.rank, tmp)
                     if rep > 0:
-                        times[kind].append(got["seconds"])
-                        peaks[kind].append(got["peak_mib"])
+                        for key in ("seconds_cold", "peak_mib_cold", "seconds_warm", "peak_mib_warm"):
+                            stats[kind].setdefault(key, []).append(got[key])
                     samples[kind] = got["sample"]
             peft_plain = _run_case("peft_ties", args.model, sub, args.rank, tmp)
             for kind, _ in kinds:
                 err = float((samples[kind] - dense).norm() / dense.norm())
-                rows.append({"adapters": n, "impl": kind, "output": "full model" if kind in ("adapterlab_full", "mergekit")
-                             else f"LoRA r={args.rank}", "seconds_median": round(statistics.median(times[kind]), 3),
-                             "seconds_all": [round(t, 3) for t in times[kind]],
-                             "peak_mib_median": round(statistics.median(peaks[kind]), 1),
-                             "rel_err_vs_dense_ties_q0": round(err, 4)})
+                row = {"adapters": n, "impl": kind,
+                       "output": "full model" if kind in ("adapterlab_full", "mergekit") else f"LoRA r={args.rank}"}
+                for key, vals in stats[kind].items():
+                    row[f"{key}_median"] = round(statistics.median(vals), 3 if key.startswith("seconds") else 1)
+                row["seconds_cold_all"] = [round(t, 3) for t in stats[kind]["seconds_cold"]]
+                row["rel_err_vs_dense_ties_q0"] = round(err, 4)
+                rows.append(row)
                 print(rows[-1], flush=True)
             err = float((peft_plain["sample"] - dense).norm() / dense.norm())
             rows.append({"adapters": n, "impl": "peft_ties (factor-wise: not TIES)", "output": f"LoRA r={args.rank * n}",
-                         "seconds_median": round(peft_plain["seconds"], 3), "seconds_all": [round(peft_plain["seconds"], 3)],
-                         "peak_mib_median": round(peft_plain["peak_mib"], 1), "rel_err_vs_dense_ties_q0": round(err, 4)})
+                         "seconds_cold_median": round(peft_plain["seconds_cold"], 3),
+                         "peak_mib_cold_median": round(peft_plain["peak_mib_cold"], 1),
+                         "rel_err_vs_dense_ties_q0": round(err, 4)})
             # ratios against the equal-output anchor of the same output form
             for ours, anchor in (("adapterlab_lora", "peft_ties_svd"), ("adapterlab_full", "mergekit")):
                 a = next((r for r in rows if r["adapters"] == n and r["impl"] == anchor), None)
                 o = next(r for r in rows if r["adapters"] == n and r["impl"] == ours)
                 if a is not None:
-                    o[f"speedup_vs_{anchor}"] = round(a["seconds_median"] / max(o["seconds_median"], 1e-9), 2)
-                    o[f"memory_ratio_vs_{anchor}"] = round(o["peak_mib_median"] / max(a["peak_mib_median"], 1e-9), 2)
+                    for temp in ("cold", "warm"):
+                        o[f"speedup_{temp}_vs_{anchor}"] = round(
+                            a[f"seconds_{temp}_median"] / max(o[f"seconds_{temp}_median"], 1e-9), 2)
+                        o[f"memory_ratio_{temp}_vs_{anchor}"] = round(
+                            o[f"peak_mib_{temp}_median"] / max(a[f"peak_mib_{temp}_median"], 1e-9), 2)
     return {"part": "speed", "model": args.model if args.model == "embedded" else TINY, "rank": args.rank,
             "density": 0.2, "targets": TARGETS, "repeats": args.repeat, "statistic": "median after 1 warm-up round",
             "mergekit": _mergekit_version() if have_mergekit else "not installed",
-            "timing_scope": ("in-process call only (imports and model/adapter loading excluded); full-model outputs "
-                             "include writing the merged model as safetensors; peak = growth of max RSS during the call"),
+            "timing_scope": ("in-process call only (imports and model loading excluded; adapterlab reads the adapter "
+                             "files inside the call, peft has them loaded before it); full-model outputs include "
+                             "writing the merged model as safetensors; peak = growth of max RSS during the call; "
+                             "cold = first call in a fresh process, warm = the same call repeated in that process"),
             "rows": rows}
 
 
@@ -348,6 +378,36 @@ def _accuracy(model: Any, tok: Any, task: str, n: int) -> float:
         return task_accuracy(model, tok, task, n=n, batch_size=16).accuracy
 
 
+def _rmm_label(spec: str) -> tuple[str, int, str]:
+    k, _, scope = spec.partition(":")
+    scope = scope or "layer"
+    return (f"rmm_K{k}" if scope == "layer" else f"rmm_K{k}_{scope}"), int(k), scope
+
+
+def _rmm_rows(out: dict[str, Any], acc: dict[str, Any], adapters: dict[str, Path], spec: str, tok: Any,
+              n_eval: int) -> None:
+    """Per-task accuracy of RMM's reconstruction for one ``K[:scope]`` spec, plus its storage and errors."""
+    from adapterlab.merging import merge_adapters
+    from adapterlab.models import load_default_model
+
+    label, k, scope = _rmm_label(spec)
+    rmm = merge_adapters(adapters, "rmm", K=k, coeff_scope=scope)
+    acc[label] = {}
+    for task in TASKS:
+        model, _ = load_default_model()
+        rmm.reconstruct(task).apply_(model)
+        acc[label][task] = _accuracy(model, tok, task, n_eval)
+    out[f"{label}_errors"] = {t: max(e["delta"][i] for e in rmm.bundle.errors.values()) for i, t in enumerate(TASKS)}
+    out[f"{label}_storage"] = rmm.bundle.storage()
+    print(label, acc[label], out[f"{label}_storage"], flush=True)
+
+
+def _rmm_recovery(acc: dict[str, Any]) -> dict[str, Any]:
+    own = acc["own_adapter"]
+    return {k[len("rmm_"):]: {t: round(v[t] / max(own[t], 1e-9), 4) for t in TASKS}
+            for k, v in acc.items() if k.startswith("rmm_")}
+
+
 def bench_quality(args: argparse.Namespace) -> dict[str, Any]:
     from adapterlab.merging import merge_adapters
     from adapterlab.models import load_default_model
@@ -361,6 +421,17 @@ def bench_quality(args: argparse.Namespace) -> dict[str, Any]:
             dirs[task] = cached_task_lora(task, args.steps, args.rank, i)
             print(f"trained {task} ({time.perf_counter() - t0:.0f} s)", flush=True)
         base, tok = load_default_model()
+        if args.rmm_only:  # same cached adapters and eval set: only the RMM rows are (re)computed
+            prev = json.loads((RESULTS / "merging_quality.json").read_text(encoding="utf-8"))
+            if (prev["steps"], prev["rank"], prev["n_eval"]) != (args.steps, args.rank, args.n_eval):
+                raise SystemExit("--rmm-only needs the same --steps/--rank/--n-eval as merging_quality.json")
+            out = {k: v for k, v in prev.items() if k not in ("env", "command", "wall_seconds", "table")}
+            out["rmm_command"] = " ".join(["python", "bench/merging.py", *sys.argv[1:]])
+            for spec in args.rmm:
+                _rmm_rows(out, out["acc"], {t: dirs[t] for t in TASKS}, spec, tok, args.n_eval)
+            out["mean"] = {k: round(sum(v.values()) / len(v), 4) for k, v in out["acc"].items()}
+            out["rmm_recovery"] = _rmm_recovery(out["acc"])
+            return out
         acc = out["acc"]
         acc["base"] = {t: _accuracy(base, tok, t, args.n_eval) for t in TASKS}
         print("base", acc["base"], flush=True)
@@ -384,20 +455,12 @@ def bench_quality(args: argparse.Namespace) -> dict[str, Any]:
             acc[f"task_arithmetic_l{lam}"] = evaluate_delta(merge_adapters(adapters, "task_arithmetic", **{"lambda": lam}))
             acc[f"ties_l{lam}"] = evaluate_delta(merge_adapters(adapters, "ties", density=0.2, **{"lambda": lam}, output="sparse"))
             print(lam, acc[f"task_arithmetic_l{lam}"], acc[f"ties_l{lam}"], flush=True)
-        for k in (1, 2):
-            rmm = merge_adapters(adapters, "rmm", K=k)
-            acc[f"rmm_K{k}"] = {}
-            for task in TASKS:
-                model, _ = load_default_model()
-                rmm.reconstruct(task).apply_(model)
-                acc[f"rmm_K{k}"][task] = _accuracy(model, tok, task, args.n_eval)
-            out[f"rmm_K{k}_errors"] = {t: max(e["delta"][i] for e in rmm.bundle.errors.values()) for i, t in enumerate(TASKS)}
-            print(k, acc[f"rmm_K{k}"], flush=True)
+        for spec in args.rmm:
+            _rmm_rows(out, acc, adapters, spec, tok, args.n_eval)
         del resolve_adapter
     mean = lambda d: sum(d.values()) / len(d)  # noqa: E731
     out["mean"] = {k: round(mean(v), 4) for k, v in acc.items()}
-    out["rmm_recovery"] = {f"K{k}": {t: round(acc[f"rmm_K{k}"][t] / max(acc["own_adapter"][t], 1e-9), 4) for t in TASKS}
-                           for k in (1, 2)}
+    out["rmm_recovery"] = _rmm_recovery(acc)
     return out
 
 
@@ -545,6 +608,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--n-eval", type=int, default=200)
     ap.add_argument("--lambdas", type=float, nargs="+", default=[0.5, 1.0])
+    ap.add_argument("--rmm", nargs="+", default=["1", "2", "2:position", "3"],
+                    help="quality: RMM variants as K[:coeff_scope]")
+    ap.add_argument("--rmm-only", action="store_true",
+                    help="quality: add the --rmm rows to the existing merging_quality.json, keep its other rows")
     ap.add_argument("--energies", type=float, nargs="+", default=[0.5, 0.7, 0.9])
     args = ap.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -554,7 +621,8 @@ def main() -> None:
     result.update(env=_env(), command=" ".join(["python", "bench/merging.py", *sys.argv[1:]]),
                   wall_seconds=round(time.perf_counter() - t0, 1), table=_table(result))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"merging_{args.part}.json"
+    suffix = "_tiny" if args.part == "speed" and args.model == "tiny" else ""
+    path = RESULTS / f"merging_{args.part}{suffix}.json"
     path.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
     print(result["table"])
     print(f"wrote {path}")
