@@ -31,7 +31,7 @@ def test_every_pruning_and_merging_method_file_is_registered() -> None:
     from adapterlab.pruning.base import PRUNERS
 
     assert _modules("pruning", {"base", "functional"}) <= set(PRUNERS.names())
-    merge_files = _modules("merging", {"base", "functional", "adapters", "lora_dir", "into_base"})
+    merge_files = _modules("merging", {"base", "functional", "adapters", "lora_dir", "into_base", "sparse"})
     names = set(MERGERS.names())
     for f in merge_files:
         assert any(n == f or n.startswith(f"{f}_") or n.endswith(f"_{f}") for n in names), (

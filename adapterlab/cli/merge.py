@@ -41,7 +41,9 @@ class AdapterEntry(BaseModel):
 
 class OutputSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    format: Literal["lora", "sparse", "full"] = "lora"
+    #: None: chosen from the inputs (``shira`` for SHiRA adapters, ``lori`` for LoRI adapters merged
+    #: with linear / task_arithmetic, ``lora`` otherwise).
+    format: Optional[Literal["lora", "sparse", "full", "shira", "lori"]] = None
     rank: Optional[int] = Field(default=None, ge=1)
     energy: Optional[float] = Field(default=None, gt=0.0, le=1.0)
     dtype: Optional[Literal["float32", "float16", "bfloat16"]] = None
@@ -195,8 +197,9 @@ def command(
         registry = AdapterRegistry(hub)
     if put is not None:
         check_name(put, "--put")
-        if cfg.method == "rmm" or cfg.output.format != "lora":
-            raise ValueError(f"--put {put}: only a LoRA output (output.format: lora, not rmm) can go into the registry")
+        if cfg.method == "rmm" or cfg.output.format not in (None, "lora", "shira", "lori"):
+            raise ValueError(f"--put {put}: only an adapter output (output.format: lora, shira or lori; not sparse, "
+                             f"full or rmm) can go into the registry")
     sources = []
     weights: list[float] | None = []
     seen: set[str] = set()
@@ -215,7 +218,7 @@ def command(
         raise ValueError(f"{config}: adapters.{given.index(False)}.weight: give a weight for every adapter or for none")
     shapes = check_compatible(sources, check_base=cfg.check_base)
     if dry_run:
-        table = Table(title=f"adapterlab merge --dry-run: {cfg.method} ({cfg.output.format}) -> {output}")
+        table = Table(title=f"adapterlab merge --dry-run: {cfg.method} ({cfg.output.format or 'auto'}) -> {output}")
         table.add_column("adapter")
         table.add_column("weight", justify="right")
         table.add_column("modules", justify="right")

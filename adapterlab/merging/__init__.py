@@ -1,4 +1,5 @@
-"""Merging LoRA adapters: linear, task arithmetic, TIES, DARE (linear / TIES) and RMM.
+"""Merging adapters (LoRA, SHiRA in sparse form, LoRI by concatenation): linear, task arithmetic, TIES,
+DARE (linear / TIES) and RMM.
 
 Adding a method: write ``<method>.py`` with ``@register_merger("name") class ...(Merger)`` and
 import it below.
@@ -7,7 +8,7 @@ import it below.
 from __future__ import annotations
 
 from adapterlab.merging import dare, linear, rmm, ties  # noqa: F401  (registers the methods)
-from adapterlab.merging.adapters import LoraSource, resolve_adapter, resolve_adapters
+from adapterlab.merging.adapters import LoraSource, LoriSource, ShiraSource, resolve_adapter, resolve_adapters
 from adapterlab.merging.base import (
     MERGERS,
     MergeContext,
@@ -28,12 +29,14 @@ __all__ = [
     "DareTiesMerger",
     "LinearMerger",
     "LoraSource",
+    "LoriSource",
     "MergeContext",
     "MergeResult",
     "Merger",
     "ModuleReport",
     "RMMBundle",
     "RmmMerger",
+    "ShiraSource",
     "TaskArithmeticMerger",
     "TiesMerger",
     "merge_adapters",

@@ -6,6 +6,20 @@ weight** with the LoRA scale folded in: ``delta(name) = B @ A`` has the shape of
 ``module.weight`` (embeddings and ``fan_in_fan_out`` layers are transposed accordingly), and
 ``B = s · lora_B`` with ``s = α/r`` (``α/√r`` with rsLoRA; ``rank_pattern`` / ``alpha_pattern``
 honoured). Module names are those of the base model (``model.layers.0.self_attn.q_proj``).
+
+Sparse adapters are read by two subclasses (``LoraSource.kind`` tells the types apart):
+
+* :class:`ShiraSource` (peft type ``adapterlab_shira``) hands out each module's stored entries —
+  flat row-major int64 indices ``row * d_in + col`` and fp32 values with the adapter's scale
+  folded in — and, for the dense-delta path, the scattered ``[d_out, d_in]`` delta. It has no
+  low-rank factors.
+* :class:`LoriSource` (peft type ``adapterlab_lori``, LoRI-D or LoRI-S) is a low-rank source like
+  LoRA: ``factors(name) = (s · B, A)`` with B densified (zeros outside a LoRI-S mask) and the frozen
+  A read from the checkpoint (``store_a=True``) or regenerated from ``a_seed`` and the module name,
+  exactly as the LoRI tuner does. ``b_mask(name)`` gives B's stored positions (LoRI-S keeps them).
+
+Reference:
+    SHiRA — https://arxiv.org/abs/2406.13175 ; LoRI — https://arxiv.org/abs/2504.07448
 """
 
 from __future__ import annotations
@@ -16,7 +30,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -24,7 +38,17 @@ from torch import Tensor
 from adapterlab.io import sha256_file
 from adapterlab.merging.functional import lora_scaling
 
-__all__ = ["AdapterLike", "LoraModule", "LoraSource", "resolve_adapter", "resolve_adapters"]
+__all__ = [
+    "AdapterLike",
+    "LoraModule",
+    "LoraSource",
+    "LoriModule",
+    "LoriSource",
+    "ShiraModule",
+    "ShiraSource",
+    "resolve_adapter",
+    "resolve_adapters",
+]
 
 #: What ``merge_adapters`` accepts per adapter: a folder, ``"hub:NAME"``, a peft model, or a source.
 AdapterLike = Any
@@ -76,9 +100,21 @@ class LoraSource:
     path: Path | None = None
     sha256: str | None = None
 
+    #: ``"lora"``; ``"shira"`` / ``"lori"`` for the sparse-adapter sources (subclasses).
+    kind: ClassVar[str] = "lora"
+
     @property
     def base_model(self) -> str | None:
         return self.config.get("base_model_name_or_path") or None
+
+    @property
+    def peft_type(self) -> str:
+        return str(self.config.get("peft_type", "")).upper()
+
+    def value_dtype(self) -> torch.dtype:
+        """The dtype the adapter stores its tensors in (the merge output's default dtype)."""
+        m = next(iter(self.modules.values()))
+        return self.get(m.a_key).dtype
 
     def factors(self, name: str) -> tuple[Tensor, Tensor]:
         """``(B [d_out, r], A [r, d_in])`` in fp32, weight layout, scale folded into B."""
@@ -100,6 +136,275 @@ class LoraSource:
         return {"name": self.name, "path": str(self.path) if self.path else None, "sha256": self.sha256}
 
 
+# ------------------------------------------------------------------------------------------------
+# sparse adapters
+
+_SHIRA_KEY = re.compile(r"^(?P<mod>.+)\.adapterlab_shira_(?P<kind>values|indices|dims)(?:\.(?P<adapter>[^.]+))?$")
+_LORI_KEY = re.compile(r"^(?P<mod>.+)\.(?P<kind>lori_A\.weight|lori_B\.(?:weight|values|indices|dims))$")
+
+
+def _strip(key: str) -> str:
+    return key[len(_PREFIX):] if key.startswith(_PREFIX) else key
+
+
+def _no_modules_to_save(config: dict[str, Any], where: str) -> None:
+    mts = config.get("modules_to_save") or []
+    if mts:
+        raise ValueError(
+            f"{where}: modules_to_save={list(mts)} is not supported by merge_adapters yet; re-export the adapter "
+            f"without modules_to_save"
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# SHiRA
+
+
+@dataclass(frozen=True)
+class ShiraModule:
+    """Where one module's SHiRA entries live.
+
+    Attributes:
+        nnz: K, the number of stored entries.
+        scale: the adapter's ``alpha`` (1 on disk; an in-memory model's ``shira_scaling``).
+        shape: ``(d_out, d_in)`` of the base weight.
+    """
+
+    name: str
+    values_key: str
+    indices_key: str
+    nnz: int
+    scale: float
+    shape: tuple[int, int]
+    embedding: ClassVar[bool] = False
+    transpose: ClassVar[bool] = False
+
+    @property
+    def rank(self) -> int:
+        """Upper bound of the delta's rank (a sparse delta is generally full rank): ``min(d_out, d_in)``."""
+        return min(self.shape)
+
+
+@dataclass
+class ShiraSource(LoraSource):
+    """One SHiRA adapter, read lazily (see the module docstring)."""
+
+    kind: ClassVar[str] = "shira"
+
+    @classmethod
+    def build(
+        cls,
+        name: str,
+        config: dict[str, Any],
+        keys: Sequence[str],
+        shape_of: Callable[[str], tuple[int, ...]],
+        get: Callable[[str], Tensor],
+        where: str,
+        *,
+        path: Path | None = None,
+        sha256: str | None = None,
+        model: Any = None,
+        adapter: str | None = None,
+    ) -> ShiraSource:
+        """Parse the tensor names of a SHiRA checkpoint (``<module>.adapterlab_shira_{values,indices,dims}``)."""
+        _no_modules_to_save(config, where)
+        parts: dict[str, dict[str, str]] = {}
+        for key in keys:
+            m = _SHIRA_KEY.match(_strip(key))
+            if m is None:
+                raise ValueError(f"{where}: unexpected tensor {key!r} in a SHiRA adapter")
+            parts.setdefault(m["mod"], {})[m["kind"]] = key
+        scales: dict[str, float] = {}
+        if model is not None and adapter is not None:  # in memory: the inference knob alpha of each layer
+            from adapterlab.tuners.shira import shira_layers
+
+            scales = {k: float(layer.shira_scaling.get(adapter, 1.0)) for k, layer in shira_layers(model, adapter)}
+        modules: dict[str, Any] = {}
+        for mod, kinds in sorted(parts.items()):
+            missing = [k for k in ("values", "indices", "dims") if k not in kinds]
+            if missing:
+                raise ValueError(f"{where}: SHiRA module {mod!r} lacks its {' and '.join(missing)} tensor(s)")
+            v_shape, i_shape = shape_of(kinds["values"]), shape_of(kinds["indices"])
+            if len(v_shape) != 1 or tuple(i_shape) != tuple(v_shape):
+                raise ValueError(
+                    f"{where}: SHiRA module {mod!r} has values of shape {list(v_shape)} and indices of shape "
+                    f"{list(i_shape)}; expected two 1-D tensors of equal length (flat indices)"
+                )
+            dims = tuple(int(d) for d in get(kinds["dims"]).flatten().tolist())
+            if len(dims) != 2 or min(dims) < 1:
+                raise ValueError(f"{where}: SHiRA module {mod!r} records dims {list(dims)}; expected (d_out, d_in)")
+            modules[mod] = ShiraModule(mod, kinds["values"], kinds["indices"], int(v_shape[0]), scales.get(mod, 1.0),
+                                       (dims[0], dims[1]))
+        if not modules:
+            raise ValueError(f"{where}: the adapter holds no SHiRA tensors")
+        return cls(name, config, modules, get, path, sha256)
+
+    def value_dtype(self) -> torch.dtype:
+        return self.get(next(iter(self.modules.values())).values_key).dtype
+
+    def entries(self, name: str) -> tuple[Tensor, Tensor]:
+        """``(flat indices [K] int64, values [K] fp32)`` of one module, scale folded in.
+
+        Raises:
+            ValueError: an index outside the ``d_out * d_in`` weight (naming the adapter and module).
+        """
+        m = self.modules[name]
+        idx = self.get(m.indices_key).reshape(-1).long()  # [K]
+        val = self.get(m.values_key).reshape(-1).to(torch.float32)  # [K]
+        numel = m.shape[0] * m.shape[1]
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel):
+            raise ValueError(
+                f"adapter {self.name!r}: module {name!r} has flat indices in [{int(idx.min())}, {int(idx.max())}], "
+                f"outside [0, {numel}) for its {list(m.shape)} weight"
+            )
+        return idx, val * m.scale if m.scale != 1.0 else val
+
+    def delta(self, name: str) -> Tensor:
+        """Dense fp32 delta ``[d_out, d_in]`` (the dense-delta path; O(d_out · d_in))."""
+        idx, val = self.entries(name)
+        flat = torch.zeros(self.modules[name].shape[0] * self.modules[name].shape[1])  # [d_out * d_in]
+        flat.index_add_(0, idx, val)
+        return flat.view(self.modules[name].shape)
+
+    def factors(self, name: str) -> tuple[Tensor, Tensor]:
+        raise ValueError(
+            f"adapter {self.name!r} is a SHiRA adapter: a sparse delta has no low-rank factors (factorwise merging, "
+            f"RMM and shared-basis compression need LoRA-like adapters)"
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# LoRI
+
+
+@dataclass(frozen=True)
+class LoriModule(LoraModule):
+    """A LoRI module: B dense (``b_key``) or compact (``b_values_key`` + ``b_indices_key``), A stored
+    (``a_key``) or regenerated (``a_key == ""``) from ``a_seed``."""
+
+    b_values_key: str = ""
+    b_indices_key: str = ""
+    a_seed: int = 0
+
+
+@dataclass
+class LoriSource(LoraSource):
+    """One LoRI adapter (LoRI-D or LoRI-S), read lazily (see the module docstring)."""
+
+    kind: ClassVar[str] = "lori"
+
+    @classmethod
+    def build(
+        cls,
+        name: str,
+        config: dict[str, Any],
+        keys: Sequence[str],
+        shape_of: Callable[[str], tuple[int, ...]],
+        get: Callable[[str], Tensor],
+        where: str,
+        *,
+        path: Path | None = None,
+        sha256: str | None = None,
+        model: Any = None,
+        adapter: str | None = None,
+    ) -> LoriSource:
+        """Parse a LoRI checkpoint: ``<module>.lori_B.weight`` (or ``.values`` + ``.indices``), ``.lori_B.dims``
+        and, with ``store_a``, ``.lori_A.weight``."""
+        _no_modules_to_save(config, where)
+        parts: dict[str, dict[str, str]] = {}
+        for key in keys:
+            m = _LORI_KEY.match(_strip(key))
+            if m is None:
+                raise ValueError(f"{where}: unexpected tensor {key!r} in a LoRI adapter")
+            parts.setdefault(m["mod"], {})[m["kind"]] = key
+        r, alpha = int(config.get("r", 32)), float(config.get("lora_alpha", 64.0))
+        scale = lora_scaling(alpha, r, bool(config.get("use_rslora", False)))
+        a_seed = config.get("a_seed")
+        modules: dict[str, Any] = {}
+        for mod, kinds in sorted(parts.items()):
+            if "lori_B.dims" not in kinds:
+                raise ValueError(f"{where}: LoRI module {mod!r} lacks its lori_B.dims tensor")
+            dims = tuple(int(d) for d in get(kinds["lori_B.dims"]).flatten().tolist())  # (d_out, r, d_in)
+            if len(dims) != 3 or dims[1] != r:
+                raise ValueError(
+                    f"{where}: LoRI module {mod!r} records dims {list(dims)}; expected (d_out, r={r}, d_in)"
+                )
+            sparse = "lori_B.values" in kinds
+            if not sparse and "lori_B.weight" not in kinds or sparse and "lori_B.indices" not in kinds:
+                raise ValueError(
+                    f"{where}: LoRI module {mod!r} has no complete B (lori_B.weight, or values + indices)"
+                )
+            a_key = kinds.get("lori_A.weight", "")
+            if not a_key and a_seed is None:
+                raise ValueError(
+                    f"{where}: LoRI module {mod!r} stores no A and the config has no a_seed to regenerate it"
+                )
+            modules[mod] = LoriModule(
+                mod, a_key, kinds.get("lori_B.weight", ""), r, scale, False, False, (dims[0], dims[2]),
+                b_values_key=kinds.get("lori_B.values", ""), b_indices_key=kinds.get("lori_B.indices", ""),
+                a_seed=int(a_seed or 0),
+            )
+        if not modules:
+            raise ValueError(f"{where}: the adapter holds no LoRI tensors")
+        return cls(name, config, modules, get, path, sha256)
+
+    def value_dtype(self) -> torch.dtype:
+        m = next(iter(self.modules.values()))
+        return self.get(m.b_values_key or m.b_key).dtype
+
+    @property
+    def sparse_b(self) -> bool:
+        """True for LoRI-S (B stored in compact form)."""
+        return any(m.b_values_key for m in self.modules.values())
+
+    def a_matrix(self, name: str) -> Tensor:
+        """The frozen A ``[r, d_in]`` (fp32): stored, or regenerated from ``a_seed`` like the LoRI tuner."""
+        from adapterlab.tuners.lori.functional import layer_seed, random_a
+
+        m = self.modules[name]
+        if m.a_key:
+            return self.get(m.a_key).to(torch.float32)
+        return random_a(m.rank, m.shape[1], layer_seed(m.a_seed, name))
+
+    def b_matrix(self, name: str) -> Tensor:
+        """B ``[d_out, r]`` (fp32, no scale), zeros outside a LoRI-S mask."""
+        m = self.modules[name]
+        if not m.b_values_key:
+            return self.get(m.b_key).to(torch.float32)
+        idx = self.get(m.b_indices_key).reshape(-1).long()  # [nnz]
+        flat = torch.zeros(m.shape[0] * m.rank)  # [d_out * r]
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= flat.numel()):
+            raise ValueError(
+                f"adapter {self.name!r}: module {name!r} has B indices outside its [{m.shape[0]}, {m.rank}] B"
+            )
+        flat[idx] = self.get(m.b_values_key).reshape(-1).to(torch.float32)
+        return flat.view(m.shape[0], m.rank)
+
+    def b_mask(self, name: str) -> Tensor:
+        """Bool ``[d_out, r]``: B's stored positions (all True for LoRI-D)."""
+        m = self.modules[name]
+        if not m.b_values_key:
+            return torch.ones(m.shape[0], m.rank, dtype=torch.bool)
+        flat = torch.zeros(m.shape[0] * m.rank, dtype=torch.bool)
+        flat[self.get(m.b_indices_key).reshape(-1).long()] = True
+        return flat.view(m.shape[0], m.rank)
+
+    def factors(self, name: str) -> tuple[Tensor, Tensor]:
+        """``(s · B [d_out, r], A [r, d_in])`` in fp32; ``delta = s · B A``."""
+        m = self.modules[name]
+        return (self.b_matrix(name) * m.scale).contiguous(), self.a_matrix(name).contiguous()
+
+
+#: peft type (upper case, as saved) -> source builder (LoRA is parsed by ``_parse``).
+SOURCE_TYPES: dict[str, Callable[..., LoraSource]] = {
+    "ADAPTERLAB_SHIRA": ShiraSource.build,
+    "ADAPTERLAB_LORI": LoriSource.build,
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# parsing and resolving
+
 def _parse(
     name: str,
     config: Mapping[str, Any],
@@ -109,9 +414,13 @@ def _parse(
 ) -> dict[str, LoraModule]:
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type != "LORA":
+        hint = (
+            "; peft's own SHiRA format stores no layer shapes: load it with adapterlab.tuners.shira.load_shira(base, "
+            "path) and pass the model" if peft_type == "SHIRA" else ""
+        )
         raise ValueError(
-            f"{where}: peft_type {config.get('peft_type')!r} is not supported by merge_adapters; "
-            f"supported: LORA (dense-delta merging of low-rank adapters)"
+            f"{where}: peft_type {config.get('peft_type')!r} is not supported by merge_adapters; supported: LORA, "
+            f"ADAPTERLAB_SHIRA (SHiRA), ADAPTERLAB_LORI (LoRI-D / LoRI-S){hint}"
         )
     if config.get("use_dora"):
         raise ValueError(f"{where}: DoRA adapters (use_dora=True) cannot be merged as plain deltas")
@@ -186,8 +495,30 @@ def _from_folder(path: Path, name: str, where: str) -> LoraSource:
             handle["fh"] = safe_open(str(weights), framework="pt")
         return handle["fh"].get_tensor(key)
 
-    modules = _parse(name, config, keys, shapes.__getitem__, where)
-    return LoraSource(name, config, modules, get, path, sha256_file(weights))
+    return _build(name, config, keys, shapes.__getitem__, get, where, path=path, sha256=sha256_file(weights))
+
+
+def _build(
+    name: str,
+    config: Mapping[str, Any],
+    keys: Sequence[str],
+    shape_of: Callable[[str], tuple[int, ...]],
+    get: Callable[[str], Tensor],
+    where: str,
+    *,
+    path: Path | None = None,
+    sha256: str | None = None,
+    model: Any = None,
+    adapter: str | None = None,
+) -> LoraSource:
+    """The source for the adapter's ``peft_type``: :class:`LoraSource`, :class:`ShiraSource` or :class:`LoriSource`."""
+    peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type in SOURCE_TYPES:
+        return SOURCE_TYPES[peft_type](
+            name, dict(config), keys, shape_of, get, where, path=path, sha256=sha256, model=model, adapter=adapter
+        )
+    modules = _parse(name, config, keys, shape_of, where)
+    return LoraSource(name, dict(config), modules, get, path, sha256)
 
 
 def _from_peft_model(model: Any, name: str, where: str, adapter_name: str | None = None) -> LoraSource:
@@ -202,16 +533,17 @@ def _from_peft_model(model: Any, name: str, where: str, adapter_name: str | None
     config["peft_type"] = str(getattr(config.get("peft_type"), "value", config.get("peft_type")))
     state = get_peft_model_state_dict(model, adapter_name=adapter, save_embedding_layers=False)
     state = {k: v.detach() for k, v in state.items()}
-    modules = _parse(name, config, list(state), lambda k: tuple(state[k].shape), where)
-    return LoraSource(name, config, modules, state.__getitem__, None, None)
+    return _build(name, config, list(state), lambda k: tuple(state[k].shape), state.__getitem__, where,
+                  model=model, adapter=adapter)
 
 
 def resolve_adapter(ref: AdapterLike, *, name: str | None = None, where: str = "adapter", registry: Any = None) -> LoraSource:
     """Turn one adapter reference into a :class:`LoraSource`.
 
     Args:
-        ref: a PEFT LoRA folder (str / PathLike), ``"hub:NAME"`` (a registry ref), a ``peft.PeftModel``
-            (its active adapter), a ``(PeftModel, adapter_name)`` pair, or a ready :class:`LoraSource`.
+        ref: a PEFT LoRA / SHiRA / LoRI folder (str / PathLike), ``"hub:NAME"`` (a registry ref), a
+            ``peft.PeftModel`` (its active adapter), a ``(PeftModel, adapter_name)`` pair, or a ready
+            :class:`LoraSource`.
         name: the task name to record (default: folder name, ref name, or ``where``).
         where: the key path used in error messages (``adapters[2]``).
         registry: an ``AdapterRegistry``-like object with ``get(name) -> folder`` for ``hub:`` refs.

@@ -8,9 +8,16 @@ Methods that need whole-model statistics (TIES with ``trim_scope="model"``) make
 the same stream. Merging the A and B factors separately (``factorwise=True``) is available for
 comparison with peft's ``add_weighted_adapter`` but warns: it creates cross terms.
 
+Sparse adapters take shorter routes when every input allows it (:mod:`adapterlab.merging.sparse`):
+all-SHiRA inputs merge in **sparse form** on the union of their index sets (never a dense
+``d_out × d_in`` matrix per adapter) and give a SHiRA adapter; all-LoRI inputs merged by ``linear`` /
+``task_arithmetic`` are **concatenated** exactly (rank ``Σ r_t``, each B keeps its zeros). Anything
+else (e.g. SHiRA mixed with LoRA) goes through the dense deltas, with a warning saying why.
+
 Reference:
     TIES — https://arxiv.org/abs/2306.01708 ; DARE — https://arxiv.org/abs/2311.03099 ;
-    task arithmetic — https://arxiv.org/abs/2212.04089 ; RMM — https://arxiv.org/abs/2510.14163
+    task arithmetic — https://arxiv.org/abs/2212.04089 ; RMM — https://arxiv.org/abs/2510.14163 ;
+    SHiRA — https://arxiv.org/abs/2406.13175 ; LoRI — https://arxiv.org/abs/2504.07448
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from adapterlab.progress import ProgressFactory, track
 
 if TYPE_CHECKING:
     from adapterlab.merging.rmm import RMMBundle
+    from adapterlab.merging.sparse import SparseMergeContext
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +63,8 @@ __all__ = [
 
 #: Registry of merge methods (linear, task_arithmetic, ties, dare_linear, dare_ties, rmm).
 MERGERS: Registry[type[Merger]] = Registry("merge method")
-#: Output forms of a dense merge.
-OUTPUTS = ("lora", "sparse", "full")
+#: Output forms: those of a dense merge, then ``shira`` (all-SHiRA inputs) and ``lori`` (all-LoRI, linear).
+OUTPUTS = ("lora", "sparse", "full", "shira", "lori")
 #: Parameter aliases accepted from YAML / kwargs (``lambda`` is a Python keyword).
 ALIASES = {"lambda": "lambda_", "K": "n_basis"}
 
@@ -168,6 +176,8 @@ class Merger(ABC):
     default_weights: ClassVar[str] = "ones"
     #: False for methods that keep per-task information instead of one merged delta (RMM).
     takes_weights: ClassVar[bool] = True
+    #: True when :meth:`merge_sparse` is valid: SHiRA adapters then merge on the union of their supports.
+    sparse_form: ClassVar[bool] = False
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any], where: str = "params") -> Merger:
@@ -201,6 +211,30 @@ class Merger(ABC):
     def finish(self) -> dict[tuple[str, str], Tensor]:
         """The deferred parts, once whole-model information is complete."""
         return {}
+
+    # -- sparse form (SHiRA inputs) and exact concatenation (LoRI inputs) ----------------------
+    def linear_coefficients(self, weights: Tensor) -> Tensor | None:
+        """``c [T]`` with ``merged = Σ_t c_t ΔW_t`` for a fixed linear combination (linear, task
+        arithmetic), else None. Such methods merge LoRI adapters exactly by concatenating factors."""
+        return None
+
+    def prepare_sparse(self, ctx: SparseMergeContext) -> None:
+        """Optional passes over ``ctx.stream`` (sparse form) before merging."""
+
+    def merge_sparse(self, key: tuple[str, str], x: Tensor, stored: Tensor, weights: Tensor) -> Tensor | None:
+        """Merge one module in sparse form (only called when :attr:`sparse_form` is True).
+
+        Args:
+            key: ``(module, "values")``.
+            x: ``[T, U]`` values on the union support of the module (0 where a task stores nothing).
+            stored: ``[T, U]`` bool, where each task stores an entry (trim / drop work among these).
+            weights: ``[T]``.
+
+        Returns:
+            ``[U]``, or None to defer to :meth:`finish`. The default suits element-wise methods: an entry
+            a task does not store is a zero of its delta.
+        """
+        return self.merge(key, x, weights)
 
     def run(self, ctx: MergeContext, sink: _Sink) -> None:
         self.prepare(ctx)
@@ -309,10 +343,11 @@ class MergeResult:
         params: its parameters (after defaults), plus ``output`` / ``rank`` / ``energy``.
         weights: the task weights used.
         sources: ``{name, path, sha256}`` per input adapter.
-        output: ``"lora"`` | ``"sparse"`` | ``"full"`` | ``"rmm"``.
+        output: ``"lora"`` | ``"sparse"`` | ``"full"`` | ``"rmm"`` | ``"shira"`` | ``"lori"``.
         modules: per-module :class:`ModuleReport` (rank, retained energy, density, time).
-        factors: ``lora``: module -> ``(B [d_out, k], A [k, d_in])``, weight layout, scale 1.
-        sparse: ``sparse``: module -> ``(flat indices [nnz] int64, values [nnz])``.
+        factors: ``lora`` / ``lori``: module -> ``(B [d_out, k], A [k, d_in])``, weight layout, scale 1.
+        sparse: ``sparse`` / ``shira``: module -> ``(flat indices [nnz] int64, values [nnz])``.
+        b_masks: ``lori``: module -> bool ``[d_out, k]``, the stored positions of B (the inputs' masks).
         model: ``full``: the merged model (a copy of the base).
         bundle: ``rmm``: the :class:`~adapterlab.merging.rmm.RMMBundle`.
     """
@@ -328,6 +363,7 @@ class MergeResult:
     sparse: dict[str, tuple[Tensor, Tensor]] | None = None
     model: nn.Module | None = None
     bundle: RMMBundle | None = None
+    b_masks: dict[str, Tensor] | None = None
     embeddings: frozenset[str] = frozenset()
     fan_in_fan_out: bool = False
     base_model_name_or_path: str | None = None
@@ -394,6 +430,10 @@ class MergeResult:
         * ``full``: a transformers model folder (``save_pretrained``; the tokenizer if given).
         * ``rmm``: the task-average merged LoRA as a PEFT folder plus ``rmm_bundle.safetensors`` and
           ``rmm_config.json`` (see :class:`~adapterlab.merging.rmm.RMMBundle`).
+        * ``shira``: a SHiRA adapter folder (peft type ``adapterlab_shira``; ``PeftModel.from_pretrained``
+          after ``import adapterlab``).
+        * ``lori``: a LoRI adapter folder (peft type ``adapterlab_lori``, ``store_a=True``, rank ``Σ r_t``,
+          ``lora_alpha = r`` so the scale is 1; B compact where the inputs' B were).
 
         Every form also gets ``merge_report.json``.
         """
@@ -434,6 +474,18 @@ class MergeResult:
             elif self.output == "rmm":
                 assert self.bundle is not None
                 self.bundle.write(stage, metadata=meta)
+            elif self.output == "shira":
+                assert self.sparse is not None
+                from adapterlab.merging.sparse import write_shira_dir
+
+                write_shira_dir(stage, self.sparse, self.shapes, base_model_name_or_path=self.base_model_name_or_path,
+                                dtype=self.dtype, metadata=meta)
+            elif self.output == "lori":
+                assert self.factors is not None and self.b_masks is not None
+                from adapterlab.merging.sparse import write_lori_dir
+
+                write_lori_dir(stage, self.factors, self.b_masks, base_model_name_or_path=self.base_model_name_or_path,
+                               dtype=self.dtype, metadata=meta)
             (stage / "merge_report.json").write_text(json.dumps(self.report(), indent=2, default=str) + "\n", encoding="utf-8")
         return Path(path)
 
@@ -497,34 +549,54 @@ def merge_adapters(
     method: str,
     *,
     weights: Sequence[float] | None = None,
-    output: str = "lora",
+    output: str | None = None,
     rank: int | None = None,
     energy: float | None = None,
     base: nn.Module | str | Path | None = None,
     dtype: torch.dtype | None = None,
     factorwise: bool = False,
     check_base: bool = True,
+    drop_zeros: bool = False,
     registry: Any = None,
     progress: ProgressFactory | None = None,
     **params: Any,
 ) -> MergeResult:
-    """Merge T LoRA adapters of one base with a registered method.
+    """Merge T adapters of one base (LoRA, SHiRA, LoRI-D / LoRI-S) with a registered method.
+
+    Three routes, chosen from the inputs (see :mod:`adapterlab.merging.sparse`):
+
+    * **sparse form** — every adapter is SHiRA and the method is linear, task_arithmetic, ties,
+      dare_linear or dare_ties, output ``shira`` / ``sparse`` / ``full``: per module the T index sets
+      are united and the method works on a ``[T, nnz_union]`` value matrix; no dense ``d_out × d_in``
+      delta is built. TIES ``density`` is relative to each adapter's **stored** entries: it keeps the
+      top ``⌊density·K⌋`` of the K values an adapter stores in a module (``trim_scope="tensor"``) or the
+      top ``⌈density·ΣK⌉`` over all its modules (``"model"``); DARE drops among the stored entries.
+    * **concatenation** — every adapter is LoRI and the method is linear / task_arithmetic, output
+      ``lori`` / ``lora`` without ``rank`` / ``energy``: ``B = [c_1 s_1 B_1, …]``, ``A = [A_1; …]``, exact
+      (``B A = Σ c_t ΔW_t``), rank ``Σ r_t``, each B keeps its zeros.
+    * **dense deltas** — everything else (LoRA, LoRI with TIES / DARE / RMM, SHiRA mixed with other types
+      — which warns —, or ``output="lora"`` for SHiRA: truncated SVD of the merged dense delta).
 
     Args:
-        adapters: PEFT LoRA folders, ``"hub:NAME"`` registry refs, peft models, or a name -> adapter
-            mapping (names label tasks, e.g. for RMM's ``reconstruct``).
+        adapters: PEFT LoRA / SHiRA / LoRI folders, ``"hub:NAME"`` registry refs, peft models, or a
+            name -> adapter mapping (names label tasks, e.g. for RMM's ``reconstruct``).
         method: ``linear`` (Σ w_t ΔW_t, w = 1/T by default), ``task_arithmetic`` (λ Σ w_t ΔW_t),
             ``ties``, ``dare_linear``, ``dare_ties`` or ``rmm``.
         weights: one number per adapter (default per method, see above).
         output: ``"lora"`` (truncated SVD per module; rank ``rank`` or by ``energy``; default rank =
             the sum of the input ranks, which is exact for linear / task arithmetic), ``"sparse"``
-            (the nonzero entries of the merged deltas) or ``"full"`` (a merged copy of ``base``).
+            (the nonzero entries of the merged deltas), ``"full"`` (a merged copy of ``base``),
+            ``"shira"`` (all-SHiRA inputs: a SHiRA adapter on the union support) or ``"lori"``
+            (all-LoRI inputs, linear / task_arithmetic: the concatenated LoRI adapter). Default: ``shira``
+            for all-SHiRA inputs of a sparse-form method, ``lori`` for all-LoRI linear merges, else ``lora``.
             RMM always produces its bundle.
         rank / energy: LoRA output rank, or the retained-energy threshold per module (exclusive).
         base: the base model (or folder); needed for ``"full"``, and when given its shapes are checked.
         dtype: dtype of the saved tensors (default: the first adapter's).
         factorwise: merge the A and B factors separately (peft's non-SVD behaviour; warns).
         check_base: refuse adapters whose ``base_model_name_or_path`` differ.
+        drop_zeros: sparse form only: leave exact zeros of the merged values (e.g. trimmed by TIES) out of
+            a ``shira`` / ``sparse`` output; by default the output's support is the union support.
         registry: AdapterRegistry used for ``hub:`` refs.
         progress: a progress factory (see :mod:`adapterlab.progress`).
         **params: method parameters, e.g. ``density=0.2, lambda_=1.0, elect="mass", trim_scope="model"``
@@ -536,9 +608,11 @@ def merge_adapters(
         :class:`MergeResult`; ``.save(dir)`` writes it.
 
     Raises:
-        ValueError: empty list, unknown method or parameter, values out of range, adapters for
-            different bases or shapes — each message starts with the key path.
+        ValueError: empty list, unknown method, parameter or peft type, values out of range, adapters for
+            different bases or shapes, an output the inputs cannot give — each message starts with the key path.
     """
+    from adapterlab.merging.sparse import choose_route, merge_lori_concat, merge_sparse_form
+
     t0 = time.perf_counter()
     merger_cls = MERGERS.get(method)
     merger = merger_cls.from_params(params)
@@ -546,11 +620,16 @@ def merge_adapters(
     shapes = check_compatible(sources, check_base=check_base)
     w = _weights(weights, len(sources), merger)
     notes: list[str] = []
+    if output is not None:
+        _check_choice("output", output, OUTPUTS)
+    route, output, why = choose_route(sources, merger, w, output, rank=rank, energy=energy, factorwise=factorwise)
+    if why:
+        warnings.warn(why, UserWarning, stacklevel=2)
+        notes.append(why)
     if method == "rmm":
         if output != "lora" or rank is not None or energy is not None or factorwise:
             raise ValueError("output/rank/energy/factorwise: rmm keeps a basis of factors; these options do not apply")
     else:
-        _check_choice("output", output, OUTPUTS)
         if rank is not None and energy is not None:
             raise ValueError("rank/energy: give at most one of rank and energy")
         if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
@@ -579,11 +658,9 @@ def merge_adapters(
         if output == "full" and method != "rmm":
             model = _load_base(base)
     first = sources[0]
-    any_mod = next(iter(first.modules.values()))
-    out_dtype = dtype or first.get(any_mod.a_key).dtype
+    out_dtype = dtype or first.value_dtype()
     embeddings = frozenset(n for s in sources for n, m in s.modules.items() if m.embedding)
     fan = any(bool(s.config.get("fan_in_fan_out")) for s in sources)
-    ctx = MergeContext(sources, shapes, w, factorwise=factorwise, progress=progress)
     common = dict(
         method=merger.name,
         weights=[float(x) for x in w],
@@ -595,6 +672,16 @@ def merge_adapters(
         dtype=out_dtype,
         warnings=notes,
     )
+    if route == "sparse":
+        result = merge_sparse_form(sources, shapes, merger, w, output=output, model=model, drop_zeros=drop_zeros,
+                                   progress=progress, common=common)
+        result.seconds = time.perf_counter() - t0
+        return result
+    if route == "concat":
+        result = merge_lori_concat(sources, shapes, merger, w, output=output, common=common)
+        result.seconds = time.perf_counter() - t0
+        return result
+    ctx = MergeContext(sources, shapes, w, factorwise=factorwise, progress=progress)
     if method == "rmm":
         from adapterlab.merging.rmm import RmmMerger
 

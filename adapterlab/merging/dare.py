@@ -5,6 +5,10 @@ Each task's delta is sparsified independently per module with a generator seeded
 from the recorded seed. With ``density=1`` nothing is dropped or rescaled: ``dare_linear`` equals
 ``linear`` with the same weights, and ``dare_ties`` equals TIES without trimming.
 
+SHiRA inputs (sparse form, :mod:`adapterlab.merging.sparse`): the drop runs among each adapter's
+**stored** entries only (the random stream follows the stored entries in index order), so an
+adapter's drop pattern does not depend on which other adapters it is merged with.
+
 Reference:
     DARE — Yu et al. 2023, https://arxiv.org/abs/2311.03099 (peft 0.21.2 ``dare_linear`` / ``dare_ties``)
 """
@@ -28,6 +32,7 @@ class _Dare(Merger):
     density: float = 0.5
     seed: int = 0
     lambda_: float = 1.0
+    sparse_form: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         self.density = _check_fraction("params.density", self.density)
@@ -42,6 +47,23 @@ class _Dare(Merger):
             out.append(dare_drop(x[t], self.density, gen))
         return torch.stack(out)  # [T, *shape]
 
+    def _drop_sparse(self, key: tuple[str, str], x: Tensor, stored: Tensor) -> Tensor:
+        """DARE among the stored entries of each task: ``x, stored [T, U]`` -> ``[T, U]``."""
+        out = torch.zeros_like(x)
+        for t in range(x.shape[0]):
+            gen = torch.Generator(device=x.device).manual_seed(derive_seed(self.seed, t, *key))
+            out[t][stored[t]] = dare_drop(x[t][stored[t]], self.density, gen)  # [K_t] stored values
+        return out
+
+    def _combine(self, dropped: Tensor, weights: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def merge(self, key: tuple[str, str], x: Tensor, weights: Tensor) -> Tensor:
+        return self._combine(self._drop(key, x), weights)
+
+    def merge_sparse(self, key: tuple[str, str], x: Tensor, stored: Tensor, weights: Tensor) -> Tensor:
+        return self._combine(self._drop_sparse(key, x, stored), weights)
+
 
 @register_merger("dare_linear")
 @dataclass
@@ -50,9 +72,9 @@ class DareLinearMerger(_Dare):
 
     default_weights: ClassVar[str] = "mean"
 
-    def merge(self, key: tuple[str, str], x: Tensor, weights: Tensor) -> Tensor:
-        dropped = self._drop(key, x)  # [T, *shape]
-        return self.lambda_ * (dropped * weights.reshape(-1, *([1] * (x.dim() - 1)))).sum(0)
+    def _combine(self, dropped: Tensor, weights: Tensor) -> Tensor:
+        w = weights.reshape(-1, *([1] * (dropped.dim() - 1)))  # [T, 1, ...]
+        return self.lambda_ * (dropped * w).sum(0)  # [T, *shape] -> [*shape]
 
 
 @register_merger("dare_ties")
@@ -67,8 +89,7 @@ class DareTiesMerger(_Dare):
         super().__post_init__()
         self.elect = _check_choice("params.elect", self.elect, ("mass", "frequency"))
 
-    def merge(self, key: tuple[str, str], x: Tensor, weights: Tensor) -> Tensor:
-        dropped = self._drop(key, x)  # [T, *shape]
-        sign = elect_sign(dropped, self.elect)
+    def _combine(self, dropped: Tensor, weights: Tensor) -> Tensor:
+        sign = elect_sign(dropped, self.elect)  # [*shape]
         sign = torch.where(sign == 0, torch.ones_like(sign), sign)
         return self.lambda_ * disjoint_merge(dropped, sign, weights)

@@ -34,6 +34,7 @@ __all__ = [
     "topk_trim",
     "threshold_trim",
     "ties_tensor",
+    "union_support",
 ]
 
 #: Bins of each level of the two-level float-bit histogram (16 bits per level).
@@ -217,6 +218,40 @@ def ties_tensor(
     sign = elect_sign(trimmed, elect)
     sign = torch.where(sign == 0, torch.full_like(sign, zero_sign), sign)
     return disjoint_merge(trimmed, sign, weights)
+
+
+# ------------------------------------------------------------------------------------------------
+# sparse task vectors: the union of the adapters' supports
+
+
+def union_support(indices: list[Tensor], values: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """Put T sparse task vectors (flat indices + values) on the union of their supports.
+
+    Args:
+        indices: per task, flat int indices ``[K_t]`` (any order; repeated indices sum, as in a scatter-add).
+        values: per task, values ``[K_t]``.
+
+    Returns:
+        ``union [U]`` (sorted int64), ``x [T, U]`` fp32 values (0 where a task stores nothing) and
+        ``stored [T, U]`` bool (where each task stores an entry, whatever its value).
+
+    Semantics:
+        union = sorted(set(indices[0]) | ... | set(indices[T-1]))
+        for t, (i, v) in enumerate(zip(indices, values)): for p, val in zip(i, v):
+            u = union.index(p); x[t, u] += val; stored[t, u] = True
+    """
+    T = len(indices)
+    counts = torch.tensor([int(i.numel()) for i in indices], dtype=torch.int64)  # [T]
+    flat = torch.cat([i.reshape(-1).long() for i in indices]) if T else torch.zeros(0, dtype=torch.int64)  # [ΣK]
+    union, inverse = torch.unique(flat, sorted=True, return_inverse=True)  # [U], [ΣK]
+    task = torch.repeat_interleave(torch.arange(T), counts)  # [ΣK]
+    x = torch.zeros(T, union.numel(), dtype=torch.float32)  # [T, U]
+    if flat.numel():
+        vals = torch.cat([v.reshape(-1).to(torch.float32) for v in values])  # [ΣK]
+        x.index_put_((task, inverse), vals, accumulate=True)
+    stored = torch.zeros(T, union.numel(), dtype=torch.bool)  # [T, U]
+    stored[task, inverse] = True
+    return union, x, stored
 
 
 # ------------------------------------------------------------------------------------------------

@@ -24,12 +24,20 @@ def _weighted_sum(x: Tensor, weights: Tensor) -> Tensor:
 @register_merger("linear")
 @dataclass
 class LinearMerger(Merger):
-    """``ΔW = Σ_t w_t ΔW_t`` with ``w_t = 1/T`` unless weights are given (a weighted average)."""
+    """``ΔW = Σ_t w_t ΔW_t`` with ``w_t = 1/T`` unless weights are given (a weighted average).
+
+    SHiRA inputs merge in sparse form (the same sum on the union support); LoRI inputs by exact
+    concatenation (see :mod:`adapterlab.merging.sparse`).
+    """
 
     default_weights: ClassVar[str] = "mean"
+    sparse_form: ClassVar[bool] = True
 
     def merge(self, key: tuple[str, str], x: Tensor, weights: Tensor) -> Tensor:
         return _weighted_sum(x, weights)
+
+    def linear_coefficients(self, weights: Tensor) -> Tensor:
+        return weights
 
 
 @register_merger("task_arithmetic")
@@ -42,9 +50,13 @@ class TaskArithmeticMerger(Merger):
     """
 
     lambda_: float = 1.0
+    sparse_form: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         self.lambda_ = _check_number("params.lambda", self.lambda_)
 
     def merge(self, key: tuple[str, str], x: Tensor, weights: Tensor) -> Tensor:
         return self.lambda_ * _weighted_sum(x, weights)
+
+    def linear_coefficients(self, weights: Tensor) -> Tensor:
+        return self.lambda_ * weights

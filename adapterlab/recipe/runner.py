@@ -427,7 +427,7 @@ class MergeRunner(StepRunner):
         return body.output_dir
 
     def describe(self, body: Any) -> str:
-        return f"{body.method} of {len(body.adapters)} adapters -> {body.output_dir} ({body.output.format})"
+        return f"{body.method} of {len(body.adapters)} adapters -> {body.output_dir} ({body.output.format or 'auto'})"
 
     def run(self, body: Any, ctx: Context) -> dict[str, Any]:
         import yaml

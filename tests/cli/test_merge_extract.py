@@ -87,7 +87,7 @@ def test_merge_cli_rmm_and_relative_paths(adapters: list[Path], tmp_path: Path) 
         (lambda c: c.update(method="tie"), r"method: unknown merge method 'tie'; choose one of"),
         (lambda c: c["params"].update(density=1.5), r"params\.density must be in \(0, 1\], got 1\.5"),
         (lambda c: c["params"].update(densty=0.2), r"params\.densty: unknown parameter for merge method 'ties'"),
-        (lambda c: c["output"].update(format="dense"), r"output\.format: Input should be 'lora', 'sparse' or 'full'"),
+        (lambda c: c["output"].update(format="dense"), r"output\.format: Input should be 'lora', 'sparse', 'full', 'shira' or 'lori'"),
         (lambda c: c["adapters"][2].update(path="/nonexistent/adapter"), r"adapters\.2: adapter folder '/nonexistent/adapter' does not exist"),
         (lambda c: c["adapters"][2].pop("weight"), r"adapters\.2\.weight: give a weight for every adapter or for none"),
     ],
@@ -173,3 +173,30 @@ def test_merge_recipes_validate(recipe: Path) -> None:
 
     cfg = merge_cli.load_config(recipe)
     MERGERS.get(cfg.method).from_params(cfg.params)
+
+
+def test_merge_cli_shira_stays_sparse_and_goes_to_the_registry(tmp_path: Path) -> None:
+    """SHiRA inputs with no output format give a SHiRA folder equal to the library's sparse merge."""
+    from adapterlab.merging import merge_adapters, resolve_adapter
+    from adapterlab.registry import AdapterRegistry
+    from tests.merging.test_sparse_merge import _set_entries, _shira_model
+
+    dirs = []
+    for i, how in enumerate(("even", "random")):
+        pm = _shira_model()
+        _set_entries(pm, how, seed=i)
+        pm.save_pretrained(str(tmp_path / f"s{i}"))
+        dirs.append(tmp_path / f"s{i}")
+    cfg = {"method": "ties", "adapters": [{"path": str(p), "weight": 1.0} for p in dirs], "params": {"density": 0.5}}
+    out, hub = tmp_path / "out", tmp_path / "hub"
+    res = runner.invoke(_app(), ["merge", str(_write(tmp_path, cfg)), "-o", str(out), "--put", "ties-shira",
+                                 "--hub", str(hub)])
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"].lower() == "adapterlab_shira"
+    want = merge_adapters(dirs, "ties", density=0.5)
+    got = resolve_adapter(out)
+    assert want.output == "shira" and set(got.modules) == set(want.shapes)
+    for name in want.shapes:
+        torch.testing.assert_close(got.delta(name), want.delta(name), rtol=0, atol=1e-6)
+    rows = {r["name"]: r for r in AdapterRegistry(hub).ls()}
+    assert rows["ties-shira"]["method"] == "adapterlab_shira", rows
