@@ -44,9 +44,15 @@ def load(smoke: bool) -> tuple[torch.nn.Module, Any]:
     return models.load_default_model()
 
 
-def targets(model: torch.nn.Module, smoke: bool, names: Sequence[str] = ("q_proj", "v_proj"), last: int = 8) -> str:
-    """``target_modules`` regex: ``names`` in the last ``last`` decoder layers (a short backward pass)."""
-    return target_regex(model, list(names), 1 if smoke else last)
+def targets(model: torch.nn.Module, smoke: bool, names: Sequence[str] = ("q_proj", "v_proj"),
+            last: int | None = None) -> str:
+    """``target_modules`` regex: ``names`` in every decoder layer, or in the last ``last`` ones.
+
+    Adapting only the last few layers makes a step cheaper, but with a few dozen steps such adapters
+    barely move the task accuracy of the embedded model (measured: 20 steps on the last 8 layers took
+    sentiment from 0.595 to 0.55-0.66); every layer learns it in the same number of steps.
+    """
+    return target_regex(model, list(names), 1 if smoke else (last or 10**6))
 
 
 def train(model: torch.nn.Module, tok: Any, task: str, *, steps: int, lr: float = 2e-3, callbacks: Sequence[Any] = (),

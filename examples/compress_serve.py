@@ -23,7 +23,7 @@ TASKS = ("sentiment", "domain", "compare")
 
 
 def main() -> None:
-    args = parse_args(__doc__, steps=15)
+    args = parse_args(__doc__, steps=30)
     base, tok = load(args.smoke)
     out = Path(tempfile.mkdtemp(prefix="adapterlab-compress-"))
     rx = targets(base, args.smoke)

@@ -21,7 +21,7 @@ TASKS = ("sentiment", "domain")
 
 
 def main() -> None:
-    args = parse_args(__doc__, steps=20)
+    args = parse_args(__doc__, steps=30)
     base, tok = load(args.smoke)
     out = Path(tempfile.mkdtemp(prefix="adapterlab-merge-"))
     rx = targets(base, args.smoke)

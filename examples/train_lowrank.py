@@ -17,7 +17,7 @@ from adapterlab.callbacks import DyLoraCallback
 
 
 def main() -> None:
-    args = parse_args(__doc__, steps=20)
+    args = parse_args(__doc__, steps=30)
     base, tok = load(args.smoke)
     rx = targets(base, args.smoke)
     print(f"zero-shot sentiment accuracy: {accuracy(base, tok, 'sentiment', args.eval_n):.3f}")

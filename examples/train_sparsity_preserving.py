@@ -17,7 +17,7 @@ from adapterlab.demo import zeros_kept
 
 
 def main() -> None:
-    args = parse_args(__doc__, steps=20)
+    args = parse_args(__doc__, steps=60)
     base, tok = load(args.smoke)
     calib = data.calibration_ids(tok, n_samples=4 if args.smoke else 16, seqlen=64 if args.smoke else 512)
     report = prune_(base, "wanda", 0.5, calibration=calib)
