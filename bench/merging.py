@@ -479,18 +479,28 @@ def _phlora_tuned(steps: int) -> Path:
 
 
 def _global_energy_of(adapter_dir: Path, base: Any, tuned: Any) -> tuple[float, int]:
-    """Retained energy Σ‖BA‖² ... computed exactly: 1 - Σ‖Δ - BA‖² / Σ‖Δ‖² over the adapter's modules."""
-    from adapterlab.merging import resolve_adapter
+    """Retained energy of a LoRA folder, exactly: 1 - Σ‖Δ - BA‖² / Σ‖Δ‖² over the modules it adapts.
 
-    src = resolve_adapter(adapter_dir)
+    The folder is loaded with peft (so any writer's conventions — rank/alpha patterns, the norms
+    mergekit saves as ``modules_to_save`` — are read the same way) and each LoRA layer's
+    ``get_delta_weight`` is compared with the true fine-tuning delta.
+    """
+    import copy
+
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    pm = PeftModel.from_pretrained(copy.deepcopy(base), str(adapter_dir))
     err = tot = 0.0
     params = 0
-    for name, m in src.modules.items():
+    for name, mod in pm.base_model.model.named_modules():
+        if not isinstance(mod, LoraLayer) or "default" not in mod.lora_A:
+            continue
         delta = tuned.get_submodule(name).weight.detach().float() - base.get_submodule(name).weight.detach().float()
-        approx = src.delta(name)
+        approx = mod.get_delta_weight("default").detach().float()
         err += float((delta - approx).square().sum())
         tot += float(delta.square().sum())
-        params += m.rank * (m.shape[0] + m.shape[1])
+        params += sum(p.numel() for p in (mod.lora_A["default"].weight, mod.lora_B["default"].weight))
     return 1.0 - err / tot, params
 
 
