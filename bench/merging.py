@@ -531,7 +531,7 @@ def bench_phlora(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         for energy in args.energies:
-            row: dict[str, Any] = {"energy": energy}
+            row: dict[str, Any] = {"energy": energy, "energy_scope": "module"}
             for solver in ("svd", "gram"):
                 times = []
                 for _ in range(args.repeat):
@@ -558,6 +558,26 @@ def bench_phlora(args: argparse.Namespace) -> dict[str, Any]:
             row["cli_wall_seconds"] = round(time.perf_counter() - t0, 2)
             out["rows"].append(row)
             print(row, flush=True)
+            # the same energy over the whole model, ranks where they buy the most energy per parameter
+            times = []
+            for _ in range(args.repeat):
+                t0 = time.perf_counter()
+                gres = extract_lora(base, tuned, energy=energy, energy_scope="global", max_rank=256, extras="skip",
+                                    solver="gram")
+                times.append(time.perf_counter() - t0)
+            gfolder = tmp / f"global_{energy}"
+            gres.save(gfolder)
+            m, _ = load_default_model()
+            gres.apply_(m)
+            gacc = _accuracy(m, tok, task, args.n_eval)
+            g_energy, g_params = _global_energy_of(gfolder, base, tuned)
+            granks = list(gres.ranks.values())
+            grow = {"energy": energy, "energy_scope": "global", "seconds_gram": round(statistics.median(times), 2),
+                    "global_energy": round(g_energy, 4), "mean_rank": round(sum(granks) / len(granks), 1),
+                    "max_rank": max(granks), "params": g_params, "acc": gacc,
+                    "gain_kept": round((gacc - base_acc) / (ft_acc - base_acc), 3) if ft_acc != base_acc else None}
+            out["rows"].append(grow)
+            print(grow, flush=True)
             if not have_mergekit:
                 continue
             # mergekit: one uniform rank (its only knob besides an absolute cutoff), = our mean rank

@@ -51,6 +51,10 @@ def command(
     output: Path = typer.Option(..., "--output", "-o", help="Folder to write the PEFT LoRA adapter to."),
     rank: Optional[int] = typer.Option(None, "--rank", "-r", help="Fixed rank for every layer."),
     energy: Optional[float] = typer.Option(None, "--energy", "-e", help="Per-layer rank: smallest k keeping this energy fraction, in (0, 1]."),
+    energy_scope: str = typer.Option(
+        "module", "--energy-scope",
+        help="module: each layer keeps --energy of its own delta (PHLoRA); global: the fewest parameters that keep "
+             "--energy of the whole model's delta (ranks go where σ²/(d_out+d_in) is largest)."),
     min_rank: int = typer.Option(1, "--min-rank", help="Lower clip of the energy rank."),
     max_rank: Optional[int] = typer.Option(None, "--max-rank", help="Upper clip of the energy rank."),
     randomized: bool = typer.Option(False, "--randomized", help="Randomized SVD (needs --rank)."),
@@ -86,8 +90,8 @@ def command(
         check_name(put, "--put")
     with progress() as prog:
         result = extract_lora(
-            base, tuned, rank=rank, energy=energy, randomized=randomized, solver=solver, min_rank=min_rank, max_rank=max_rank,
-            extras="skip" if skip_extras else "save", threshold=threshold,
+            base, tuned, rank=rank, energy=energy, energy_scope=energy_scope, randomized=randomized, solver=solver,
+            min_rank=min_rank, max_rank=max_rank, extras="skip" if skip_extras else "save", threshold=threshold,
             dtype=getattr(torch, dtype) if dtype else None, progress=rich_factory(prog),
         )
     result.save(output, overwrite=overwrite)
@@ -98,7 +102,7 @@ def command(
         from adapterlab.io import base_fingerprint
         from adapterlab.models import load_model
 
-        settings = {"rank": rank, "energy": energy, "min_rank": min_rank, "max_rank": max_rank, "randomized": randomized,
+        settings = {"rank": rank, "energy": energy, "energy_scope": energy_scope, "min_rank": min_rank, "max_rank": max_rank, "randomized": randomized,
                     "skip_extras": skip_extras, "threshold": threshold, "dtype": dtype}
         provenance = {"kind": "extracted", "parents": [tuned], "base": base,
                       "recipe": {"command": "adapterlab extract", "settings": settings}}

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["LowRankFactors", "energy_rank", "low_rank_factors", "retained_energy"]
+__all__ = ["LowRankFactors", "energy_rank", "global_energy_ranks", "low_rank_factors", "retained_energy", "singular_values"]
 
 
 @dataclass
@@ -177,3 +177,69 @@ def _gram_factors(
         B = (d @ vecs) * inv_root  # [d_out, k]
         A = root[:, None] * vecs.T  # [k, d_in]
     return LowRankFactors(B.contiguous(), A.contiguous(), S, k, retained_energy(S, k, total), total)
+
+
+def singular_values(delta: Tensor, solver: str = "svd") -> Tensor:
+    """The singular values of ``delta`` (fp32, descending); ``"gram"`` takes them from ``eigvalsh``
+    of the smaller Gram matrix (the same values as :func:`low_rank_factors` with that solver)."""
+    d = delta.detach().to(torch.float32)
+    if solver == "gram":
+        gram = d @ d.T if d.shape[0] < d.shape[1] else d.T @ d  # the smaller side
+        return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0).sqrt()
+    return torch.linalg.svdvals(d)
+
+
+def global_energy_ranks(
+    spectra: dict[str, Tensor],
+    costs: dict[str, int],
+    energy: float,
+    *,
+    totals: dict[str, float] | None = None,
+    min_rank: int = 1,
+    max_rank: int | None = None,
+) -> dict[str, int]:
+    """Ranks that keep ``energy`` of the **summed** energy of all modules at the fewest parameters.
+
+    Every singular value is a candidate worth ``σ²`` that costs ``d_out + d_in`` parameters (one
+    rank of ``B`` and ``A``). Candidates are taken greedily by ``σ² / cost`` (the optimal order of
+    the fractional knapsack), the first ``min_rank`` of each module first, never more than
+    ``max_rank`` per module, until ``Σ kept σ² ≥ energy · Σ_modules ‖ΔW‖²``. Within a module σ is
+    descending, so the chosen candidates are a prefix: module l gets rank = their count.
+
+    Args:
+        spectra: module -> singular values ``[n_l]`` (descending).
+        costs: module -> parameters per rank (``d_out + d_in``).
+        energy: the global threshold in (0, 1].
+        totals: module -> ``‖ΔW_l‖_F²`` (default ``Σ σ²``, exact for a full spectrum).
+
+    Returns:
+        module -> rank (all of a module's candidates when the threshold cannot be reached).
+
+    Semantics:
+        cand = [(σ²/cost_l, σ², l) for l in modules for σ in spectra[l][:max_rank]]
+        (the first min_rank of each module sort first), sorted by ratio, descending;
+        take the shortest prefix whose σ² sum reaches energy · Σ totals; rank_l = #taken of l.
+    """
+    if not 0.0 < energy <= 1.0:
+        raise ValueError(f"energy must be in (0, 1], got {energy}")
+    names = list(spectra)
+    if not names:
+        return {}
+    sq, ratio, owner = [], [], []
+    for i, name in enumerate(names):  # one loop over modules
+        s2 = spectra[name].double().square()[:max_rank]  # [n_l]
+        r = s2 / float(costs[name])
+        r[: min(min_rank, s2.numel())] = float("inf")  # forced: the first min_rank of every module
+        sq.append(s2)
+        ratio.append(r)
+        owner.append(torch.full((s2.numel(),), i, dtype=torch.int64))
+    sq_all, ratio_all, owner_all = torch.cat(sq), torch.cat(ratio), torch.cat(owner)  # [N]
+    order = torch.sort(ratio_all, descending=True, stable=True).indices  # [N]
+    cum = torch.cumsum(sq_all[order], 0)  # [N]
+    total = sum(totals.values()) if totals is not None else float(sq_all.sum())
+    target = torch.tensor(energy * total * (1.0 - 1e-12), dtype=cum.dtype)
+    take = min(int(torch.searchsorted(cum, target).item()) + 1, int(order.numel()))
+    forced = int(torch.isinf(ratio_all).sum())
+    take = max(take, forced)
+    counts = torch.bincount(owner_all[order[:take]], minlength=len(names))  # [modules]
+    return {name: int(c) for name, c in zip(names, counts.tolist())}

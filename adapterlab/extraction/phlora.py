@@ -4,7 +4,9 @@ For every target linear layer ``ΔW = fp32(W_tuned) − fp32(W_base)`` is factor
 SVD (exact, or randomized for a fixed rank), the rank fixed or chosen per module as the smallest
 k with retained energy ``E(k) ≥ energy`` (clipped to ``[min_rank, max_rank]``; written as
 ``rank_pattern`` / ``alpha_pattern`` with ``alpha = k`` so the scale is 1), and the factors split
-``B = U_k S_k^{1/2}``, ``A = S_k^{1/2} V_kᵀ``. Every other parameter (embeddings, LM head, norms,
+``B = U_k S_k^{1/2}``, ``A = S_k^{1/2} V_kᵀ``. ``energy_scope="global"`` instead spends ranks where
+they buy the most energy per parameter until ``energy`` of the whole model's delta energy is kept
+(not PHLoRA's rule; an adapterlab option). Every other parameter (embeddings, LM head, norms,
 biases) is compared with ``δ = ‖P_ft − P_base‖_F / ‖P_base‖_F``: changed modules (δ > threshold) are
 stored densely as ``modules_to_save`` (or skipped with ``extras="skip"``), unchanged ones dropped,
 and all of it is reported. Weights are streamed tensor by tensor from safetensors folders; two full
@@ -31,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from adapterlab.extraction.functional import low_rank_factors
+from adapterlab.extraction.functional import global_energy_ranks, low_rank_factors, singular_values
 from adapterlab.progress import ProgressFactory, track
 
 logger = logging.getLogger(__name__)
@@ -275,6 +277,7 @@ def extract_lora(
     *,
     rank: int | None = None,
     energy: float | None = None,
+    energy_scope: str = "module",
     randomized: bool = False,
     solver: str = "svd",
     min_rank: int = 1,
@@ -292,6 +295,10 @@ def extract_lora(
         base / tuned: models, or model folders (safetensors; ``"default"`` = the embedded model).
         rank: fixed k for every module (clipped to ``min(d_out, d_in)``), or
         energy: per-module rank = smallest k with ``E(k) ≥ energy``, clipped to ``[min_rank, max_rank]``.
+        energy_scope: ``"module"`` (the rule above, PHLoRA's) or ``"global"``: ranks that keep ``energy``
+            of the energy summed over all modules at the fewest parameters (singular values taken
+            greedily by ``σ² / (d_out + d_in)``, see
+            :func:`~adapterlab.extraction.functional.global_energy_ranks`; one extra spectrum pass).
         randomized: ``torch.svd_lowrank`` (q = k + 16, 4 power iterations); needs ``rank``.
         solver: ``"svd"`` (LAPACK, exact) or ``"gram"`` (``eigh`` of the smaller Gram matrix: the same
             truncation, about 3x faster on CPU; singular values below ~1e-3 of the largest lose relative
@@ -314,6 +321,10 @@ def extract_lora(
     _check_settings(rank, energy, min_rank, max_rank, randomized, extras)
     if solver not in ("svd", "gram"):
         raise ValueError(f"solver must be 'svd' or 'gram', got {solver!r}")
+    if energy_scope not in ("module", "global"):
+        raise ValueError(f"energy_scope must be 'module' or 'global', got {energy_scope!r}")
+    if energy_scope == "global" and energy is None:
+        raise ValueError("energy_scope='global' chooses ranks by energy: give energy=, not rank=")
     t_start = time.perf_counter()
     wb, wt = _Weights(base, "base"), _Weights(tuned, "tuned")
     tied_key = _tied_lm_head(wt)
@@ -336,6 +347,17 @@ def extract_lora(
     factors: dict[str, tuple[Tensor, Tensor]] = {}
     rows: list[ModuleExtraction] = []
     kept = total = 0.0
+    global_ranks: dict[str, int] | None = None
+    if energy_scope == "global":
+        spectra: dict[str, Tensor] = {}
+        totals: dict[str, float] = {}
+        for key in track(sorted(target_keys), "phlora: spectra (global energy)", progress=progress):
+            delta = wt.get(key).to(torch.float32) - wb.get(key).to(torch.float32)  # [d_out, d_in]
+            totals[key] = float(delta.double().square().sum())
+            if totals[key] > 0.0:
+                spectra[key] = singular_values(delta, solver)
+        global_ranks = global_energy_ranks(spectra, {k: sum(wb.shapes[k]) for k in spectra}, float(energy),
+                                           totals=totals, min_rank=min_rank, max_rank=max_rank)
     for key in track(sorted(target_keys), "phlora: SVD per layer", progress=progress):
         t0 = time.perf_counter()
         name = key[: -len(".weight")]
@@ -346,8 +368,11 @@ def extract_lora(
         if dn == 0.0:
             rows.append(ModuleExtraction(name, tuple(delta.shape), "unchanged", seconds=time.perf_counter() - t0))
             continue
-        lr = low_rank_factors(delta, rank=rank, energy=energy, min_rank=min_rank, max_rank=max_rank,
-                              randomized=randomized, seed=seed, solver=solver)
+        if global_ranks is not None:
+            lr = low_rank_factors(delta, rank=global_ranks[key], solver=solver)
+        else:
+            lr = low_rank_factors(delta, rank=rank, energy=energy, min_rank=min_rank, max_rank=max_rank,
+                                  randomized=randomized, seed=seed, solver=solver)
         factors[name] = (lr.B, lr.A)
         kept += lr.energy * lr.total_energy
         total += lr.total_energy
@@ -393,7 +418,7 @@ def extract_lora(
     skipped = [r.name for r in rows if r.stored_as == "skipped"]
     if skipped:
         logger.info("phlora: changed but not stored: %s", ", ".join(skipped))
-    settings = {"rank": rank, "energy": energy, "randomized": randomized, "min_rank": min_rank,
+    settings = {"rank": rank, "energy": energy, "energy_scope": energy_scope, "randomized": randomized, "min_rank": min_rank,
                 "max_rank": max_rank, "extras": extras, "threshold": threshold, "seed": seed,
                 "split": "sqrt(S) both sides"}
     sources = {"base": {"path": wb.name_or_path, "sha256": wb.hashes()},

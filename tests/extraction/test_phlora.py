@@ -143,3 +143,40 @@ def test_tied_embedding_change_is_stored_and_loads(tmp_path: Path) -> None:
     x = torch.randint(0, 128, (2, 8))
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).logits, tuned(x).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_global_energy_ranks_by_hand() -> None:
+    """Module a costs 10 per rank with σ² = [9, 1]; b costs 20 with σ² = [16, 4] (total 30).
+    Worth per parameter: a0 0.9, b0 0.8, b1 0.2, a1 0.1. Energy 0.8 (24) takes a0 + b0 = 25;
+    0.9 (27) adds b1 (29); 0.99 (29.7) needs a1 too; max_rank=1 caps both at 1 (25 < 27)."""
+    from adapterlab.extraction.functional import global_energy_ranks
+
+    spectra = {"a": torch.tensor([3.0, 1.0]), "b": torch.tensor([4.0, 2.0])}
+    costs = {"a": 10, "b": 20}
+    assert global_energy_ranks(spectra, costs, 0.8) == {"a": 1, "b": 1}
+    assert global_energy_ranks(spectra, costs, 0.9) == {"a": 1, "b": 2}
+    assert global_energy_ranks(spectra, costs, 0.99) == {"a": 2, "b": 2}
+    assert global_energy_ranks(spectra, costs, 0.9, max_rank=1) == {"a": 1, "b": 1}
+    assert global_energy_ranks(spectra, costs, 0.1, min_rank=2) == {"a": 2, "b": 2}
+    # a delta energy the spectra do not hold (truncated spectrum) counts in the total
+    assert global_energy_ranks(spectra, costs, 0.8, totals={"a": 10.0, "b": 30.0}) == {"a": 2, "b": 2}
+
+
+def test_extract_global_energy_scope() -> None:
+    """Global scope keeps >= energy of the summed delta energy, with the ranks of the greedy rule,
+    and never more parameters than the per-module rule at the same or lower global energy."""
+    from adapterlab.extraction.functional import global_energy_ranks
+
+    base, tuned = tiny_llama(), _tuned()
+    g = extract_lora(base, tuned, energy=0.9, energy_scope="global", extras="skip", solver="gram")
+    assert g.global_energy >= 0.9 - 1e-6
+    deltas = {n: tuned.get_submodule(n).weight.detach() - base.get_submodule(n).weight.detach() for n in g.ranks}
+    spectra = {n: torch.linalg.svdvals(d) for n, d in deltas.items()}
+    want = global_energy_ranks(spectra, {n: sum(d.shape) for n, d in deltas.items()}, 0.9)
+    assert g.ranks == want
+    m = extract_lora(base, tuned, energy=0.9, extras="skip", solver="gram")
+    assert g.n_params() <= m.n_params()
+    with pytest.raises(ValueError, match="energy_scope"):
+        extract_lora(base, tuned, rank=2, energy_scope="global")
+    with pytest.raises(ValueError, match="energy_scope"):
+        extract_lora(base, tuned, energy=0.5, energy_scope="layer")
