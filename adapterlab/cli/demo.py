@@ -16,7 +16,7 @@ HELP = (
     "(magnitude, Wanda, SparseGPT), train a sparsity-preserving adapter (LoRS or SPP) on the best pruned "
     "base, merge it keeping every pruned zero, extract a LoRA from the merge (PHLoRA), compress it with "
     "two more LoRAs into a shared basis and serve a mixed batch; prints one table (wiki perplexity, task "
-    "accuracy, sparsity, stored size, tokens/s, seconds). Needs `adapterlab assets` once. About 10 "
+    "accuracy, sparsity, stored size, tokens/s, seconds). Needs `adapterlab assets` once. About 12-14 "
     "minutes on 2 CPU cores; --stages dense,prune runs the pruning comparison only."
 )
 
