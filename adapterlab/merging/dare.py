@@ -15,6 +15,7 @@ Reference:
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -55,8 +56,9 @@ class _Dare(Merger):
             out[t][stored[t]] = dare_drop(x[t][stored[t]], self.density, gen)  # [K_t] stored values
         return out
 
+    @abstractmethod
     def _combine(self, dropped: Tensor, weights: Tensor) -> Tensor:
-        raise NotImplementedError
+        """Combine the dropped task tensors ``[T, *shape]`` into one ``[*shape]`` (linear or TIES)."""
 
     def merge(self, key: tuple[str, str], x: Tensor, weights: Tensor) -> Tensor:
         return self._combine(self._drop(key, x), weights)
