@@ -27,6 +27,14 @@ __all__ = ["check_output_dir", "staged_dir", "write_lora_dir"]
 _PREFIX = "base_model.model."
 
 
+def safetensors_metadata(metadata: Any = None) -> dict[str, str]:
+    """The safetensors header of an adapter file: ``format=pt`` plus the merge report as JSON."""
+    meta = {"format": "pt"}
+    if metadata is not None:
+        meta["adapterlab"] = json.dumps(metadata, sort_keys=True, default=str)
+    return meta
+
+
 def check_output_dir(path: str | os.PathLike[str], overwrite: bool = False) -> Path:
     """Refuse a file, or a non-empty folder unless ``overwrite``."""
     out = Path(path).expanduser()
@@ -132,8 +140,5 @@ def write_lora_dir(
         for pname, t in params.items():
             tensors[f"{_PREFIX}{mod}.{pname}"] = t.detach().to(dtype).contiguous()
     cfg.save_pretrained(str(stage))
-    meta = {"format": "pt"}
-    if metadata is not None:
-        meta["adapterlab"] = json.dumps(metadata, sort_keys=True, default=str)
-    save_tensors(stage / "adapter_model.safetensors", tensors, metadata=meta)
+    save_tensors(stage / "adapter_model.safetensors", tensors, metadata=safetensors_metadata(metadata))
     return json.loads((stage / "adapter_config.json").read_text(encoding="utf-8"))

@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from adapterlab.merging.adapters import LoraSource
 from adapterlab.merging.base import Merger, MergeResult, ModuleReport
 from adapterlab.merging.functional import union_support
+from adapterlab.merging.lora_dir import _PREFIX, safetensors_metadata
 from adapterlab.progress import ProgressFactory, track
 
 logger = logging.getLogger(__name__)
@@ -66,7 +67,6 @@ __all__ = [
     "write_shira_dir",
 ]
 
-_PREFIX = "base_model.model."
 _SPARSE_OUTPUTS = ("shira", "sparse", "full")
 
 
@@ -345,13 +345,6 @@ def merge_lori_concat(
 # writers
 
 
-def _metadata(metadata: Mapping[str, Any] | None) -> dict[str, str]:
-    meta = {"format": "pt"}
-    if metadata is not None:
-        meta["adapterlab"] = json.dumps(metadata, sort_keys=True, default=str)
-    return meta
-
-
 def write_shira_dir(
     stage: Path,
     entries: Mapping[str, tuple[Tensor, Tensor]],
@@ -396,7 +389,7 @@ def write_shira_dir(
         tensors[f"{_PREFIX}{name}.adapterlab_shira_indices"] = idx.to(index_dtype(m * n)).contiguous()
         tensors[f"{_PREFIX}{name}.adapterlab_shira_dims"] = torch.tensor([m, n], dtype=torch.int64)
     cfg.save_pretrained(str(stage))
-    save_tensors(stage / "adapter_model.safetensors", tensors, metadata=_metadata(metadata))
+    save_tensors(stage / "adapter_model.safetensors", tensors, metadata=safetensors_metadata(metadata))
     return json.loads((stage / "adapter_config.json").read_text(encoding="utf-8"))
 
 
@@ -455,5 +448,5 @@ def write_lori_dir(
         else:
             tensors[f"{head}.lori_B.weight"] = B.detach().to(dtype).contiguous()
     cfg.save_pretrained(str(stage))
-    save_tensors(stage / "adapter_model.safetensors", tensors, metadata=_metadata(metadata))
+    save_tensors(stage / "adapter_model.safetensors", tensors, metadata=safetensors_metadata(metadata))
     return json.loads((stage / "adapter_config.json").read_text(encoding="utf-8"))
