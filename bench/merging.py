@@ -442,8 +442,6 @@ def bench_quality(args: argparse.Namespace) -> dict[str, Any]:
             return {t: _accuracy(model, tok, t, args.n_eval) for t in TASKS}
 
         acc["own_adapter"] = {}
-        from adapterlab.merging import resolve_adapter
-
         for task in TASKS:
             single = merge_adapters([dirs[task]], "linear", weights=[1.0])  # exact: rank = its own rank
             model, _ = load_default_model()
@@ -457,7 +455,6 @@ def bench_quality(args: argparse.Namespace) -> dict[str, Any]:
             print(lam, acc[f"task_arithmetic_l{lam}"], acc[f"ties_l{lam}"], flush=True)
         for spec in args.rmm:
             _rmm_rows(out, acc, adapters, spec, tok, args.n_eval)
-        del resolve_adapter
     mean = lambda d: sum(d.values()) / len(d)  # noqa: E731
     out["mean"] = {k: round(mean(v), 4) for k, v in acc.items()}
     out["rmm_recovery"] = _rmm_recovery(acc)
