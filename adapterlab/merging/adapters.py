@@ -185,6 +185,19 @@ class ShiraModule:
         return min(self.shape)
 
 
+def _group_keys(keys: Sequence[str], pattern: re.Pattern[str], kind: str, where: str) -> dict[str, dict[str, str]]:
+    """module -> {tensor kind -> checkpoint key}, from ``pattern``'s ``mod`` / ``kind`` groups.
+
+    Any key the pattern does not match is an error naming ``where``."""
+    parts: dict[str, dict[str, str]] = {}
+    for key in keys:
+        m = pattern.match(_strip(key))
+        if m is None:
+            raise ValueError(f"{where}: unexpected tensor {key!r} in a {kind} adapter")
+        parts.setdefault(m["mod"], {})[m["kind"]] = key
+    return parts
+
+
 @dataclass
 class ShiraSource(LoraSource):
     """One SHiRA adapter, read lazily (see the module docstring)."""
@@ -208,12 +221,7 @@ class ShiraSource(LoraSource):
     ) -> ShiraSource:
         """Parse the tensor names of a SHiRA checkpoint (``<module>.adapterlab_shira_{values,indices,dims}``)."""
         _no_modules_to_save(config, where)
-        parts: dict[str, dict[str, str]] = {}
-        for key in keys:
-            m = _SHIRA_KEY.match(_strip(key))
-            if m is None:
-                raise ValueError(f"{where}: unexpected tensor {key!r} in a SHiRA adapter")
-            parts.setdefault(m["mod"], {})[m["kind"]] = key
+        parts = _group_keys(keys, _SHIRA_KEY, "SHiRA", where)
         scales: dict[str, float] = {}
         if model is not None and adapter is not None:  # in memory: the inference knob alpha of each layer
             from adapterlab.tuners.shira import shira_layers
@@ -311,12 +319,7 @@ class LoriSource(LoraSource):
         """Parse a LoRI checkpoint: ``<module>.lori_B.weight`` (or ``.values`` + ``.indices``), ``.lori_B.dims``
         and, with ``store_a``, ``.lori_A.weight``."""
         _no_modules_to_save(config, where)
-        parts: dict[str, dict[str, str]] = {}
-        for key in keys:
-            m = _LORI_KEY.match(_strip(key))
-            if m is None:
-                raise ValueError(f"{where}: unexpected tensor {key!r} in a LoRI adapter")
-            parts.setdefault(m["mod"], {})[m["kind"]] = key
+        parts = _group_keys(keys, _LORI_KEY, "LoRI", where)
         r, alpha = int(config.get("r", 32)), float(config.get("lora_alpha", 64.0))
         scale = lora_scaling(alpha, r, bool(config.get("use_rslora", False)))
         a_seed = config.get("a_seed")
