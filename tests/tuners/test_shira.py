@@ -210,6 +210,36 @@ def test_bf16_base_merge_in_fp32_and_exact_unmerge() -> None:
     assert torch.equal(w.detach(), w0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_half_and_full_bases_merge_once_rounded_and_restore_bits(dtype: torch.dtype) -> None:
+    """fp32 values on any base; merged weight == (W.float() + delta).to(dtype) with delta scattered here;
+    merged ~ unmerged within TOL[dtype]; unmerge gives the original bits."""
+    pm = get_peft_model(tiny_llama(dtype=dtype), ShiraConfig(r=2, mask_type="random", target_modules=TARGETS, init_weights=False))
+    layers = shira_layers(pm)
+    g = torch.Generator().manual_seed(3)
+    for _, layer in layers:
+        v = layer.adapterlab_shira_values["default"]
+        assert v.dtype == torch.float32 and layer.get_base_layer().weight.dtype == dtype
+        with torch.no_grad():
+            v.copy_(torch.randn(v.shape, generator=g) * 2e-2)
+        layer.set_scale("default", 0.5)
+    w0 = {k: layer.get_base_layer().weight.detach().clone() for k, layer in layers}
+    x = batch()
+    unmerged = logits(pm, x)
+    assert not torch.equal(unmerged, logits(tiny_llama(dtype=dtype), x))  # the adapter does something
+    pm.base_model.merge_adapter()
+    for key, layer in layers:
+        m, n = w0[key].shape
+        delta = torch.zeros(m * n)
+        delta[layer.adapterlab_shira_indices["default"].long()] = layer.adapterlab_shira_values["default"].detach() * 0.5
+        assert torch.equal(layer.get_base_layer().weight.detach(), (w0[key].float() + delta.view(m, n)).to(dtype)), key
+    torch.testing.assert_close(logits(pm, x), unmerged, **TOL[dtype])
+    pm.base_model.unmerge_adapter()
+    for key, layer in layers:
+        assert torch.equal(layer.get_base_layer().weight.detach(), w0[key])
+    assert torch.equal(logits(pm, x), unmerged)
+
+
 # ---------------------------------------------------------------------------------------------
 # pruned bases
 

@@ -7,6 +7,7 @@ Reference:
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -52,13 +53,15 @@ class ShiraLayer(nn.Module, BaseTunerLayer):
     other shapes fails clearly). The scale ``alpha`` (``shira_scaling``, 1.0 in training) is an
     inference knob.
 
-    Merging caches the base values it overwrites; unmerge (last merged first) writes them back,
-    so merge -> unmerge and adapter switching restore the base bit for bit in any dtype.
+    Merging caches the base values it overwrites; unmerge writes them back, so merge -> unmerge and
+    adapter switching restore the base bit for bit in any dtype. However many adapters are merged
+    (at once or one after another), the stored weight is the fp32 sum rounded once.
 
     Semantics:
         y = x (W + sum_a alpha_a S_a)^T + b,   S_a = scatter(indices_a, values_a) of shape (d_out, d_in)
-        merge(a, w):  cache_a = W.flat[I_a];  W.flat[I_a] = (cache_a.float() + w * alpha_a * v_a).to(W.dtype)
-        unmerge:      W.flat[I_a] = cache_a    (in reverse merge order)
+        merge({a: w_a}):  U = union of I_a;  cache = W.flat[U]
+                          W.flat[U] = (cache.float() + sum_a w_a * alpha_a * S_a.flat[U]).to(W.dtype)
+        unmerge:          W.flat[U] = cache
     """
 
     adapter_layer_names = (VALUES,)
@@ -79,8 +82,10 @@ class ShiraLayer(nn.Module, BaseTunerLayer):
         self.shira_pending: dict[str, str] = {}
         #: adapter -> (d_out, d_in) it was built / trained for (mirrors the dims buffer without a device sync)
         self._dims: dict[str, tuple[int, int]] = {}
-        #: per merged adapter (parallel to merged_adapters): the overwritten base entries
-        self._merge_cache: list[torch.Tensor] = []
+        #: (positions, base values) of the entries the merged adapters overwrote; None when unmerged
+        self._merge_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        #: merged adapter -> fusion weight (alpha applied on top), parallel to merged_adapters
+        self._merged_weights: dict[str, float] = {}
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
@@ -174,41 +179,94 @@ class ShiraLayer(nn.Module, BaseTunerLayer):
         return base.weight
 
     def fuse_(self, adapter: str, weight: float = 1.0, *, safe_merge: bool = False) -> None:
-        """Scatter ``weight * alpha * values`` of ``adapter`` into the base weight (fp32 add, one cast)."""
+        """Add ``weight * alpha * values`` of ``adapter`` to the base weight (see :meth:`fuse_many_`)."""
+        self.fuse_many_({adapter: weight}, safe_merge=safe_merge)
+
+    def fuse_many_(self, weights: Mapping[str, float], *, safe_merge: bool = False) -> None:
+        """Write ``W_base + sum_a w_a alpha_a S_a`` into the base weight: the fp32 sum of every adapter on
+        the touched entries only, added to the fp32 base values and cast once.
+
+        Adapters merged before stay merged: they are folded into the same sum (from the cached base
+        values), so the stored weight is always one rounding away from the base, whatever the order
+        of the merges. No dense ``(d_out, d_in)`` delta is built.
+
+        Args:
+            weights: adapter name -> fusion weight ``w_a`` (the scale ``alpha_a`` is applied too).
+            safe_merge: refuse (nothing written) when the result has NaN/Inf.
+
+        Raises:
+            ValueError: ``safe_merge`` and the merged entries are not finite.
+        """
+        fused = dict(self._merged_weights)
+        for name, w in weights.items():
+            fused[name] = fused.get(name, 0.0) + float(w)
+        if not fused:
+            return
         w = self._writable_weight()
-        flat = w.data.view(-1)  # (m*n,) a view: the scatter writes the parameter in place
-        idx = self.adapterlab_shira_indices[adapter]  # (K,) int32/int64: both index directly, no copy
-        vals = self.adapterlab_shira_values[adapter].detach()
-        if idx.device != w.device:
-            idx, vals = idx.to(w.device), vals.to(w.device)
-        orig = flat.index_select(0, idx)  # (K,) the base entries, kept for the exact unmerge
-        scale = float(weight) * self.shira_scaling[adapter]
-        if orig.dtype == torch.float32:
-            new = torch.add(orig, vals.float(), alpha=scale)  # one kernel
-        else:
-            new = torch.add(orig.float(), vals.float(), alpha=scale).to(w.dtype)  # fp32 add, one cast
+        flat = w.data.view(-1)  # (m*n,) a view: the writes below change the parameter in place
+        previous = None
+        if self._merge_cache is not None:  # restore the base, then write the whole sum once
+            prev_pos, prev_orig = self._merge_cache
+            previous = (prev_pos, flat.index_select(0, prev_pos))  # what is stored now
+            flat.index_put_((prev_pos,), prev_orig)
+        pos, orig, new = self._fused_entries(w, fused)
         if safe_merge and not torch.isfinite(new).all():
-            raise ValueError(f"NaNs/Infs in the merged weights of adapter {adapter!r}; the adapter is broken")
-        flat.index_put_((idx,), new)
-        self._merge_cache.append(orig)
-        self.merged_adapters.append(adapter)
+            if previous is not None:  # nothing changes on failure
+                flat.index_put_(previous[:1], previous[1])
+            raise ValueError(f"NaNs/Infs in the merged weights of adapter(s) {sorted(weights)!r}; the adapter is broken")
+        flat.index_put_((pos,), new)
+        self._merge_cache = (pos, orig)
+        self._merged_weights = fused
+        self.merged_adapters = list(fused)
+
+    def _fused_entries(
+        self, w: torch.Tensor, weights: Mapping[str, float]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(positions (U,), base values (U,), fused values (U,))`` of the entries the adapters touch.
+
+        Semantics:
+            pos = sorted(union of I_a);  delta = zeros(U) fp32
+            for a in weights: delta[pos.index(I_a)] += values_a * (w_a * alpha_a)     # adapter order
+            fused = (W.flat[pos].float() + delta).to(W.dtype)
+        """
+        flat = w.data.view(-1)  # (m*n,) a view of the base weight
+        names = list(weights)
+        idxs = [self.adapterlab_shira_indices[a].to(w.device) for a in names]  # (K_a,) int32/int64
+        vals = []
+        for a in names:
+            v = self.adapterlab_shira_values[a].detach().to(device=w.device, dtype=torch.float32)  # (K_a,)
+            scale = float(weights[a]) * self.shira_scaling[a]
+            vals.append(v if scale == 1.0 else v * scale)
+        single = idxs[0] if len(idxs) == 1 else None
+        if single is not None and (single.numel() < 2 or bool((single[1:] > single[:-1]).all())):
+            pos, delta = single, vals[0]  # sorted and unique (the stored layout): no union needed
+        else:
+            cat = torch.cat([i.long() for i in idxs])  # (sum K_a,)
+            pos, inverse = torch.unique(cat, sorted=True, return_inverse=True)  # (U,), (sum K_a,)
+            delta = torch.zeros(pos.numel(), dtype=torch.float32, device=w.device)  # (U,)
+            for part, v in zip(inverse.split([i.numel() for i in idxs]), vals):
+                delta.index_add_(0, part, v)  # one adapter at a time: a fixed summation order
+        orig = flat.index_select(0, pos)  # (U,) the base entries, kept for the exact unmerge
+        new = (orig.float() + delta).to(w.dtype)  # fp32 add, one cast
+        return pos, orig, new
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        for adapter in check_adapters_to_merge(self, adapter_names):
-            if adapter in self.adapterlab_shira_values:
-                self.fuse_(adapter, safe_merge=safe_merge)
+        names = [a for a in check_adapters_to_merge(self, adapter_names) if a in self.adapterlab_shira_values]
+        if names:
+            self.fuse_many_(dict.fromkeys(names, 1.0), safe_merge=safe_merge)
 
     def unmerge(self) -> None:
-        """Restore the cached base entries of every merged adapter, last merged first (exact)."""
+        """Restore the cached base entries of every merged adapter (exact)."""
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
         w = self._writable_weight()
-        flat = w.data.view(-1)
-        while self.merged_adapters:
-            adapter = self.merged_adapters.pop()
-            orig = self._merge_cache.pop()
-            flat.index_put_((self.adapterlab_shira_indices[adapter].to(w.device),), orig)
+        if self._merge_cache is not None:
+            pos, orig = self._merge_cache
+            w.data.view(-1).index_put_((pos,), orig)
+        self._merge_cache = None
+        self._merged_weights = {}
+        self.merged_adapters = []
 
     # -- forward -----------------------------------------------------------------------------------
     def _fused_path_ok(self, base: nn.Module) -> bool:

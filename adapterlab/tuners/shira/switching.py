@@ -82,7 +82,10 @@ def fuse_adapters(model: nn.Module, weights: Mapping[str, float]) -> FuseReport:
     """Fuse several SHiRA adapters into the base weights: ``W = W_base + sum_i w_i alpha_i S_i``.
 
     Adapters fused before are unfused first (exactly), so the result depends only on ``weights``.
-    Overlapping entries sum. Every adapter is validated before any weight changes.
+    Overlapping entries sum. Per layer the fp32 sum of all adapters is scatter-added into an fp32
+    copy of only the touched base entries and cast once, so in every dtype the weight is
+    ``(W_base.float() + sum_i w_i alpha_i S_i).to(W.dtype)`` bit for bit. Every adapter is validated
+    before any weight changes.
 
     Args:
         model: a peft model (or any model) with adapterlab SHiRA layers.
@@ -104,11 +107,10 @@ def fuse_adapters(model: nn.Module, weights: Mapping[str, float]) -> FuseReport:
         if layer.merged_adapters:
             layer.unmerge()
         held = layer.adapterlab_shira_values
-        present = [n for n in names if n in held]
-        for name in present:
-            layer.fuse_(name, float(weights[name]))
-            report.entries += held[name].numel()
+        present = {n: float(weights[n]) for n in names if n in held}
         if present:
+            layer.fuse_many_(present)  # the fp32 sum of all adapters on the touched entries, cast once
+            report.entries += sum(held[n].numel() for n in present)
             report.layers += 1
         # layers without these adapters must not add another (unmerged) adapter in forward
         layer._active_adapter = names if len(names) > 1 else names[0]
