@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from adapterlab._registry import Registry
 from adapterlab.extraction.functional import low_rank_factors
 from adapterlab.merging.adapters import AdapterLike, LoraSource, check_compatible, resolve_adapters
+from adapterlab.merging.functional import add_to_weight
 from adapterlab.merging.lora_dir import staged_dir, write_lora_dir
 from adapterlab.progress import ProgressFactory, track
 
@@ -251,6 +252,55 @@ class Merger(ABC):
 # outputs
 
 
+def write_merged_(
+    model: nn.Module, name: str, delta: Tensor, *, keep_sparsity: bool = False, index: Tensor | None = None
+) -> int:
+    """Write ``(W.float() + Δ).to(W.dtype)`` into ``model``'s weight ``name`` (one rounding), in place.
+
+    Args:
+        model: the model whose weight is written (a copy of the base).
+        name: module name.
+        delta: ``[d_out, d_in]`` fp32 merged delta, or ``[U]`` values at the flat positions ``index``.
+        keep_sparsity: mask the delta by the base's zeros (``W != 0``) and check afterwards that every
+            zero of the base is still zero.
+        index: ``[U]`` int64 flat row-major positions (sparse form), or None for a dense delta.
+
+    Returns:
+        How many zeros of the base weight are non-zero after the write (counted on the written weight).
+
+    Raises:
+        SparsityError: ``keep_sparsity`` and a zero of the base became non-zero (never expected).
+    """
+    w = model.get_submodule(name).weight
+    with torch.no_grad():
+        if index is None:
+            zero = w == 0  # [d_out, d_in]
+            w.copy_(add_to_weight(w, delta, keep_sparsity=keep_sparsity))
+            hit = int((zero & (w != 0)).sum())
+        else:
+            flat = w.data.view(-1)  # [d_out * d_in], a view: index_put_ writes the weight in place
+            old = flat.index_select(0, index)  # [U]
+            flat.index_put_((index,), add_to_weight(old, delta, keep_sparsity=keep_sparsity))
+            hit = int(((old == 0) & (flat.index_select(0, index) != 0)).sum())  # entries off the union are untouched
+    if keep_sparsity and hit:
+        from adapterlab.merging.into_base import SparsityError
+
+        raise SparsityError(f"module {name!r}: {hit} zero weight(s) of the base became non-zero in the merge")
+    return hit
+
+
+def zeros_hit_note(hits: Mapping[str, int]) -> str | None:
+    """The warning for a full merge that filled zeros of the base (None when it filled none)."""
+    hit = {n: h for n, h in hits.items() if h}
+    if not hit:
+        return None
+    return (
+        f"output='full': {sum(hit.values())} zero weight(s) of the base in {len(hit)} module(s) (e.g. "
+        f"{next(iter(hit))!r}) are non-zero after the merge where the base weight is 0, so the base's sparsity is "
+        f"not kept there; pass keep_sparsity=True to mask the merge by the base's zeros"
+    )
+
+
 @dataclass
 class ModuleReport:
     """One module of a merge / extraction: shape, output rank, retained energy, density, time."""
@@ -263,6 +313,7 @@ class ModuleReport:
     norm: float = 0.0
     error: float | None = None  # relative Frobenius error of the output vs the merged delta (or per-task, RMM)
     seconds: float = 0.0
+    base_zeros_hit: int | None = None  # full output: zeros of the base weight the merge made non-zero
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -279,8 +330,10 @@ class _Sink:
         rank: int | None,
         energy: float | None,
         model: nn.Module | None,
+        keep_sparsity: bool = False,
     ) -> None:
         self.output, self.ctx, self.rank, self.energy, self.model = output, ctx, rank, energy, model
+        self.keep_sparsity = keep_sparsity
         self.pending: dict[str, dict[str, Tensor]] = {}
         self.factors: dict[str, tuple[Tensor, Tensor]] = {}
         self.sparse: dict[str, tuple[Tensor, Tensor]] = {}
@@ -323,9 +376,7 @@ class _Sink:
             self.sparse[name] = (idx, flat[idx].clone())
         elif self.output == "full":
             assert self.model is not None
-            w = self.model.get_submodule(name).weight
-            with torch.no_grad():
-                w.add_(delta.to(w.dtype))
+            rep.base_zeros_hit = write_merged_(self.model, name, delta, keep_sparsity=self.keep_sparsity)
         rep.seconds = time.perf_counter() - t
         self.reports[name] = rep
 
@@ -350,6 +401,8 @@ class MergeResult:
         b_masks: ``lori``: module -> bool ``[d_out, k]``, the stored positions of B (the inputs' masks).
         model: ``full``: the merged model (a copy of the base).
         bundle: ``rmm``: the :class:`~adapterlab.merging.rmm.RMMBundle`.
+        base_zeros_hit: ``full``: how many zero entries of the base the merge made non-zero (0 with
+            ``keep_sparsity=True``); None when no base weights were written.
     """
 
     method: str
@@ -370,6 +423,7 @@ class MergeResult:
     dtype: torch.dtype = torch.float32
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    base_zeros_hit: int | None = None
 
     # -- access ------------------------------------------------------------------------------
     def delta(self, name: str) -> Tensor:
@@ -417,6 +471,7 @@ class MergeResult:
             "seconds": self.seconds,
             "warnings": self.warnings,
             "min_energy": min(energies) if energies else None,
+            "base_zeros_hit": self.base_zeros_hit,
             "modules": [m.to_dict() for m in self.modules],
         }
 
@@ -557,6 +612,7 @@ def merge_adapters(
     factorwise: bool = False,
     check_base: bool = True,
     drop_zeros: bool = False,
+    keep_sparsity: bool = False,
     registry: Any = None,
     progress: ProgressFactory | None = None,
     **params: Any,
@@ -597,6 +653,10 @@ def merge_adapters(
         check_base: refuse adapters whose ``base_model_name_or_path`` differ.
         drop_zeros: sparse form only: leave exact zeros of the merged values (e.g. trimmed by TIES) out of
             a ``shira`` / ``sparse`` output; by default the output's support is the union support.
+        keep_sparsity: ``output="full"`` only: mask the merged delta by the base's zero pattern (``W != 0``)
+            and check afterwards that every zero of the base is still zero. Either way the result reports
+            ``base_zeros_hit``, the zeros of the base the merge made non-zero (and warns when it is not 0).
+            Base weights are always written as ``(W.float() + Δ).to(W.dtype)`` (fp32 add, one cast).
         registry: AdapterRegistry used for ``hub:`` refs.
         progress: a progress factory (see :mod:`adapterlab.progress`).
         **params: method parameters, e.g. ``density=0.2, lambda_=1.0, elect="mass", trim_scope="model"``
@@ -650,6 +710,12 @@ def merge_adapters(
             )
             warnings.warn(msg, UserWarning, stacklevel=2)
             notes.append(msg)
+    if not isinstance(keep_sparsity, bool):
+        raise ValueError(f"keep_sparsity must be True or False, got {keep_sparsity!r}")
+    if keep_sparsity and output != "full":
+        raise ValueError(
+            f"keep_sparsity applies to output='full' only (it masks the merge by the base's zeros), not {output!r}"
+        )
     if output == "full" and base is None:
         raise ValueError("base: output='full' needs the base model (base=model or folder)")
     model = None
@@ -657,6 +723,11 @@ def merge_adapters(
         _check_base_shapes(_skeleton(base), shapes)
         if output == "full" and method != "rmm":
             model = _load_base(base)
+            if keep_sparsity and not any(bool((model.get_submodule(n).weight == 0).any()) for n in shapes):
+                raise ValueError(
+                    "keep_sparsity=True but the base is dense: no module the adapters target has a zero weight "
+                    "(prune the base first, e.g. adapterlab.prune_, or pass keep_sparsity=False)"
+                )
     first = sources[0]
     out_dtype = dtype or first.value_dtype()
     embeddings = frozenset(n for s in sources for n, m in s.modules.items() if m.embedding)
@@ -674,7 +745,7 @@ def merge_adapters(
     )
     if route == "sparse":
         result = merge_sparse_form(sources, shapes, merger, w, output=output, model=model, drop_zeros=drop_zeros,
-                                   progress=progress, common=common)
+                                   keep_sparsity=keep_sparsity, progress=progress, common=common)
         result.seconds = time.perf_counter() - t0
         return result
     if route == "concat":
@@ -692,17 +763,28 @@ def merge_adapters(
         )
         result.seconds = time.perf_counter() - t0
         return result
-    sink = _Sink(output, ctx, rank=rank, energy=energy, model=model)
+    sink = _Sink(output, ctx, rank=rank, energy=energy, model=model, keep_sparsity=keep_sparsity)
     merger.run(ctx, sink)
     if sink.pending:
         raise RuntimeError(f"merge method {merger.name!r} left modules unfinished: {sorted(sink.pending)[:3]}")
+    hits = None
+    if output == "full":
+        hits = {n: int(sink.reports[n].base_zeros_hit or 0) for n in shapes}
+        note = zeros_hit_note(hits)
+        if note:
+            logger.warning(note)
+            notes.append(note)
+    params = {**merger.describe(), "output": output, "rank": rank, "energy": energy, "factorwise": factorwise}
+    if output == "full":
+        params["keep_sparsity"] = keep_sparsity
     result = MergeResult(
-        params={**merger.describe(), "output": output, "rank": rank, "energy": energy, "factorwise": factorwise},
+        params=params,
         output=output,
         modules=[sink.reports[n] for n in shapes],
         factors=sink.factors if output == "lora" else None,
         sparse=sink.sparse if output == "sparse" else None,
         model=model,
+        base_zeros_hit=None if hits is None else sum(hits.values()),
         **common,
     )
     result.seconds = time.perf_counter() - t0

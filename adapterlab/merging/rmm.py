@@ -179,7 +179,10 @@ class RMMBundle:
         }
 
     def write(self, stage: Path, metadata: dict[str, Any] | None = None) -> None:
-        """Write the merged PEFT adapter + ``rmm_bundle.safetensors`` + ``rmm_config.json`` into ``stage``."""
+        """Write the merged PEFT adapter + ``rmm_bundle.safetensors`` + ``rmm_config.json`` into ``stage``.
+
+        The adapter and the basis are stored in :attr:`dtype` (the inputs' dtype by default), the ``[K, n]``
+        coefficients in fp32."""
         write_lora_dir(
             stage,
             {n: self.factors(None, n) for n in self.shapes},
@@ -192,7 +195,7 @@ class RMMBundle:
         tensors: dict[str, Tensor] = {}
         for n in self.shapes:
             for part in ("B", "A"):
-                tensors[f"basis.{n}.{part}"] = self.basis[n][part]
+                tensors[f"basis.{n}.{part}"] = self.basis[n][part].to(self.dtype)  # the inputs' dtype
                 tensors[f"coeffs.{n}.{part}"] = self.coeffs[n][part]
         save_tensors(stage / BUNDLE_FILE, tensors, metadata={"format": "pt", "type": "rmm"})
         (stage / CONFIG_FILE).write_text(json.dumps(self.config(), indent=2) + "\n", encoding="utf-8")
@@ -211,7 +214,9 @@ class RMMBundle:
         cfg = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
         tensors = load_tensors(path / BUNDLE_FILE)
         shapes = {n: tuple(m["shape"]) for n, m in cfg["modules"].items()}
-        basis = {n: {p: tensors[f"basis.{n}.{p}"] for p in ("B", "A")} for n in shapes}
+        basis = {n: {p: tensors[f"basis.{n}.{p}"].float() for p in ("B", "A")} for n in shapes}  # fp32 compute
+        first = next(iter(shapes), None)
+        dtype = tensors[f"basis.{first}.B"].dtype if first is not None else torch.float32
         coeffs = {n: {p: tensors[f"coeffs.{n}.{p}"] for p in ("B", "A")} for n in shapes}
         return cls(
             tasks=list(cfg["tasks"]),
@@ -224,6 +229,7 @@ class RMMBundle:
             embeddings=frozenset(n for n, m in cfg["modules"].items() if m.get("embedding")),
             fan_in_fan_out=bool(cfg.get("fan_in_fan_out")),
             base_model_name_or_path=cfg.get("base_model_name_or_path"),
+            dtype=dtype,
             errors=cfg.get("errors", {}),
             sources=cfg.get("sources", []),
         )

@@ -19,8 +19,9 @@ one module in memory at a time, never a dense ``d_out × d_in`` delta per adapte
 
 Outputs: ``shira`` (a SHiRA adapter folder whose indices are the union support, or its nonzero part with
 ``drop_zeros=True``), ``sparse`` (adapterlab's sparse-delta format) or ``full`` (scatter-added into a
-copy of the base: only union entries are written, so zeros of a pruned base stay zero unless an adapter
-stores entries there — which is reported; SHiRA's ``respect_base_sparsity=True`` prevents it).
+copy of the base as ``(W.float() + v).to(W.dtype)``: only union entries are written, so zeros of a pruned
+base stay zero unless an adapter stores entries there — counted as ``base_zeros_hit`` and warned about;
+``keep_sparsity=True`` masks those entries out, and SHiRA's ``respect_base_sparsity=True`` avoids them).
 
 **LoRI, concatenation.** For ``linear`` / ``task_arithmetic`` (coefficients ``c_t``): per module
 ``B = [c_1 s_1 B_1, …, c_T s_T B_T]`` (columns) and ``A = [A_1; …; A_T]`` (rows), so ``B A = Σ_t c_t ΔW_t``
@@ -50,7 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from adapterlab.merging.adapters import LoraSource
-from adapterlab.merging.base import Merger, MergeResult, ModuleReport
+from adapterlab.merging.base import Merger, MergeResult, ModuleReport, write_merged_, zeros_hit_note
 from adapterlab.merging.functional import union_support
 from adapterlab.merging.lora_dir import _PREFIX, safetensors_metadata
 from adapterlab.progress import ProgressFactory, track
@@ -190,8 +191,10 @@ class SparseMergeContext:
 class _SparseSink:
     """Turns each merged ``[U]`` value vector into the output (entries, or a scatter into the base)."""
 
-    def __init__(self, output: str, ctx: SparseMergeContext, *, model: nn.Module | None, drop_zeros: bool) -> None:
+    def __init__(self, output: str, ctx: SparseMergeContext, *, model: nn.Module | None, drop_zeros: bool,
+                 keep_sparsity: bool = False) -> None:
         self.output, self.ctx, self.model, self.drop_zeros = output, ctx, model, drop_zeros
+        self.keep_sparsity = keep_sparsity
         self.sparse: dict[str, tuple[Tensor, Tensor]] = {}
         self.reports: dict[str, ModuleReport] = {}
         self.base_zeros_hit: dict[str, int] = {}
@@ -209,14 +212,8 @@ class _SparseSink:
         rep.density = int(torch.count_nonzero(values)) / (shape[0] * shape[1])
         if self.output == "full":
             assert self.model is not None
-            w = self.model.get_submodule(name).weight
-            with torch.no_grad():
-                flat = w.data.view(-1)  # [d_out * d_in], a view: the scatter writes the weight in place
-                old = flat.index_select(0, idx)  # [U]
-                hit = int(((old == 0) & (val != 0)).sum())
-                if hit:
-                    self.base_zeros_hit[name] = hit
-                flat.index_put_((idx,), (old.float() + val).to(w.dtype))  # fp32 add, one cast
+            rep.base_zeros_hit = write_merged_(self.model, name, val, keep_sparsity=self.keep_sparsity, index=idx)
+            self.base_zeros_hit[name] = rep.base_zeros_hit
         else:
             self.sparse[name] = (idx, val.clone())
         rep.seconds = time.perf_counter() - t
@@ -245,32 +242,32 @@ def merge_sparse_form(
     drop_zeros: bool,
     progress: ProgressFactory | None,
     common: Mapping[str, Any],
+    keep_sparsity: bool = False,
 ) -> MergeResult:
     """Merge SHiRA adapters in sparse form (see the module docstring); ``common`` holds the shared
-    :class:`MergeResult` fields."""
+    :class:`MergeResult` fields. ``keep_sparsity`` (output ``full``): entries where the base is 0 are not written."""
     ctx = SparseMergeContext(list(sources), shapes, weights, progress=progress)
-    sink = _SparseSink(output, ctx, model=model, drop_zeros=drop_zeros)
+    sink = _SparseSink(output, ctx, model=model, drop_zeros=drop_zeros, keep_sparsity=keep_sparsity)
     run_sparse(merger, ctx, sink)
     missing = [n for n in shapes if n not in sink.reports]
     if missing:
         raise RuntimeError(f"merge method {merger.name!r} left modules unfinished: {missing[:3]}")
     notes = list(common.get("warnings", []))
-    if sink.base_zeros_hit:
-        n, total = len(sink.base_zeros_hit), sum(sink.base_zeros_hit.values())
-        msg = (
-            f"output='full': {total} merged entries in {n} module(s) (e.g. {next(iter(sink.base_zeros_hit))!r}) land "
-            f"where the base weight is 0, so the base's sparsity is not kept there; train SHiRA with "
-            f"respect_base_sparsity=True to keep a pruned base sparse"
-        )
-        logger.warning(msg)
-        notes.append(msg)
+    note = zeros_hit_note(sink.base_zeros_hit)
+    if note:
+        note += " (or train SHiRA with respect_base_sparsity=True)"
+        logger.warning(note)
+        notes.append(note)
     params = {**merger.describe(), "output": output, "form": "sparse", "drop_zeros": drop_zeros}
+    if output == "full":
+        params["keep_sparsity"] = keep_sparsity
     return MergeResult(
         params=params,
         output=output,
         modules=[sink.reports[n] for n in shapes],
         sparse=sink.sparse if output != "full" else None,
         model=model,
+        base_zeros_hit=sum(sink.base_zeros_hit.values()) if output == "full" else None,
         **{**common, "warnings": notes},
     )
 

@@ -252,6 +252,36 @@ def test_full_and_lora_outputs_of_shira(shira) -> None:
     torch.testing.assert_close(lo.delta(Q), _weighted(deltas, [1 / 3] * 3, Q), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_shira_full_output_into_pruned_base_reports_and_keeps_zeros(shira, dtype: torch.dtype) -> None:
+    from adapterlab.models import tiny_llama
+    from adapterlab.pruning import prune_
+
+    paths, deltas = shira
+    base = tiny_llama(dtype=dtype)
+    prune_(base, "magnitude", 0.5)
+    filled = merge_adapters(paths[:2], "linear", output="full", base=base)
+    kept = merge_adapters(paths[:2], "linear", output="full", base=base, keep_sparsity=True)
+    total = 0
+    for name in _modules(deltas[:2]):
+        w0 = base.get_submodule(name).weight.detach()
+        zero = w0 == 0
+        d = _weighted(deltas[:2], [0.5, 0.5], name)  # s0, s1 are disjoint: exact in fp32
+        want_filled = (w0.float() + d).to(dtype)  # fp32 add, one cast
+        want_kept = (w0.float() + torch.where(zero, 0.0, d)).to(dtype)
+        assert torch.equal(filled.model.get_submodule(name).weight, want_filled), name
+        assert torch.equal(kept.model.get_submodule(name).weight, want_kept), name
+        hit = int((zero & (want_filled != 0)).sum())  # stored entries that land on a pruned zero
+        assert hit > 0
+        total += hit
+        assert next(m for m in filled.modules if m.name == name).base_zeros_hit == hit
+        assert next(m for m in kept.modules if m.name == name).base_zeros_hit == 0
+    assert filled.params["form"] == kept.params["form"] == "sparse"
+    assert filled.base_zeros_hit == total and filled.report()["base_zeros_hit"] == total
+    assert kept.base_zeros_hit == 0 and kept.params["keep_sparsity"] is True and not kept.warnings
+    assert f"{total} zero weight(s) of the base" in filled.warnings[0]
+
+
 def test_in_memory_and_registry_shira(shira, tmp_path: Path) -> None:
     from adapterlab.models import tiny_llama
     from adapterlab.registry import AdapterRegistry
