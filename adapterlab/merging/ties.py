@@ -3,8 +3,9 @@
 Two trim scopes, documented and never mixed silently:
 
 * ``trim_scope="model"`` (the paper, default): per task, keep the entries with
-  ``|τ_t| ≥ κ_t`` where κ_t is the ⌈k·P⌉-th largest magnitude over **all** merged entries of that
-  task (P = total size of the union of the adapters' deltas). κ_t is exact: two extra streaming passes
+  ``|τ_t| ≥ κ_t`` where κ_t is the ⌈k·P_t⌉-th largest magnitude over **all** entries of that task
+  (P_t = total size of the modules task t targets; a module a task does not target is not part of its
+  task vector, so its zeros are not counted). κ_t is exact: two extra streaming passes
   build a two-level histogram over the fp32 bit patterns of ``|τ_t|`` (high 16 bits, then the low 16
   bits inside the selected bin), so no flattened model is ever held. A vote that sums to exactly 0
   takes the majority sign of the whole model (``sgn Σ_p γ_p``, +1 if that is 0 as well); modules
@@ -111,9 +112,10 @@ class TiesMerger(Merger):
         T = ctx.n_tasks
 
         def passes(description: str) -> Iterator[list[Tensor]]:
-            for _, parts in ctx.stream(description):
+            for name, parts in ctx.stream(description):
+                own = [name in s.modules for s in ctx.sources]  # a module a task does not target is not its entries
                 for x in parts.values():  # [T, *shape]
-                    yield [x[t] for t in range(T)]
+                    yield [x[t] if own[t] else x.new_zeros(0) for t in range(T)]
 
         self._thresholds(passes, T)
 

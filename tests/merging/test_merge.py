@@ -43,6 +43,46 @@ def test_ties_model_scope_by_hand() -> None:
     assert res.params["kappa"] == [2.5, 1.5, pytest.approx(3.2)]
 
 
+def test_ties_model_scope_counts_only_each_tasks_own_modules() -> None:
+    # t1 targets m1 only (P1 = 4), t2 targets m1 and m2 (P2 = 8); density 0.5:
+    # t1 keeps ceil(0.5*4) = 2 -> {4, -3}, κ1 = 3 (counting t2's m2 as zeros of t1, P1 = 8 would keep 4 ->
+    # κ1 = 1 and t1 untrimmed); t2 keeps ceil(0.5*8) = 4 of |.| 5, 3, 2, 1, 0.9, 0.5, 0.2, 0.1 -> κ2 = 1
+    # trimmed: t1 m1 [4, 0, -3, 0]; t2 m1 [-1, 2, 0, -5], m2 [3, 0, 0, 0]
+    # m1 signs [+, +, -, -]: [4, 2, -3, -5]; m2 [3, 0, 0, 0]
+    srcs = [delta_source("t1", {M1: [4.0, 1.0, -3.0, 2.0]}),
+            delta_source("t2", {M1: [-1.0, 2.0, 0.5, -5.0], M2: [3.0, -0.2, 0.9, 0.1]})]
+    res = merge_adapters(srcs, "ties", density=0.5, output="sparse")
+    assert res.params["kappa"] == [3.0, 1.0]
+    assert_close(res.delta(M1), torch.tensor([[4.0, 2.0, -3.0, -5.0]]))
+    assert_close(res.delta(M2), torch.tensor([[3.0, 0.0, 0.0, 0.0]]))
+
+
+def test_ties_model_scope_different_targets_brute_force(tmp_path: Path) -> None:
+    """Two LoRA folders on different module sets: κ_t from the entries of the modules task t targets."""
+    import math
+
+    dirs = [make_lora_dirs(tmp_path / "a", 1, targets=("q_proj", "v_proj"))[0],
+            make_lora_dirs(tmp_path / "b", 1, targets=("q_proj", "down_proj"), seed=5)[0]]
+    srcs = [resolve_adapter(p) for p in dirs]
+    res = merge_adapters(dirs, "ties", density=0.2, output="sparse")
+    names = sorted({n for s in srcs for n in s.modules})
+    kappa = []
+    for s in srcs:  # brute force: sort all of the task's own entries
+        own = torch.cat([s.delta(n).reshape(-1) for n in names if n in s.modules])  # [P_t]
+        kappa.append(float(own.abs().sort(descending=True).values[math.ceil(0.2 * own.numel()) - 1]))
+    assert res.params["kappa"] == kappa
+    for n in names:
+        x = torch.stack([s.delta(n) if n in s.modules else torch.zeros(res.shapes[n]) for s in srcs])  # [2, *shape]
+        trimmed = torch.stack([torch.where(x[t].abs() >= kappa[t], x[t], 0.0) for t in range(2)])
+        sign = torch.sign(trimmed.sum(0))  # random values: no exact ties
+        agree = (torch.sign(trimmed) == sign) & (trimmed != 0)
+        want = (trimmed * agree).sum(0) / agree.sum(0).clamp_min(1)
+        assert_close(res.delta(n), want)
+        for t, s in enumerate(srcs):  # each task kept its top 20 % of its own entries in its own modules
+            if n not in s.modules:
+                assert not bool(trimmed[t].any())
+
+
 def test_ties_tensor_scope_by_hand() -> None:
     # per tensor: keep floor(0.5*4) = 2 of m1 and floor(0.5*2) = 1 of m2 for each task
     # trimmed: t1 m1 [4, 2.5, 0, 0] m2 [-3, 0]; t2 m1 [-2, 0, -5, 0] m2 [1, 0]; t3 m1 [3.2, 0, 0, -6] m2 [0, 4]
