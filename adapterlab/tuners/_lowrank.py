@@ -4,9 +4,11 @@
   (peft's own ``LoraConfig`` has the same switch: ``LoraConfig(use_rslora=True)``.)
 * :class:`LowRankLayer` — a peft tuner layer around any linear base layer (``nn.Linear``, a pruned
   ``nn.Linear``, bitsandbytes ``Linear8bitLt`` / ``Linear4bit``) computing
-  ``y = base(x) + s * dropout(x) A^T B^T``; subclasses only say what ``(A, B, s)`` are. Merging is
-  exact on dense bases (fp32 delta, cast once); on 8-bit and 4-bit bases it dequantizes, adds the
-  delta in fp32 and requantizes (4-bit: same quant_type/block size, read through
+  ``y = base(x) + s * dropout(x) A^T B^T``; subclasses only say what ``(A, B, s)`` are. Merging on
+  dense bases adds the fp32 delta to the fp32 weight and casts once, in any base dtype; unmerge
+  puts the pre-merge weight back, bit-exactly (``exact_unmerge=False`` saves that copy and
+  subtracts instead). On 8-bit and 4-bit bases it dequantizes, adds the delta in fp32 and
+  requantizes (4-bit: same quant_type/block size, read through
   :func:`adapterlab.quant.dequantize_weight`, so it is correct after CPU-repacking forwards), and
   unmerge restores the original codes exactly.
 * validation helpers whose errors name the key and the expected value, and
@@ -77,6 +79,8 @@ def check_common(config: Any) -> None:
         raise ValueError(f"lora_dropout must be in [0, 1), got {config.lora_dropout!r}")
     if not isinstance(config.use_rslora, bool):
         raise ValueError(f"use_rslora must be True or False, got {config.use_rslora!r}")
+    if not isinstance(getattr(config, "exact_unmerge", True), bool):
+        raise ValueError(f"exact_unmerge must be True or False, got {config.exact_unmerge!r}")
     tm = config.target_modules
     if tm is not None and not isinstance(tm, (str, list, set, tuple)):
         raise ValueError(f"target_modules must be a list of module names, a regex string or None, got {tm!r}")
@@ -158,8 +162,11 @@ class LowRankLayer(nn.Module, BaseTunerLayer):
 
     Semantics:
         for each active adapter a: A, B, s = factors(a)        # A: (r, d_in), B: (d_out, r)
-            y += s * (dropout_a(x) @ A.T) @ B.T
-        merge:   W += s * B @ A   (computed in fp32, cast once)
+            y += s * (dropout_a(x) @ A.T) @ B.T                 # in the adapters' dtype (fp32 on a half base)
+        merge:   W0 = W;  W = (W.float() + s * B @ A).to(W.dtype)    # fp32 add, one cast
+        unmerge: W = W0   (bit-exact; memory: one copy of each merged layer's weight while merged.
+                           exact_unmerge=False drops it: W = (W.float() - s * B @ A).to(W.dtype), with a warning)
+        4/8-bit bases: dequantize -> fp32 add -> requantize; unmerge restores the saved codes
     """
 
     dropout_name: str = "lowrank_dropout"
@@ -176,6 +183,10 @@ class LowRankLayer(nn.Module, BaseTunerLayer):
         self._int4_cache: dict[str, list[dict[str, Any]]] = {}
         #: the module's name in the base model, e.g. "model.layers.0.self_attn.q_proj"
         self.key: str = str(kwargs.get("key", ""))
+        #: per adapter, whether merge keeps the pre-merge weight for a bit-exact unmerge (config ``exact_unmerge``)
+        self.exact_unmerge: dict[str, bool] = {}
+        #: ``(number of adapters merged before it, the base weight tensor)`` saved by the first exact merge
+        self._pre_merge: tuple[int, torch.Tensor] | None = None
 
     # -- subclass interface ------------------------------------------------------------------
     def factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -220,10 +231,40 @@ class LowRankLayer(nn.Module, BaseTunerLayer):
             self._add_to_int8_(base, delta, adapter, safe_merge=safe_merge, sign=sign)
             return
         w = base.weight
-        merged = w.data.float() + sign * delta.to(w.device)
+        merged = w.data.float() + sign * delta.to(w.device)  # (d_out, d_in) fp32
         if safe_merge and not torch.isfinite(merged).all():
             raise ValueError(f"NaNs/Infs in the merged weights of adapter {adapter!r}; the adapter is broken")
+        if sign > 0:
+            self._keep_pre_merge(adapter, w.data)
         w.data = merged.to(w.dtype)
+
+    def _keep_pre_merge(self, adapter: str, weight: torch.Tensor) -> None:
+        """Hold the pre-merge weight tensor (no copy: merge assigns a new one) for an exact unmerge.
+
+        Called by every dense merge before the weight is replaced. With ``exact_unmerge=False`` the
+        adapter warns instead: its unmerge subtracts the delta, which in bf16/fp16 (and often in
+        fp32) does not give back the base's bits.
+        """
+        if not self.exact_unmerge.get(adapter, True):
+            warnings.warn(
+                f"adapter {adapter!r} has exact_unmerge=False: unmerge will subtract the delta, which does not "
+                f"restore the base weights bit-exactly (every merge/unmerge cycle, e.g. disable_adapter() on a "
+                f"merged model, drifts them in bf16/fp16)",
+                stacklevel=4,
+            )
+            return
+        if self._pre_merge is None:
+            self._pre_merge = (len(self.merged_adapters), weight)
+
+    def _restore_pre_merge(self) -> list[str]:
+        """Put the saved pre-merge weight back; returns the adapters that this undid (merged after it)."""
+        if self._pre_merge is None:
+            return []
+        at, weight = self._pre_merge
+        self.get_base_layer().weight.data = weight
+        self._pre_merge = None
+        undone, self.merged_adapters[:] = self.merged_adapters[at:], self.merged_adapters[:at]
+        return undone
 
     def _add_to_int4_(self, base: nn.Module, delta: torch.Tensor, adapter: str, *, safe_merge: bool, sign: float) -> None:
         """4-bit base: merge = dequantize (either CPU layout) -> add in fp32 -> requantize; unmerge restores the codes."""
@@ -286,7 +327,9 @@ class LowRankLayer(nn.Module, BaseTunerLayer):
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
-        while self.merged_adapters:
+        for adapter in self._restore_pre_merge():
+            self._after_unmerge(adapter)
+        while self.merged_adapters:  # merged with exact_unmerge=False, or into a 4/8-bit base (codes restored)
             adapter = self.merged_adapters.pop()
             if not self._has_adapter(adapter):
                 continue
@@ -309,8 +352,9 @@ class LowRankLayer(nn.Module, BaseTunerLayer):
             if not self._has_adapter(adapter):
                 continue
             a, b, s = self.factors(adapter)
-            h = drop[adapter](x.to(a.dtype))  # (..., d_in)
-            out = (h @ a.T) @ b.T  # (..., r) -> (..., d_out)
+            ct = torch.promote_types(a.dtype, b.dtype)  # fp32 adapters on a half base (peft's autocast convention)
+            h = drop[adapter](x.to(ct))  # (..., d_in)
+            out = (h @ a.to(ct).T) @ b.to(ct).T  # (..., r) -> (..., d_out)
             result = result + (out * s).to(result.dtype)
         return result
 

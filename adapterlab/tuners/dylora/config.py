@@ -40,6 +40,9 @@ class DyLoraConfig(PeftConfig):
         eval_rank: the rank used outside training and by merge/save; None means ``r``.
             ``set_rank(b)`` updates it, so a saved adapter remembers its deployment rank.
         init_weights: B = 0 at init (output equals the base); False draws B ~ N(0, 0.02) (tests).
+        exact_unmerge: merge keeps each merged layer's pre-merge weight (one copy per layer while
+            merged) so unmerge restores it bit-exactly; False saves that memory, unmerges by
+            subtraction (drifts in bf16/fp16) and warns at merge.
     """
 
     r: int = field(default=8, metadata={"help": "maximum rank r_max"})
@@ -54,6 +57,7 @@ class DyLoraConfig(PeftConfig):
     seed: int = field(default=0, metadata={"help": "seed of the per-step rank generator"})
     eval_rank: Optional[int] = field(default=None, metadata={"help": "inference/merge/save rank; None = r"})
     init_weights: bool = field(default=True, metadata={"help": "B = 0 at init"})
+    exact_unmerge: bool = field(default=True, metadata={"help": "keep the pre-merge weight so unmerge is bit-exact"})
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -91,7 +91,7 @@ class DyLoraLayer(LowRankLayer):
     """
 
     adapter_layer_names = ("dylora_A", "dylora_B")
-    other_param_names = ("r", "r_min", "lora_alpha", "use_rslora", "frozen_mode", "rank", "train_rank", "dylora_dropout")
+    other_param_names = ("r", "r_min", "lora_alpha", "use_rslora", "exact_unmerge", "frozen_mode", "rank", "train_rank", "dylora_dropout")
     dropout_name = "dylora_dropout"
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: DyLoraConfig, **kwargs: Any) -> None:
@@ -124,6 +124,7 @@ class DyLoraLayer(LowRankLayer):
         self.r_min[adapter_name] = config.r_min
         self.lora_alpha[adapter_name] = float(config.lora_alpha)
         self.use_rslora[adapter_name] = config.use_rslora
+        self.exact_unmerge[adapter_name] = config.exact_unmerge
         self.frozen_mode[adapter_name] = config.frozen_mode
         self.rank[adapter_name] = config.active_eval_rank
         self.train_rank[adapter_name] = None

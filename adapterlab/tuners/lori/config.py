@@ -43,6 +43,9 @@ class LoriConfig(PeftConfig):
         allow_shared_a: permit another adapter in the same model with the same ``a_seed``.
         a_init: how A is drawn (``"kaiming_uniform"``: U(-1/sqrt(d_in), 1/sqrt(d_in))).
         init_weights: B = 0 at init (output equals the base); False draws B ~ N(0, 0.02) (tests).
+        exact_unmerge: merge keeps each merged layer's pre-merge weight (one copy per layer while
+            merged) so unmerge restores it bit-exactly; False saves that memory, unmerges by
+            subtraction (drifts in bf16/fp16) and warns at merge.
     """
 
     r: int = field(default=32, metadata={"help": "rank"})
@@ -61,6 +64,7 @@ class LoriConfig(PeftConfig):
     allow_shared_a: bool = field(default=False, metadata={"help": "allow two adapters with one a_seed"})
     a_init: str = field(default="kaiming_uniform", metadata={"help": "distribution of A"})
     init_weights: bool = field(default=True, metadata={"help": "B = 0 at init"})
+    exact_unmerge: bool = field(default=True, metadata={"help": "keep the pre-merge weight so unmerge is bit-exact"})
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -134,7 +134,7 @@ class LoriLayer(LowRankLayer):
     """
 
     adapter_layer_names = ("lori_A", "lori_B")
-    other_param_names = ("r", "lora_alpha", "use_rslora", "lori_dropout")
+    other_param_names = ("r", "lora_alpha", "use_rslora", "exact_unmerge", "lori_dropout")
     dropout_name = "lori_dropout"
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoriConfig, **kwargs: Any) -> None:
@@ -160,8 +160,21 @@ class LoriLayer(LowRankLayer):
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = float(config.lora_alpha)
         self.use_rslora[adapter_name] = config.use_rslora
+        self.exact_unmerge[adapter_name] = config.exact_unmerge
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
+        """peft's move, except that the frozen A keeps the dtype it was drawn in (fp32).
+
+        peft casts every adapter tensor to the base dtype and then upcasts only *parameters* back
+        to fp32; A is a buffer, so on a bf16/fp16 base it would stay rounded (and no longer equal
+        the A regenerated from ``a_seed``). Forward and merge compute in the promoted dtype.
+        """
+        frozen = self.lori_A[adapter_name].weight if adapter_name in self.lori_A else None
+        super()._move_adapter_to_device_of_base_layer(adapter_name, device)
+        if frozen is not None:
+            self.lori_A[adapter_name].weight = frozen.to(self.lori_A[adapter_name].weight.device)
 
     def factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor, float]:
         a = self.lori_A[adapter].weight  # (r, d_in)

@@ -43,6 +43,9 @@ class LorsConfig(PeftConfig):
         stable_gamma: ``A = V^T[:r] / stable_gamma`` in ``lors_init_`` (reference 1.0).
         target_modules / exclude_modules: as in peft (None: peft's LoRA defaults).
         init_weights: ``B = 0`` at init; False draws ``B ~ N(0, 0.02)`` (tests).
+        exact_unmerge: merge keeps each merged layer's pre-merge weight (one copy per layer while
+            merged) so unmerge restores it bit-exactly; False saves that memory, unmerges by
+            subtraction (drifts in bf16/fp16) and warns at merge.
     """
 
     r: int = field(default=16, metadata={"help": "rank"})
@@ -55,6 +58,7 @@ class LorsConfig(PeftConfig):
     target_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "modules to adapt"})
     exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "modules to skip"})
     init_weights: bool = field(default=True, metadata={"help": "B = 0 at init"})
+    exact_unmerge: bool = field(default=True, metadata={"help": "keep the pre-merge weight so unmerge is bit-exact"})
 
     def __post_init__(self) -> None:
         super().__post_init__()

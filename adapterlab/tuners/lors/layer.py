@@ -28,13 +28,14 @@ class LorsLayer(LowRankLayer):
         M = (W != 0)                                       # the pruned base's keep mask
         one active adapter, no dropout:  y = x @ (W + s * (B @ A) * M).T + b     (one fused matmul)
         otherwise:                       y = base(x) + sum_a dropout_a(x) @ (s_a * (B_a @ A_a) * M).T
-        merge:   W += s * (B @ A) * M   (fp32, cast once; zeros of W verified to stay zero)
-        unmerge: W -= s * (B @ A) * M   (M from the merged weight plus the rare entries a merge
-                                          cancelled to exactly 0, recorded at merge time)
+        merge:   W0 = W;  W = (W.float() + s * (B @ A) * M).to(W.dtype)   (zeros of W verified to stay zero)
+        unmerge: W = W0 (bit-exact; one copy of the weight while merged). With exact_unmerge=False:
+                 W -= s * (B @ A) * M, M from the merged weight plus the rare entries a merge
+                 cancelled to exactly 0, recorded at merge time
     """
 
     adapter_layer_names = ("lors_A", "lors_B")
-    other_param_names = ("r", "lora_alpha", "use_rslora", "lors_grad", "lors_dropout", "lors_pattern")
+    other_param_names = ("r", "lora_alpha", "use_rslora", "exact_unmerge", "lors_grad", "lors_dropout", "lors_pattern")
     dropout_name = "lors_dropout"
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: LorsConfig, **kwargs: Any) -> None:
@@ -72,6 +73,7 @@ class LorsLayer(LowRankLayer):
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = float(config.lora_alpha)
         self.use_rslora[adapter_name] = config.use_rslora
+        self.exact_unmerge[adapter_name] = config.exact_unmerge
         self.lors_grad[adapter_name] = config.lors_grad
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
@@ -84,7 +86,7 @@ class LorsLayer(LowRankLayer):
     # -- mask / delta ---------------------------------------------------------------------------
     def keep_mask(self) -> torch.Tensor:
         """Bool ``(d_out, d_in)``: the base's nonzeros (valid merged or unmerged)."""
-        w = self.get_base_layer().weight
+        w = self._pre_merge[1] if self._pre_merge is not None else self.get_base_layer().weight
         keep = w.detach() != 0
         if self._lost is not None:
             keep.view(-1)[self._lost] = True
@@ -119,14 +121,17 @@ class LorsLayer(LowRankLayer):
             lost = ((merged == 0) & keep).view(-1).nonzero().squeeze(1)  # (n_lost,)
             if lost.numel():
                 self._lost = lost if self._lost is None else torch.cat([self._lost, lost])
+            self._keep_pre_merge(adapter, w.data)
             w.data = merged
             self.merged_adapters.append(adapter)
 
     def unmerge(self) -> None:
-        """Subtract each merged adapter's masked delta, last merged first."""
+        """Put the pre-merge weight back (bit-exact); adapters merged with ``exact_unmerge=False`` are
+        subtracted, last merged first."""
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
+        self._restore_pre_merge()
         w = self.get_base_layer().weight
         while self.merged_adapters:
             adapter = self.merged_adapters.pop()
