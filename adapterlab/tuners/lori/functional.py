@@ -63,13 +63,19 @@ def magnitude_masks(
         scope: ``"global"``: one ranking over all matrices concatenated (the paper's default, so
             densities differ per matrix); ``"matrix"``: each matrix keeps its own k.
         exclude: name -> bool mask of entries that may not be chosen (an earlier task's mask in
-            continual learning; the new mask is disjoint from it).
+            continual learning; the new mask is disjoint from it). Each mask has its matrix's shape.
 
     Returns:
         name -> bool mask of the same shape (True = trainable / kept).
 
+    Raises:
+        ValueError: ``sparsity`` or ``scope`` not allowed; an ``exclude`` key or shape that matches no
+            matrix; or ``k`` larger than the entries left free by ``exclude`` (globally, or in one
+            matrix for ``scope="matrix"``): the new mask would overlap the earlier one.
+
     Semantics:
-        v = cat([|B_i|.flatten()]); idx = topk(v, k).indices; mask = zeros(T); mask[idx] = True;
+        v = cat([|B_i|.flatten()]); v[excluded] = -1; require k <= #free
+        idx = topk(v, k).indices; mask = zeros(T); mask[idx] = True;
         split back per matrix (global), or the same per matrix (matrix).
     """
     if not 0.0 <= sparsity < 1.0:
@@ -77,26 +83,48 @@ def magnitude_masks(
     if scope not in ("global", "matrix"):
         raise ValueError(f"mask_scope={scope!r} is not supported; choose one of: global, matrix")
     names = list(weights)
-    mags = []
+    exclude = dict(exclude or {})
+    unknown = sorted(set(exclude) - set(names))
+    if unknown:
+        raise ValueError(f"exclude has masks for unknown matrices {unknown[:3]}; expected keys of the B matrices, e.g. {names[0]!r}")
+    mags, free = [], []
     for n in names:
         m = weights[n].detach().abs().float().flatten()  # (numel,)
-        if exclude is not None and n in exclude:
-            m = torch.where(exclude[n].flatten().bool(), torch.full_like(m, -1.0), m)
+        if n in exclude:
+            ex = exclude[n]
+            if tuple(ex.shape) != tuple(weights[n].shape):
+                raise ValueError(f"exclude[{n!r}] has shape {tuple(ex.shape)}, expected {tuple(weights[n].shape)} (the shape of its B)")
+            ex = ex.flatten().bool().to(m.device)
+            m = torch.where(ex, torch.full_like(m, -1.0), m)  # |B| >= 0 > -1: excluded entries rank last
+            free.append(m.numel() - int(ex.sum()))
+        else:
+            free.append(m.numel())
         mags.append(m)
     if scope == "matrix":
         out = {}
-        for n, m in zip(names, mags):
+        for n, m, f in zip(names, mags, free):
             k = kept_count(m.numel(), sparsity)
+            _check_free(k, f, m.numel(), f"LoRI mask of {n!r} (matrix scope)")
             flat = torch.zeros(m.numel(), dtype=torch.bool)
             flat[torch.topk(m, k, sorted=False).indices] = True
             out[n] = flat.view(weights[n].shape)
         return out
     v = torch.cat(mags)  # (T,)
     k = kept_count(v.numel(), sparsity)
+    _check_free(k, sum(free), v.numel(), f"LoRI global mask over {len(names)} B matrices ({names[0]!r}, ...)")
     flat = torch.zeros(v.numel(), dtype=torch.bool)
     flat[torch.topk(v, k, sorted=False).indices] = True
     pieces = flat.split([m.numel() for m in mags])
     return {n: p.view(weights[n].shape) for n, p in zip(names, pieces)}
+
+
+def _check_free(k: int, free: int, total: int, where: str) -> None:
+    """Refuse a mask that would have to reuse excluded entries (continual learning: masks are disjoint)."""
+    if k > free:
+        raise ValueError(
+            f"{where}: asked for k={k} kept entries but only {free} of the {total} entries are free (not in the "
+            f"excluded earlier mask); masks may not overlap: use sparsity >= {1.0 - free / total:.4g} or exclude less"
+        )
 
 
 def to_compact(dense: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
