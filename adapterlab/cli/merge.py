@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import typer
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, ValidationInfo, field_validator, model_validator
 from rich.table import Table
 
 from adapterlab.cli._common import console, progress, setup_logging, user_errors
@@ -18,7 +18,8 @@ HELP = (
     "Merge LoRA adapters of one base as dense deltas with linear, task_arithmetic, ties, dare_linear, "
     "dare_ties or rmm, described by a YAML file (method, adapters with weights, params, output; "
     "examples in recipes/merge/). Writes a PEFT LoRA folder of a chosen rank (retained energy reported "
-    "per module), a sparse delta, a full merged model, or an RMM bundle to OUTPUT. Relative adapter "
+    "per module), a sparse delta, a full merged model (output.keep_sparsity: true keeps a pruned base's "
+    "zeros), or an RMM bundle to OUTPUT. Relative adapter "
     "paths are looked up in the current folder, then next to the YAML file."
 )
 
@@ -47,6 +48,16 @@ class OutputSpec(BaseModel):
     rank: Optional[int] = Field(default=None, ge=1)
     energy: Optional[float] = Field(default=None, gt=0.0, le=1.0)
     dtype: Optional[Literal["float32", "float16", "bfloat16"]] = None
+    #: ``format: full`` only: mask the merge by the base's zeros (a pruned base stays pruned, verified).
+    keep_sparsity: StrictBool = False
+
+    @field_validator("keep_sparsity")
+    @classmethod
+    def _keep_sparsity_needs_full(cls, value: bool, info: ValidationInfo) -> bool:
+        fmt = info.data.get("format")
+        if value and fmt != "full":
+            raise ValueError(f"applies to format: full only (a merge into the base), not {fmt!r}")
+        return value
 
 
 class MergeConfig(BaseModel):
@@ -105,6 +116,8 @@ def _format_error(exc: ValidationError, source: str) -> str:
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
         msg = "unknown key"
+    elif err["type"] == "value_error":
+        msg = msg.removeprefix("Value error, ")
     return f"{source}: {loc or '(top level)'}: {msg}"
 
 
@@ -155,7 +168,7 @@ def _summary(result: Any, output: Path, limit: int = 40) -> Table:
     energies = [m.energy for m in result.modules if m.energy is not None]
     table.caption = f"{len(result.modules)} modules, {result.seconds:.2f} s" + (
         f", min energy {min(energies):.4f}" if energies else ""
-    )
+    ) + ("" if result.base_zeros_hit is None else f", {result.base_zeros_hit} zero weights of the base filled")
     return table
 
 
@@ -237,7 +250,7 @@ def command(
         kwargs: dict[str, Any] = dict(cfg.params)
         if cfg.method != "rmm":
             kwargs.update(output=cfg.output.format, rank=cfg.output.rank, energy=cfg.output.energy,
-                          factorwise=cfg.factorwise)
+                          factorwise=cfg.factorwise, keep_sparsity=cfg.output.keep_sparsity)
         result = merge_adapters(
             sources, cfg.method, weights=weights, base=cfg.base, dtype=dtype, check_base=cfg.check_base,
             progress=rich_factory(prog), **kwargs,

@@ -590,13 +590,25 @@ def _skeleton(base: nn.Module | str | Path) -> nn.Module:
         return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path), local_files_only=True))
 
 
+def _checkpoint_dtype(path: Path) -> torch.dtype:
+    """The dtype a model folder's ``config.json`` records (``dtype`` / ``torch_dtype``), else fp32."""
+    try:
+        cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return torch.float32
+    name = cfg.get("dtype") or cfg.get("torch_dtype")
+    dtype = getattr(torch, str(name), None) if name else None
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
 def _load_base(base: nn.Module | str | Path) -> nn.Module:
+    """A copy of the base to merge into, in the checkpoint's dtype (a bf16 folder stays bf16)."""
     if isinstance(base, nn.Module):
         inner = base.get_base_model() if hasattr(base, "get_base_model") else base
         return copy.deepcopy(inner)
-    from adapterlab.models import load_model
+    from adapterlab.models import load_model, resolve_model_path
 
-    return load_model(base)
+    return load_model(base, dtype=_checkpoint_dtype(resolve_model_path(base)))
 
 
 def merge_adapters(

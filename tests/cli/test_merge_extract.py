@@ -171,8 +171,14 @@ def test_extract_cli_bad_input(tmp_path: Path) -> None:
 def test_merge_recipes_validate(recipe: Path) -> None:
     from adapterlab.merging import MERGERS
 
+    raw = yaml.safe_load(recipe.read_text())
     cfg = merge_cli.load_config(recipe)
-    MERGERS.get(cfg.method).from_params(cfg.params)
+    merger = MERGERS.get(cfg.method).from_params(cfg.params)
+    # every parameter the recipe writes reaches the merger with its value (nothing dropped or defaulted)
+    described = merger.describe()
+    assert raw["params"] and {k: described[k] for k in raw["params"]} == raw["params"]
+    assert cfg.method == raw["method"] and len(cfg.adapters) == len(raw["adapters"])
+    assert cfg.output.format == raw.get("output", {}).get("format")
 
 
 def test_merge_cli_shira_stays_sparse_and_goes_to_the_registry(tmp_path: Path) -> None:
@@ -200,3 +206,54 @@ def test_merge_cli_shira_stays_sparse_and_goes_to_the_registry(tmp_path: Path) -
         torch.testing.assert_close(got.delta(name), want.delta(name), rtol=0, atol=1e-6)
     rows = {r["name"]: r for r in AdapterRegistry(hub).ls()}
     assert rows["ties-shira"]["method"] == "adapterlab_shira", rows
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_merge_cli_full_into_pruned_bf16_base(tmp_path: Path, keep: bool) -> None:
+    """output.format full on a pruned bf16 base folder: one rounding, the bf16 checkpoint kept, keep_sparsity."""
+    from safetensors.torch import load_file
+
+    from adapterlab.pruning import prune_
+    from tests.merging._helpers import make_dyadic_lora_dirs, oracle_deltas
+
+    base = tiny_llama(dtype=torch.bfloat16)
+    prune_(base, "magnitude", 0.5)
+    base.save_pretrained(tmp_path / "base")
+    dirs = make_dyadic_lora_dirs(tmp_path, 2, dtype=torch.bfloat16)
+    cfg = {"method": "task_arithmetic", "base": str(tmp_path / "base"), "adapters": [str(p) for p in dirs],
+           "output": {"format": "full", "keep_sparsity": keep}}
+    out = tmp_path / "out"
+    res = runner.invoke(_app(), ["merge", str(_write(tmp_path, cfg)), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    merged = load_file(str(out / "model.safetensors"))
+    hits = 0
+    for name, d in oracle_deltas(dirs, [1.0, 1.0]).items():
+        w0 = base.get_submodule(name).weight.detach()
+        zero = w0 == 0
+        want = (w0.float() + (torch.where(zero, 0.0, d) if keep else d).float()).to(torch.bfloat16)
+        got = merged[f"{name}.weight"]
+        assert got.dtype == torch.bfloat16 and torch.equal(got, want), name
+        hits += int((zero & (got != 0)).sum())
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["base_zeros_hit"] == hits and report["params"]["keep_sparsity"] is keep
+    assert (hits == 0) is keep
+    assert f"{hits} zero weights of the base filled" in " ".join(res.output.split())
+
+
+@pytest.mark.parametrize(
+    "output, message",
+    [
+        ({"format": "lora", "keep_sparsity": True}, r"output\.keep_sparsity: applies to format: full only .*not 'lora'"),
+        ({"keep_sparsity": True}, r"output\.keep_sparsity: applies to format: full only .*not None"),
+        ({"format": "full", "keep_sparsity": "sure"}, r"output\.keep_sparsity: Input should be a valid boolean"),
+    ],
+)
+def test_merge_cli_keep_sparsity_bad_input(adapters: list[Path], tmp_path: Path, output: dict, message: str) -> None:
+    import re
+
+    out = tmp_path / "out"
+    res = runner.invoke(_app(), ["merge", str(_write(tmp_path, _cfg(adapters, output=output))), "-o", str(out)])
+    assert res.exit_code == 2, res.output
+    text = " ".join(res.output.split())
+    assert re.search(message, text) and len(_err(res).splitlines()) == 1, text
+    assert not out.exists()
