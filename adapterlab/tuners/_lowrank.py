@@ -33,7 +33,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_t
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
-from adapterlab.quant import dequantize_weight, is_4bit, is_8bit, requantize_4bit_, restore_weight_, snapshot_weight
+from adapterlab.quant import dequantize_weight, is_4bit, is_8bit, restore_weight_, set_weight_, snapshot_weight
 
 logger = logging.getLogger(__name__)
 
@@ -177,10 +177,8 @@ class LowRankLayer(nn.Module, BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.in_features, self.out_features = _base_features(self.get_base_layer())
-        #: per adapter, a stack of original 8-bit (CB, SCB) saved by merge for an exact unmerge
-        self._int8_cache: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        #: per adapter, a stack of original 4-bit (codes, quant state) saved by merge for an exact unmerge
-        self._int4_cache: dict[str, list[dict[str, Any]]] = {}
+        #: per adapter, a stack of original 4/8-bit codes (+ quant state / scales) saved by merge for an exact unmerge
+        self._quant_cache: dict[str, list[dict[str, Any]]] = {}
         #: the module's name in the base model, e.g. "model.layers.0.self_attn.q_proj"
         self.key: str = str(kwargs.get("key", ""))
         #: per adapter, whether merge keeps the pre-merge weight for a bit-exact unmerge (config ``exact_unmerge``)
@@ -224,11 +222,8 @@ class LowRankLayer(nn.Module, BaseTunerLayer):
 
     def _add_to_base_(self, delta: torch.Tensor, adapter: str, *, safe_merge: bool, sign: float) -> None:
         base = self.get_base_layer()
-        if is_4bit(base):
-            self._add_to_int4_(base, delta, adapter, safe_merge=safe_merge, sign=sign)
-            return
-        if is_8bit(base):
-            self._add_to_int8_(base, delta, adapter, safe_merge=safe_merge, sign=sign)
+        if is_4bit(base) or is_8bit(base):
+            self._add_to_quantized_(base, delta, adapter, safe_merge=safe_merge, sign=sign)
             return
         w = base.weight
         merged = w.data.float() + sign * delta.to(w.device)  # (d_out, d_in) fp32
@@ -237,6 +232,21 @@ class LowRankLayer(nn.Module, BaseTunerLayer):
         if sign > 0:
             self._keep_pre_merge(adapter, w.data)
         w.data = merged.to(w.dtype)
+
+    def _add_to_quantized_(self, base: nn.Module, delta: torch.Tensor, adapter: str, *, safe_merge: bool, sign: float) -> None:
+        """4/8-bit base: merge = dequantize (either CPU layout) -> add in fp32 -> requantize (same
+        quant type / block size; 8-bit row-wise); unmerge puts the saved codes back."""
+        if sign < 0:
+            stack = self._quant_cache.get(adapter)
+            if not stack:
+                raise QuantizedMergeError(f"no saved quantized weight to unmerge adapter {adapter!r}")
+            restore_weight_(base, stack.pop())
+            return
+        merged = dequantize_weight(base) + delta.to(base.weight.device)  # (d_out, d_in) fp32
+        if safe_merge and not torch.isfinite(merged).all():
+            raise ValueError(f"NaNs/Infs in the merged weights of adapter {adapter!r}")
+        self._quant_cache.setdefault(adapter, []).append(snapshot_weight(base))
+        set_weight_(base, merged)
 
     def _keep_pre_merge(self, adapter: str, weight: torch.Tensor) -> None:
         """Hold the pre-merge weight tensor (no copy: merge assigns a new one) for an exact unmerge.
