@@ -44,3 +44,33 @@ def test_import_adapterlab_registers_tuners():
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("True"), proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("use_rslora,scale", [(True, 8.0 / math.sqrt(16)), (False, 8.0 / 16)])
+def test_spp_uses_rslora_scale_in_forward_and_merge(use_rslora, scale, tmp_path):
+    """SPP's delta ``s * beta ⊙ alpha_rows ⊙ W0`` with ``s = alpha / sqrt(r)`` under rsLoRA (brute force)."""
+    import torch
+    from peft import PeftConfig, get_peft_model
+
+    from adapterlab.models import tiny_llama
+    from adapterlab.tuners import SppConfig
+    from adapterlab.tuners.spp.layer import SppLayer
+
+    cfg = SppConfig(r=16, lora_alpha=8.0, use_rslora=use_rslora, groups=4, lora_dropout=0.0, init_weights=False,
+                    target_modules=TARGETS)
+    cfg.save_pretrained(str(tmp_path))
+    assert PeftConfig.from_pretrained(str(tmp_path)).use_rslora is use_rslora
+    pm = get_peft_model(tiny_llama(), cfg)
+    layer = next(m for m in pm.modules() if isinstance(m, SppLayer))
+    w0 = layer.get_base_layer().weight.detach().double()  # (d_out, d_in)
+    alpha = layer.spp_alpha["default"].detach().double()  # (g, d_in)
+    beta = layer.spp_beta["default"].detach().double()  # (d_out, 1)
+    g = alpha.shape[0]
+    d = torch.empty_like(w0)
+    for i in range(w0.shape[0]):  # the paper's definition, row by row
+        d[i] = scale * beta[i, 0] * alpha[i // (w0.shape[0] // g)] * w0[i]
+    x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = layer(x) - layer.get_base_layer()(x)
+    torch.testing.assert_close(got.double(), x.double() @ d.T, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(layer.delta_weight("default").double(), d, rtol=1e-5, atol=1e-7)
