@@ -235,6 +235,173 @@ def test_int8_base_merge_restores_codes_exactly():
 
 
 # ---------------------------------------------------------------------------------------------
+# dtypes: fp32 adapter parameters on any base, one rounding on merge, bit-exact unmerge
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _snell_on(dtype, seed=0, **kw):
+    from peft import get_peft_model
+
+    kw.setdefault("target_modules", TARGETS)
+    model = tiny_llama(dtype=dtype)
+    torch.manual_seed(seed)
+    return get_peft_model(model, SnellConfig(**kw))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_base_keeps_fp32_adapter_parameters_unrounded(dtype):
+    full = {n: p for n, p in _snell_on(torch.float32, r=4, zero_init_offset=True).named_parameters() if "snell_" in n}
+    pm = _snell_on(dtype, r=4, zero_init_offset=True)
+    half = {n: p for n, p in pm.named_parameters() if "snell_" in n}
+    assert half.keys() == full.keys() and half
+    for n, p in half.items():
+        assert p.dtype == torch.float32 and torch.equal(p, full[n]), n  # not rounded through the base dtype
+    for n, b in pm.named_buffers():
+        if "snell_P0" in n or "snell_Q0" in n:
+            assert b.dtype == torch.float32
+    x = batch()
+    pm.train()
+    pm(x, labels=x).loss.backward()  # mixed dtypes in a layer: no error
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in half.values())
+
+
+def _dyadic_factors_(layer, g):
+    """P, Q with only coordinate 0 non-zero, on a 1/16 grid: every distance |x - y| and the kernel
+    0.25 * (D0 - D1) are exact in fp32, so any correct implementation gives the same bits."""
+    with torch.no_grad():
+        for param in (layer.snell_P["default"], layer.snell_Q["default"]):
+            param.zero_()
+            param[:, :, 0] = torch.randint(0, 512, param.shape[:2], generator=g).float() / 16
+
+
+def _oracle_delta(layer, sparsity):
+    """scale * (K masked to the keep largest |K|, ties by flat position).T, from the kernel formula."""
+    x = layer.snell_P["default"].detach().double()[:, :, 0]  # (H, n)
+    y = layer.snell_Q["default"].detach().double()[:, :, 0]  # (H, m)
+    dist = (x[:, :, None] - y[:, None, :]).abs()  # (H, n, m) Euclidean distance of 1-D points
+    k = 0.25 * dist[0] - 0.25 * dist[1]  # (n, m), coefficients (+c, -c)
+    keep = k.numel() - math.floor(sparsity * k.numel() + 1e-6)
+    order = sorted(range(k.numel()), key=lambda i: (-abs(float(k.flatten()[i])), i))[:keep]
+    kept = torch.zeros(k.numel(), dtype=torch.bool)
+    kept[order] = True
+    return (k.flatten() * kept).view_as(k).T.float()  # (m, n), exact in fp32
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_merge_on_each_dtype_rounds_once_and_unmerge_restores_bits(dtype):
+    pm = _snell_on(dtype, r=4, coeff=0.25, sparsity=0.4)
+    g = torch.Generator().manual_seed(4)
+    for layer in _layers(pm):
+        _dyadic_factors_(layer, g)
+    w0 = {layer.key: layer.get_base_layer().weight.detach().clone() for layer in _layers(pm)}
+    x = batch()
+    unmerged = logits(pm, x)
+    pm.base_model.merge_adapter()
+    for layer in _layers(pm):
+        expected = (w0[layer.key].float() + _oracle_delta(layer, 0.4)).to(dtype)
+        assert torch.equal(layer.get_base_layer().weight.detach(), expected), layer.key
+    torch.testing.assert_close(logits(pm, x), unmerged, **TOL[dtype])
+    pm.base_model.unmerge_adapter()
+    for layer in _layers(pm):
+        assert torch.equal(layer.get_base_layer().weight.detach(), w0[layer.key])
+    assert torch.equal(logits(pm, x), unmerged)
+
+
+# ---------------------------------------------------------------------------------------------
+# zero_init_offset: the step-0 competition (every |K - K0| is 0) is not decided by position
+
+
+def _first_flat(shape, keep):
+    flat = torch.zeros(math.prod(shape), dtype=torch.bool)
+    flat[:keep] = True
+    return flat.view(shape)
+
+
+def _oracle_selection(delta, k0, keep):
+    """Brute force of the rule: largest |K - K0|, then largest |K0|, then lowest flat position."""
+    d, t = delta.flatten().abs().tolist(), k0.flatten().abs().tolist()
+    order = sorted(range(len(d)), key=lambda i: (-d[i], -t[i], i))[:keep]
+    mask = torch.zeros(len(d), dtype=torch.bool)
+    mask[order] = True
+    return mask.view_as(delta)
+
+
+def _kernels(layer):
+    spec = layer.snell_spec["default"]
+    coeffs = head_coefficients(spec["heads"], spec["coeff"])
+    k = kernel_matrix(layer.snell_P["default"].detach(), layer.snell_Q["default"].detach(), coeffs)
+    k0 = kernel_matrix(layer.snell_P0["default"], layer.snell_Q0["default"], coeffs)
+    return k, k0
+
+
+def test_zero_offset_step0_selection_follows_the_initial_kernel_not_position():
+    pm = _snell(r=4, sparsity=0.5, zero_init_offset=True)
+    for layer in _layers(pm):
+        sel = layer.selection("default")
+        keep = layer.keep("default")
+        k, k0 = _kernels(layer)
+        assert torch.equal(k, k0) and int(sel.sum()) == keep
+        assert not torch.equal(sel, _first_flat(sel.shape, keep))
+        assert torch.equal(sel, _oracle_selection(k - k0, k0, keep))
+        assert torch.equal(sel, keep_mask(k0.abs(), keep))  # = what the reference (no offset) keeps at step 0
+    again = _snell(r=4, sparsity=0.5, zero_init_offset=True)  # same seed: same decision
+    other = _snell(r=4, sparsity=0.5, zero_init_offset=True, target_modules=["q_proj"])
+    for a, b in zip(_layers(pm), _layers(again)):
+        assert torch.equal(a.selection("default"), b.selection("default"))
+    torch.manual_seed(1)
+    assert not torch.equal(_layers(_snell_on(torch.float32, seed=1, r=4, sparsity=0.5, zero_init_offset=True))[0].selection("default"),
+                           _layers(other)[0].selection("default"))
+
+
+def test_zero_offset_after_a_step_selects_by_the_offset_delta():
+    pm = _snell(r=4, sparsity=0.5, zero_init_offset=True)
+    train_step(pm, batch())
+    for layer in _layers(pm):
+        k, k0 = _kernels(layer)
+        sel = layer.selection("default")
+        assert torch.equal(sel, _oracle_selection(k - k0, k0, layer.keep("default")))
+        assert torch.equal(sel, layer.sparse_delta("default").detach() != 0)
+
+
+def test_zero_offset_first_gradient_reaches_every_input_row():
+    """Positional step-0 selection kept only the first rows of the (n, m) kernel, so the P rows of the
+    later input features got no gradient at all in the first step."""
+    pm = _snell(r=4, sparsity=0.5, zero_init_offset=True, target_modules=["q_proj"])
+    x = batch()
+    pm.train()
+    pm(x, labels=x).loss.backward()
+    for layer in _layers(pm):
+        rows_with_grad = layer.snell_P["default"].grad.abs().sum(dim=(0, 2)) > 0  # (n,)
+        assert bool(rows_with_grad.all())
+
+
+def test_zero_offset_step0_selection_depends_only_on_the_saved_adapter(tmp_path):
+    """Reloaded under another RNG state (as in another process), the step-0 decision is the same: it is
+    a function of the seeded, saved P0/Q0 only (no unseeded randomness, no salted hash)."""
+    from peft import PeftModel
+
+    pm = _snell(r=4, sparsity=0.5, zero_init_offset=True, target_modules=["q_proj"])
+    pm.save_pretrained(tmp_path)
+    torch.manual_seed(12345)
+    loaded = PeftModel.from_pretrained(tiny_llama(seed=7), str(tmp_path))
+    here, there = [layer.selection("default") for layer in _layers(pm)], [layer.selection("default") for layer in _layers(loaded)]
+    assert len(here) == len(there) == 2 and all(torch.equal(a, b) for a, b in zip(here, there))
+
+
+def test_keep_mask_tie_break_hand_example():
+    scores = torch.tensor([1.0, 2.0, 2.0, 2.0, 0.5, 2.0])
+    tie = torch.tensor([9.0, 0.1, 0.3, 0.2, 9.0, 0.3])
+    # the 2.0s tie; by tie score 0.3 (pos 2), 0.3 (pos 5), 0.2 (pos 3), 0.1 (pos 1)
+    assert keep_mask(scores, 2, tie_break=tie).tolist() == [False, False, True, False, False, True]
+    assert keep_mask(scores, 3, tie_break=tie).tolist() == [False, False, True, True, False, True]
+    assert keep_mask(scores, 5, tie_break=tie).tolist() == [True, True, True, True, False, True]
+    assert keep_mask(scores, 2).tolist() == [False, True, True, False, False, False]  # no tie score: flat order
+    out = sparsify(torch.zeros(2, 3), 2, tie_break=tie.view(2, 3))
+    assert torch.equal(out, torch.zeros(2, 3))
+
+
+# ---------------------------------------------------------------------------------------------
 # SNELLA schedule and allocation oracles
 
 

@@ -19,6 +19,7 @@ from adapterlab.tuners.snell.functional import (
     kernel_matrix,
     mask_from_threshold,
     sparsify,
+    tie_threshold,
 )
 from adapterlab.tuners.snell.layer import SnellLayer
 from adapterlab.tuners.snell.model import SnellModel
@@ -39,4 +40,5 @@ __all__ = [
     "kernel_matrix",
     "mask_from_threshold",
     "sparsify",
+    "tie_threshold",
 ]

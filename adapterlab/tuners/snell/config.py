@@ -48,7 +48,10 @@ class SnellConfig(PeftConfig):
         snell_reference_square: the released code's sparsifier (kept entries become
             ``K_ij * |K_ij|`` detached) instead of the paper's plain ``K_ij`` (default False).
         zero_init_offset: subtract the kernel of the initial ``(P0, Q0)`` (stored as buffers), so
-            the output equals the base at init.
+            the output equals the base at init. Then every ``|K - K0|`` is 0 at step 0, so ties of
+            the competition are broken by the largest ``|K0|`` (the entries the reference, which has no
+            offset, keeps at step 0), then by flat position: the first selection follows the seeded
+            init, not the position, and is the same in every process for the same seed / saved adapter.
         lora_alpha: optional extra scale ``alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``);
             None = no extra scale (the reference).
         use_rslora: rank-stabilised scale; needs ``lora_alpha``.

@@ -74,38 +74,85 @@ def keep_threshold(scores: torch.Tensor, keep: int) -> tuple[float, int]:
     return float(threshold), keep - int((flat > threshold).sum())
 
 
-def mask_from_threshold(scores: torch.Tensor, threshold: float, need: int) -> torch.Tensor:
-    """The bool mask described by :func:`keep_threshold` (elementwise; no selection)."""
+def tie_threshold(scores: torch.Tensor, threshold: float, need: int, tie_break: torch.Tensor) -> tuple[float, int]:
+    """``(t2, need2)`` choosing ``need`` of the entries ``scores == threshold`` by largest ``tie_break``:
+    those with ``tie_break > t2`` plus the first ``need2`` with ``tie_break == t2`` in flat order.
+
+    When there are only ``need`` tied entries (the usual case for continuous scores) all of them are
+    kept (``t2 = -inf``) without a second selection.
+    """
+    flat = scores.detach().reshape(-1)  # (N,)
+    if need <= 0:
+        return float("inf"), 0
+    ties = flat == threshold  # (N,)
+    if int(ties.sum()) <= need:
+        return float("-inf"), 0
+    tb = tie_break.detach().reshape(-1).to(flat.dtype)  # (N,)
+    candidates = torch.where(ties, tb, torch.full_like(tb, float("-inf")))  # (N,) only the ties compete
+    return keep_threshold(candidates, need)
+
+
+def mask_from_threshold(
+    scores: torch.Tensor,
+    threshold: float,
+    need: int,
+    *,
+    tie_break: torch.Tensor | None = None,
+    tie: tuple[float, int] | None = None,
+) -> torch.Tensor:
+    """The bool mask described by :func:`keep_threshold` (elementwise; no selection).
+
+    With ``tie_break`` and ``tie = tie_threshold(...)`` the ``need`` tied entries are those of largest
+    ``tie_break`` (then lowest flat index); otherwise the first ``need`` ties in flat order.
+    """
     flat = scores.detach().reshape(-1)  # (N,)
     mask = flat > threshold  # (N,)
     if need > 0:
-        ties = (flat == threshold).nonzero().squeeze(1)  # (T,) ascending flat positions, T > need
-        mask[ties[:need]] = True
+        ties = flat == threshold  # (N,)
+        if tie_break is not None and tie is not None:
+            t2, need2 = tie
+            tb = tie_break.detach().reshape(-1).to(flat.dtype)  # (N,)
+            mask |= ties & (tb > t2)
+            if need2 > 0:
+                mask[(ties & (tb == t2)).nonzero().squeeze(1)[:need2]] = True
+        else:
+            mask[ties.nonzero().squeeze(1)[:need]] = True  # (T,) ascending flat positions, T > need
     return mask.view_as(scores)
 
 
-def keep_mask(scores: torch.Tensor, keep: int) -> torch.Tensor:
-    """Bool mask of exactly ``keep`` entries with the largest ``scores`` (ties: lowest flat index).
+def keep_mask(scores: torch.Tensor, keep: int, *, tie_break: torch.Tensor | None = None) -> torch.Tensor:
+    """Bool mask of exactly ``keep`` entries with the largest ``scores``.
+
+    Ties are broken by the largest ``tie_break`` (same shape as ``scores``), then by the lowest flat index.
 
     Semantics:
-        order = stable argsort of -scores.flatten()
+        order = stable argsort of -scores.flatten()            # or lexicographic (-scores, -tie_break)
         mask.flatten()[order[:keep]] = True
     """
-    return mask_from_threshold(scores, *keep_threshold(scores, keep))
+    threshold, need = keep_threshold(scores, keep)
+    tie = None if tie_break is None else tie_threshold(scores, threshold, need, tie_break)
+    return mask_from_threshold(scores, threshold, need, tie_break=tie_break, tie=tie)
 
 
 def sparsify(
-    delta: torch.Tensor, keep: int, *, reference_square: bool = False, cache: dict[str, Any] | None = None
+    delta: torch.Tensor,
+    keep: int,
+    *,
+    reference_square: bool = False,
+    cache: dict[str, Any] | None = None,
+    tie_break: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Competition-based sparsification of one layer's generated delta (same shape as ``delta``).
 
     The mask is computed from a detached copy, so selection is re-done every call and gradients
-    flow only into the surviving entries. ``cache`` (a dict) keeps the selection threshold of the
-    first call and reuses it on later calls with the same ``delta`` (the activation-checkpoint
-    recomputation), which then needs no ``kthvalue``.
+    flow only into the surviving entries. ``cache`` (a dict) keeps the selection thresholds of the
+    first call and reuses them on later calls with the same ``delta`` (the activation-checkpoint
+    recomputation), which then needs no ``kthvalue``. ``tie_break`` (same shape, e.g. ``|K0|`` with
+    ``zero_init_offset``, where every ``|delta|`` is 0 at step 0) orders tied magnitudes; without
+    it ties go to the lowest flat index.
 
     Semantics:
-        M = keep_mask(|delta|, keep)
+        M = keep_mask(|delta|, keep, tie_break=tie_break)
         out = delta * M                            # paper
         out = delta * (|delta|.detach() * M)       # reference_square (released code)
     """
@@ -113,12 +160,13 @@ def sparsify(
         return delta
     magnitude = delta.detach().abs()
     if cache is not None and "threshold" in cache:
-        threshold, need = cache["threshold"], cache["need"]
+        threshold, need, tie = cache["threshold"], cache["need"], cache["tie"]
     else:
         threshold, need = keep_threshold(magnitude, keep)
+        tie = None if tie_break is None else tie_threshold(magnitude, threshold, need, tie_break)
         if cache is not None:
-            cache["threshold"], cache["need"] = threshold, need
-    mask = mask_from_threshold(magnitude, threshold, need)
+            cache["threshold"], cache["need"], cache["tie"] = threshold, need, tie
+    mask = mask_from_threshold(magnitude, threshold, need, tie_break=tie_break, tie=tie)
     if reference_square:
         return delta * (magnitude * mask)
     return delta * mask

@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from adapterlab.quant import dequantize_weight, is_4bit, is_8bit, restore_weight_, set_weight_, snapshot_weight
 from adapterlab.tuners._lowrank import _base_features, lowrank_scale
 from adapterlab.tuners.snell.config import SnellConfig
-from adapterlab.tuners.snell.functional import drop_path, head_coefficients, kernel_matrix, keep_count, sparsify
+from adapterlab.tuners.snell.functional import drop_path, head_coefficients, keep_count, keep_mask, kernel_matrix, sparsify
 
 
 def _branch(h: torch.Tensor, delta_fn: Any, *params: torch.Tensor) -> torch.Tensor:
@@ -42,7 +42,7 @@ class SnellLayer(nn.Module, BaseTunerLayer):
 
     Semantics:
         K = kernel_matrix(P, Q, c, p, mix) [- kernel_matrix(P0, Q0, c, p, mix0)]     # (n, m)
-        K_sparse = sparsify(K, keep)                                                  # exactly `keep` non-zeros
+        K_sparse = sparsify(K, keep [, tie_break=|kernel_matrix(P0, Q0, c, p, mix0)|])  # exactly `keep` non-zeros
         y = base(x) + scale * drop_path(dropout(x) @ K_sparse)
         merge: W <- W + scale * K_sparse.T   (fp32)
     """
@@ -104,6 +104,15 @@ class SnellLayer(nn.Module, BaseTunerLayer):
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
+        """Move to the base layer's device only: P, Q (and P0, Q0, mix) stay fp32 on a bf16/fp16 base
+        (peft's autocast convention), instead of being rounded through the base dtype at init."""
+        target = device if device is not None else self.get_base_layer().weight.device
+        for name in self.adapter_layer_names + ("snell_keep", "snell_P0", "snell_Q0", "snell_dropout"):
+            container = getattr(self, name)
+            if adapter_name in container and not any(t.is_meta for t in container.parameters()):
+                container[adapter_name] = container[adapter_name].to(target)
+
     def _has_adapter(self, adapter: str) -> bool:
         return adapter in self.snell_P
 
@@ -122,6 +131,30 @@ class SnellLayer(nn.Module, BaseTunerLayer):
             raise ValueError(f"keep for {self.key!r} must be in [0, {self.numel}], got {keep!r}")
         self.snell_keep[adapter].fill_(int(keep))
 
+    def _kernel_fn(self, adapter: str) -> Any:
+        """A function ``(P, Q[, mix]) -> (K - K0, |K0| or None)``: the dense generated delta ``(n, m)`` and,
+        with ``zero_init_offset``, the tie-break score of the competition."""
+        spec = self.snell_spec[adapter]
+        has_offset = adapter in self.snell_P0
+
+        def fn(p_in: torch.Tensor, q_out: torch.Tensor, *mix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+            coeffs = head_coefficients(spec["heads"], spec["coeff"], dtype=p_in.dtype).to(p_in.device)
+            mix_t = mix[0] if mix else None
+            k = kernel_matrix(p_in, q_out, coeffs, norm_p=spec["norm_p"], mix=mix_t)  # (n, m)
+            if not has_offset:
+                return k, None
+            with torch.no_grad():
+                mix0 = None if mix_t is None else torch.tensor([1.0, 1.0, 0.0], dtype=p_in.dtype, device=p_in.device)
+                k0 = kernel_matrix(
+                    self.snell_P0[adapter].to(p_in.dtype), self.snell_Q0[adapter].to(p_in.dtype), coeffs,
+                    norm_p=spec["norm_p"], mix=mix0,
+                )  # (n, m)
+            # Ties of |K - K0| (all n*m entries at step 0, where K == K0) go to the largest |K0|: the
+            # entries the reference (no offset) keeps at step 0, decided by the seeded init alone.
+            return k - k0, k0.abs()
+
+        return fn
+
     def _delta_fn(self, adapter: str) -> Any:
         """A function ``(P, Q[, mix]) -> K_sparse (n, m)`` for ``adapter`` (offset and keep bound in).
 
@@ -130,24 +163,24 @@ class SnellLayer(nn.Module, BaseTunerLayer):
         """
         spec = self.snell_spec[adapter]
         keep = self.keep(adapter)
-        has_offset = adapter in self.snell_P0
-        cache: dict[str, Any] = {}  # selection threshold, reused by the checkpoint recomputation
+        kernel = self._kernel_fn(adapter)
+        cache: dict[str, Any] = {}  # selection thresholds, reused by the checkpoint recomputation
 
         def fn(p_in: torch.Tensor, q_out: torch.Tensor, *mix: torch.Tensor) -> torch.Tensor:
-            coeffs = head_coefficients(spec["heads"], spec["coeff"], dtype=p_in.dtype).to(p_in.device)
-            mix_t = mix[0] if mix else None
-            k = kernel_matrix(p_in, q_out, coeffs, norm_p=spec["norm_p"], mix=mix_t)  # (n, m)
-            if has_offset:
-                with torch.no_grad():
-                    mix0 = None if mix_t is None else torch.tensor([1.0, 1.0, 0.0], dtype=p_in.dtype, device=p_in.device)
-                    k0 = kernel_matrix(
-                        self.snell_P0[adapter].to(p_in.dtype), self.snell_Q0[adapter].to(p_in.dtype), coeffs,
-                        norm_p=spec["norm_p"], mix=mix0,
-                    )  # (n, m)
-                k = k - k0
-            return sparsify(k, keep, reference_square=spec["square"], cache=cache)  # (n, m)
+            k, tie_break = kernel(p_in, q_out, *mix)
+            return sparsify(k, keep, reference_square=spec["square"], cache=cache, tie_break=tie_break)  # (n, m)
 
         return fn
+
+    def selection(self, adapter: str) -> torch.Tensor:
+        """The bool ``(n, m)`` mask of the entries that survive the competition with the current parameters.
+
+        Largest ``|K - K0|`` first; ties (with ``zero_init_offset`` every entry ties at step 0) by the
+        largest ``|K0|``, then by the lowest flat position.
+        """
+        with torch.no_grad():
+            k, tie_break = self._kernel_fn(adapter)(*(p.detach() for p in self._params(adapter)))
+            return keep_mask(k.abs(), self.keep(adapter), tie_break=tie_break)
 
     def _params(self, adapter: str) -> tuple[torch.Tensor, ...]:
         params = (self.snell_P[adapter], self.snell_Q[adapter])
