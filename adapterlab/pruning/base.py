@@ -130,6 +130,20 @@ class Pruner(ABC):
     def prune_weight(self, weight: Tensor, stats: Any) -> Tensor:
         """The pruned weight (same shape; any dtype — the caller casts back) with exact zeros."""
 
+    def prune_layer(self, name: str, weight: Tensor, stats: Any) -> tuple[Tensor, dict[str, Any]]:
+        """:meth:`prune_weight` for the layer called ``name``, plus per-layer facts for its report row.
+
+        Args:
+            name: the module name (for log messages).
+            weight: ``(d_out, d_in)``.
+            stats: what :meth:`add_batch` accumulated for this layer.
+
+        Returns:
+            ``(pruned weight, facts)``; ``facts`` maps :class:`LayerSparsity` field names to values
+            (e.g. SparseGPT's ``damping``); empty by default.
+        """
+        return self.prune_weight(weight, stats), {}
+
     def __repr__(self) -> str:
         pattern = f"{self.nm[0]}:{self.nm[1]}" if self.nm else "unstructured"
         return f"{type(self).__name__}(sparsity={self.sparsity:g}, pattern={pattern}, scope={self.scope})"
@@ -142,13 +156,24 @@ class Pruner(ABC):
 
 @dataclass
 class LayerSparsity:
-    """Zeros of one pruned weight matrix."""
+    """Zeros of one pruned weight matrix.
+
+    Attributes:
+        name: module name.
+        shape: weight shape ``(d_out, d_in)``.
+        zeros: exact zeros after pruning.
+        numel: entries.
+        nm_valid: the N:M check of this matrix (None when unstructured).
+        damping: SparseGPT only: the dampening ``lambda`` added to ``diag H`` (after any retries of
+            a failed Cholesky), else None.
+    """
 
     name: str
     shape: tuple[int, ...]
     zeros: int
     numel: int
     nm_valid: bool | None = None
+    damping: float | None = None
 
     @property
     def sparsity(self) -> float:
@@ -164,6 +189,8 @@ class LayerSparsity:
         }
         if self.nm_valid is not None:
             d["nm_valid"] = self.nm_valid
+        if self.damping is not None:
+            d["damping"] = self.damping
         return d
 
 
@@ -463,9 +490,10 @@ def _run_block(block: nn.Module, calls: list[_Call], *, keep: bool = True) -> li
     return outs
 
 
-def _prune_linear_(pruner: Pruner, lin: nn.Linear, stats: Any) -> None:
-    new = pruner.prune_weight(lin.weight.data, stats)
+def _prune_linear_(pruner: Pruner, name: str, lin: nn.Linear, stats: Any) -> dict[str, Any]:
+    new, facts = pruner.prune_layer(name, lin.weight.data, stats)
     lin.weight.data.copy_(new.to(dtype=lin.weight.dtype, device=lin.weight.device))
+    return facts
 
 
 # --------------------------------------------------------------------------------------------
@@ -587,14 +615,15 @@ def prune_(
         logger.debug("pruning method %r uses no calibration data; ignoring it", method)
 
     logger.info("pruning %d blocks with %r", len(blocks), pruner)
+    facts: dict[str, dict[str, Any]] = {}  # layer -> per-layer facts from the pruner (report rows)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             if calib is None:
                 for linears in track(per_block, f"{method}: blocks", progress=progress):
-                    for lin in linears.values():
-                        _prune_linear_(pruner, lin, None)
+                    for name, lin in linears.items():
+                        facts[name] = _prune_linear_(pruner, name, lin, None)
             else:
                 calls = _capture_block0_inputs(model, blocks[0], calib, batch_size)
                 last = len(blocks) - 1
@@ -604,7 +633,7 @@ def prune_(
                     with _stat_hooks(pruner, linears, stats):
                         _run_block(block, calls, keep=False)
                     for name, lin in linears.items():
-                        _prune_linear_(pruner, lin, stats.pop(name))
+                        facts[name] = _prune_linear_(pruner, name, lin, stats.pop(name))
                     if i < last:  # the pruned block's outputs feed the next block
                         outs = _run_block(block, calls)
                         calls = [(o, rest, kw) for o, (_, rest, kw) in zip(outs, calls)]
@@ -616,7 +645,7 @@ def prune_(
     for linears in per_block:
         for name, lin in linears.items():
             w = lin.weight.detach()
-            layers.append(LayerSparsity(name, tuple(w.shape), int((w == 0).sum()), w.numel()))
+            layers.append(LayerSparsity(name, tuple(w.shape), int((w == 0).sum()), w.numel(), **facts.get(name, {})))
             if nm is not None and not check_nm(w, *nm):
                 nm_valid = False
     report = PruneReport(

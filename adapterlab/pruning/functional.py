@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -32,7 +33,9 @@ __all__ = [
     "nm_keep_mask",
     "parse_pattern",
     "resolve_sparsity",
+    "SparseGPTSolution",
     "sparsegpt_prune",
+    "sparsegpt_solve",
     "unstructured_keep_mask",
     "wanda_mask",
     "wanda_scores",
@@ -295,24 +298,60 @@ def accumulate_hessian(hessian: Tensor, nsamples: int, x: Tensor) -> tuple[Tenso
     return hessian, total
 
 
-def _inverse_hessian_upper_cholesky(hessian: Tensor, percdamp: float) -> Tensor:
-    """Upper Cholesky factor of ``(H + damp I)^-1`` (fp32), retrying with more damping if needed."""
+#: Dampening attempts of :func:`_inverse_hessian_upper_cholesky`: ``damp * 10**a`` for ``a < 6``.
+DAMPING_ATTEMPTS = 6
+
+
+def _inverse_hessian_upper_cholesky(hessian: Tensor, percdamp: float) -> tuple[Tensor, float, int]:
+    """Upper Cholesky factor of ``(H + damp I)^-1`` (fp32), retrying with 10x more damping if needed.
+
+    Args:
+        hessian: ``(d_in, d_in)`` fp32, dead inputs already handled.
+        percdamp: first dampening as a fraction of ``mean(diag H)``.
+
+    Returns:
+        ``(Hinv (d_in, d_in) upper triangular, damping used, retries)`` where the damping is
+        ``percdamp * mean(diag H) * 10**retries`` (``percdamp * 10**retries`` if that mean is not positive).
+
+    Raises:
+        RuntimeError: still not positive definite after :data:`DAMPING_ATTEMPTS` dampenings.
+    """
     d = hessian.shape[0]
     diag = torch.arange(d, device=hessian.device)
-    damp = percdamp * torch.mean(torch.diag(hessian))
-    if not torch.isfinite(damp) or damp <= 0:
-        damp = torch.tensor(max(percdamp, 1e-8), device=hessian.device)
+    damp = percdamp * float(torch.mean(torch.diag(hessian)))
+    if not math.isfinite(damp) or damp <= 0:
+        damp = max(percdamp, 1e-8)
     last_error: Exception | None = None
-    for attempt in range(6):
+    for attempt in range(DAMPING_ATTEMPTS):
+        used = damp * 10**attempt
         h = hessian.clone()
-        h[diag, diag] += damp * (10**attempt)
+        h[diag, diag] += used
         try:
             low = torch.linalg.cholesky(h)
             hinv = torch.cholesky_inverse(low)
-            return torch.linalg.cholesky(hinv, upper=True)
+            return torch.linalg.cholesky(hinv, upper=True), used, attempt
         except RuntimeError as exc:  # torch.linalg.LinAlgError subclasses RuntimeError
             last_error = exc
-    raise RuntimeError(f"SparseGPT: the damped Hessian is not positive definite ({last_error})")
+    raise RuntimeError(
+        f"SparseGPT: the Hessian is not positive definite after {DAMPING_ATTEMPTS} dampenings up to "
+        f"{damp * 10 ** (DAMPING_ATTEMPTS - 1):.6g} ({last_error})"
+    )
+
+
+class SparseGPTSolution(NamedTuple):
+    """What :func:`sparsegpt_solve` computed for one layer.
+
+    Attributes:
+        weight: the pruned weight, fp32 ``(d_out, d_in)``.
+        loss: the OBS loss per output row ``(d_out,)``.
+        damping: the dampening ``lambda`` added to ``diag H`` (after any retries).
+        retries: how many times the dampening was multiplied by 10 (0 when the first one worked).
+    """
+
+    weight: Tensor
+    loss: Tensor
+    damping: float
+    retries: int
 
 
 def sparsegpt_prune(
@@ -324,11 +363,26 @@ def sparsegpt_prune(
     blocksize: int = 128,
     percdamp: float = 0.01,
 ) -> tuple[Tensor, Tensor]:
+    """``(new_weight, loss)`` of :func:`sparsegpt_solve` (same arguments; see there)."""
+    out = sparsegpt_solve(weight, hessian, sparsity, nm=nm, blocksize=blocksize, percdamp=percdamp)
+    return out.weight, out.loss
+
+
+def sparsegpt_solve(
+    weight: Tensor,
+    hessian: Tensor,
+    sparsity: float,
+    *,
+    nm: tuple[int, int] | None = None,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+) -> SparseGPTSolution:
     """Prune one layer with SparseGPT (OBS-style reconstruction, lazy batch updates).
 
     Minimises ``||W X - W_hat X||^2`` over calibration inputs X subject to the sparsity pattern.
     Dead inputs (``H_jj == 0``) get ``H_jj = 1`` and ``W_{:,j} = 0`` before dampening
-    (``percdamp * mean(diag H)``); ``Hinv`` is the upper Cholesky factor of ``H^-1``. Columns are
+    (``percdamp * mean(diag H)``, times 10 per failed Cholesky, at most 5 times; the value used is
+    returned); ``Hinv`` is the upper Cholesky factor of ``H^-1``. Columns are
     processed in blocks of ``blocksize``; the unstructured mask of each block prunes exactly
     ``floor(s * rows * cols)`` entries with the smallest ``w^2 / Hinv_jj^2`` (adaptive across rows;
     block counts are cumulative, so the whole matrix loses exactly ``floor(s * numel)``);
@@ -343,8 +397,12 @@ def sparsegpt_prune(
         percdamp: dampening as a fraction of the mean Hessian diagonal.
 
     Returns:
-        ``(new_weight fp32 (d_out, d_in), loss per output row (d_out,))``, with exact zeros at the
-        pruned positions; kept weights are updated to compensate.
+        A :class:`SparseGPTSolution`: the new weight fp32 ``(d_out, d_in)`` with exact zeros at the
+        pruned positions (kept weights are updated to compensate), the loss per output row
+        ``(d_out,)``, the dampening used and the number of retries.
+
+    Raises:
+        RuntimeError: the Hessian stays indefinite under every dampening (e.g. NaN statistics).
 
     Reference:
         Frantar & Alistarh 2023, "SparseGPT: Massive Language Models Can Be Accurately Pruned in
@@ -362,7 +420,7 @@ def sparsegpt_prune(
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     wt[dead, :] = 0.0
-    hinv = _inverse_hessian_upper_cholesky(h, percdamp)
+    hinv, damping, retries = _inverse_hessian_upper_cholesky(h, percdamp)
     del h
     losses = torch.zeros(rows, device=wt.device)
 
@@ -400,4 +458,4 @@ def sparsegpt_prune(
         # (cols - i2, count) @ (count, rows) -> (cols - i2, rows)
         wt[i2:] -= hinv[i1:i2, i2:].t() @ err1
     w = wt.t().contiguous()  # (d_in, d_out) -> (d_out, d_in)
-    return w, losses
+    return SparseGPTSolution(w, losses, damping, retries)

@@ -8,6 +8,7 @@ Reference:
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -15,7 +16,9 @@ import torch
 from torch import Tensor, nn
 
 from adapterlab.pruning.base import Pruner, register_pruner
-from adapterlab.pruning.functional import accumulate_hessian, sparsegpt_prune
+from adapterlab.pruning.functional import accumulate_hessian, sparsegpt_solve
+
+logger = logging.getLogger(__name__)
 
 #: SparseGPT's statistic: (running fp32 Hessian (d_in, d_in), sequences seen).
 SparseGPTStats = tuple[Tensor, int]
@@ -37,6 +40,9 @@ def _no_tf32() -> Iterator[None]:
 class SparseGPTPruner(Pruner):
     """Hessian ``H = 2/n sum x x^T`` (fp32), dead inputs, dampening, upper Cholesky of ``H^-1``,
     lazy column blocks with an exact-count mask per block (scope ``block``), N:M variant.
+
+    The dampening used for each layer (raised 10x per failed Cholesky, logged as a warning when it
+    had to be) is recorded in the report row (:attr:`LayerSparsity.damping`).
 
     Options:
         percdamp: dampening as a fraction of ``mean(diag H)`` (default 0.01).
@@ -78,13 +84,28 @@ class SparseGPTPruner(Pruner):
             return accumulate_hessian(stats[0], stats[1], x)
 
     def prune_weight(self, weight: Tensor, stats: SparseGPTStats) -> Tensor:
-        with _no_tf32():
-            new, _loss = sparsegpt_prune(
-                weight,
-                stats[0],
-                self.sparsity,
-                nm=self.nm,
-                blocksize=self.blocksize,
-                percdamp=self.percdamp,
+        return self.prune_layer("<weight>", weight, stats)[0]
+
+    def prune_layer(self, name: str, weight: Tensor, stats: SparseGPTStats) -> tuple[Tensor, dict[str, Any]]:
+        """Prune with :func:`sparsegpt_solve`; a failed Cholesky that needed more dampening is logged
+        once (warning, naming the layer and the dampening used); the final dampening is returned as
+        the report row's ``damping``."""
+        try:
+            with _no_tf32():
+                out = sparsegpt_solve(
+                    weight,
+                    stats[0],
+                    self.sparsity,
+                    nm=self.nm,
+                    blocksize=self.blocksize,
+                    percdamp=self.percdamp,
+                )
+        except RuntimeError as exc:
+            raise RuntimeError(f"layer {name!r}: {exc}") from exc
+        if out.retries:
+            logger.warning(
+                "SparseGPT layer %r: the damped Hessian was not positive definite; raised the dampening %d time(s) "
+                "by 10x to %.6g (= percdamp %g * mean(diag H) * 10^%d)",
+                name, out.retries, out.damping, self.percdamp, out.retries,
             )
-        return new
+        return out.weight, {"damping": out.damping}

@@ -274,3 +274,30 @@ def test_sparsegpt_nm_blocksize_not_multiple_of_m() -> None:
     assert bool(((w_new != 0).reshape(8, 3, 8).sum(-1) == 4).all())
     with pytest.raises(ValueError, match="d_in % M"):
         F.sparsegpt_prune(w, h, 0.0, nm=(2, 5))
+
+
+def _indefinite_hessian(d: int) -> torch.Tensor:
+    """Block-diagonal copies of [[1, 3], [3, 1]]: mean(diag) = 1, eigenvalues 4 and -2. Damping
+    0.01 * 10^a for a = 0, 1, 2 leaves the eigenvalue -2 + damp <= -1 (not positive definite);
+    a = 3 (damp 10) gives eigenvalues 14 and 8."""
+    return torch.block_diag(*[torch.tensor([[1.0, 3.0], [3.0, 1.0]])] * (d // 2))
+
+
+def test_sparsegpt_records_the_dampening_it_used() -> None:
+    w, _, h = _correlated_layer(d_out=8, d_in=16, tokens=128, seed=11)
+    out = F.sparsegpt_solve(w, h, 0.25)  # positive definite: no retry
+    assert out.retries == 0 and out.damping == 0.01 * float(torch.diag(h).mean())
+    w_new, loss = F.sparsegpt_prune(w, h, 0.25)
+    assert torch.equal(w_new, out.weight) and torch.equal(loss, out.loss)
+    bad = _indefinite_hessian(16)
+    out = F.sparsegpt_solve(w, bad, 0.25, percdamp=0.01)
+    assert out.retries == 3
+    assert out.damping == pytest.approx(0.01 * 1.0 * 10**3, rel=1e-12)  # percdamp * mean(diag H) * 10^attempt
+    assert torch.isfinite(out.weight).all() and int((out.weight == 0).sum()) == int(0.25 * w.numel())
+
+
+def test_sparsegpt_hessian_that_no_dampening_fixes_is_refused() -> None:
+    w = torch.ones(4, 4)
+    h = torch.full((4, 4), float("nan"))
+    with pytest.raises(RuntimeError, match=r"not positive definite after 6 dampenings up to"):
+        F.sparsegpt_solve(w, h, 0.5)

@@ -344,6 +344,7 @@ def test_report_to_dict_save_and_str(tmp_path: Path) -> None:
     assert d["params"] == {"scope": "block", "percdamp": 0.01, "blocksize": 128}
     assert d["n_calibration"] == 4
     assert d["zeros"] * 2 == d["numel"]
+    damping = d["layers"][0].pop("damping")
     assert d["layers"][0] == {
         "name": "model.layers.0.self_attn.q_proj",
         "shape": [64, 64],
@@ -351,7 +352,35 @@ def test_report_to_dict_save_and_str(tmp_path: Path) -> None:
         "numel": 4096,
         "sparsity": 0.5,
     }
+    assert damping > 0 and all(row["damping"] > 0 for row in d["layers"][1:])  # SparseGPT records its dampening
     path = report.save(tmp_path / "sparsity_report.json")
-    assert json.loads(path.read_text()) == json.loads(json.dumps(d))
+    assert json.loads(path.read_text()) == json.loads(json.dumps(report.to_dict()))
     text = str(report)
     assert "sparsegpt 2:4" in text and "model.layers.1.mlp.down_proj" in text and "50.00%" in text
+
+
+def test_sparsegpt_dampening_retry_is_logged_once_and_recorded(monkeypatch, caplog) -> None:
+    """An indefinite Hessian for one layer forces three retries: one warning naming the layer and the
+    dampening used, and the report row records percdamp * mean(diag H) * 10^3."""
+    import logging
+
+    from adapterlab.pruning.sparsegpt import SparseGPTPruner
+
+    model = tiny_llama()
+    target = model.model.layers[0].mlp.down_proj  # d_in = 128
+    bad = torch.block_diag(*[torch.tensor([[1.0, 3.0], [3.0, 1.0]])] * 64)  # mean(diag) 1, eigenvalues 4, -2
+    init, add = SparseGPTPruner.init_stats, SparseGPTPruner.add_batch
+    monkeypatch.setattr(SparseGPTPruner, "init_stats", lambda self, layer: (bad.clone(), -1) if layer is target else init(self, layer))
+    monkeypatch.setattr(SparseGPTPruner, "add_batch", lambda self, stats, x: stats if stats[1] == -1 else add(self, stats, x))
+    with caplog.at_level(logging.WARNING, logger="adapterlab.pruning"):
+        report = prune_(model, "sparsegpt", 0.5, calibration=_calibration())  # percdamp 0.01
+    messages = [r for r in caplog.records if "dampening" in r.getMessage()]
+    assert len(messages) == 1 and messages[0].levelno == logging.WARNING
+    # damp 0.01, 0.1, 1 leave the eigenvalue -2 + damp < 0; 10 = 0.01 * mean(diag) 1.0 * 10^3 is the first that works
+    expected = 0.01 * 1.0 * 10**3
+    rows = {row.name: row for row in report.layers}
+    got = rows["model.layers.0.mlp.down_proj"].damping
+    assert got == pytest.approx(expected, rel=1e-12)
+    assert "'model.layers.0.mlp.down_proj'" in messages[0].getMessage() and f"{got:.6g}" in messages[0].getMessage()
+    assert report.to_dict()["layers"][[r.name for r in report.layers].index("model.layers.0.mlp.down_proj")]["damping"] == got
+    assert all(row.damping is not None and row.damping < 1 for name, row in rows.items() if name != "model.layers.0.mlp.down_proj")
