@@ -11,6 +11,7 @@ import adapterlab
 from adapterlab.merging.into_base import IntoBaseReport
 from adapterlab.models import tiny_llama
 from adapterlab.pruning import check_nm, get_masks, prune_
+from tests.merging._helpers import dyadic_
 from tests.tolerances import assert_close
 
 TARGETS = ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
@@ -296,19 +297,81 @@ def test_lowrank_layer_4bit_merge_unmerge_exact(pruned_4bit):
     torch.testing.assert_close(_logits(pm), unmerged, rtol=0, atol=0)
 
 
+def _int8_codes(module) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(CB [out, in] int8, SCB [out] fp32)`` of a bitsandbytes Linear8bitLt (wherever it keeps them)."""
+    from adapterlab.quant import _base_layer
+
+    m = _base_layer(module)
+    scb = getattr(m.weight, "SCB", None)
+    if scb is None:
+        scb = m.state.SCB
+    return m.weight.data.clone(), scb.clone()
+
+
 def test_8bit_merge_keeps_zeros():
+    """Oracle: bitsandbytes' own dequantization of the base codes, + the fp32 masked delta, then its row-wise
+    int8 quantization of the fp16 sum — the merged layer holds exactly those codes and scales."""
     pytest.importorskip("bitsandbytes")
+    import bitsandbytes.functional as bnbF
+
     from adapterlab import quant
 
     q = quant.quantize_model(_pruned(), 8)
     pm = _lora(q)
-    _randomize_(pm, std=0.01)
-    zeros = {n.removeprefix("base_model.model.").removesuffix(".base_layer"): quant.dequantize_weight(m) == 0
-             for n, m in pm.named_modules() if quant.is_8bit(m)}
-    unmerged = _logits(pm)
-    merged = adapterlab.merge(pm, keep_sparsity=True)
-    assert len(zeros) == 14
-    for name in [n for n in zeros if n.endswith(tuple(TARGETS))]:
-        got = quant.dequantize_weight(merged.get_submodule(name))
-        assert bool((got[zeros[name]] == 0).all())
-    assert torch.isfinite(_logits(merged)).all() and _logits(merged).shape == unmerged.shape
+    dyadic_(pm, seed=4)  # grid factors: the fp64 oracle delta is the library's fp32 delta exactly
+    layers = {n.removeprefix("base_model.model.").removesuffix(".base_layer"): m
+              for n, m in pm.named_modules() if quant.is_8bit(m)}
+    codes = {n: _int8_codes(m) for n, m in layers.items()}
+    deltas = _expected_deltas(pm)
+    merged = adapterlab.merge(pm, keep_sparsity=True, probe=False)
+    assert len(layers) == 14 and len(deltas) == 10
+    changed = 0
+    for name, (cb0, scb0) in codes.items():
+        got_cb, got_scb = _int8_codes(merged.get_submodule(name))
+        if name not in deltas:  # layers the adapter does not touch keep their codes
+            assert torch.equal(got_cb, cb0) and torch.equal(got_scb, scb0)
+            continue
+        w = bnbF.int8_vectorwise_dequant(cb0, scb0)  # [out, in] fp32
+        zero = w == 0
+        assert zero.float().mean() > 0.45
+        d = deltas[name]
+        assert torch.equal(d.float().double(), d)
+        want_cb, want_scb, _ = bnbF.int8_vectorwise_quant((w + torch.where(zero, 0.0, d.float())).to(torch.float16))
+        assert torch.equal(got_cb, want_cb), name
+        assert torch.equal(got_scb, want_scb), name
+        assert bool((got_cb[zero] == 0).all())  # zeros of the pruned 8-bit base stay zero
+        changed += int((got_cb != cb0).sum())
+    assert changed > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# one rounding rule on fp32 / bf16 / fp16 bases (issue 14)
+
+
+@pytest.mark.parametrize("pruned", [False, True], ids=["dense", "pruned"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_merge_rounds_once(dtype: torch.dtype, pruned: bool) -> None:
+    """merged == (W.float() + s·B@A·M).to(dtype) bit for bit, the delta brute-forced from peft's factors."""
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_llama(dtype=dtype)
+    if pruned:
+        prune_(base, "magnitude", 0.5)
+    before = _weights(base)
+    pm = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))  # fp32 adapter (autocast)
+    dyadic_(pm, seed=2)
+    deltas = _expected_deltas(pm)  # fp64 s * B @ A: exact for grid factors
+    merged = adapterlab.merge(pm, keep_sparsity=pruned, probe=False)
+    twice = 0
+    for name, d in deltas.items():
+        assert torch.equal(d.float().double(), d)
+        w0 = before[name]
+        masked = torch.where(w0 == 0, 0.0, d) if pruned else d  # M = 1[W != 0] with keep_sparsity
+        want = (w0.float() + masked.float()).to(dtype)
+        got = merged.get_submodule(name).weight.detach()
+        assert got.dtype == dtype and torch.equal(got, want), name
+        if pruned:
+            assert bool((got[w0 == 0] == 0).all())
+        twice += int((w0 + masked.to(dtype) != want).sum())
+    if dtype != torch.float32:
+        assert twice > 0  # the inputs tell one rounding from two
