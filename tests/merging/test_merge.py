@@ -138,6 +138,55 @@ def test_dare_is_seeded(lora_dirs: list[Path]) -> None:
     assert not torch.equal(a.delta(name), c.delta(name))
 
 
+def _dare_mask(seed: int, task: int, name: str, shape: tuple[int, ...], density: float) -> torch.Tensor:
+    """DARE's seeded keep mask reproduced: one generator per (seed, task, module, part), fp32 uniforms < density."""
+    from adapterlab.merging.functional import derive_seed
+
+    g = torch.Generator().manual_seed(derive_seed(seed, task, name, "delta"))
+    return torch.rand(shape, generator=g, dtype=torch.float32) < density
+
+
+def test_dare_ties_by_hand() -> None:
+    srcs = [delta_source("t1", {M1: [1.0, 2.0, 3.0, -1.0, 0.5, 4.0]}),
+            delta_source("t2", {M1: [-3.0, 1.0, 2.0, 2.0, -0.5, 1.0]}),
+            delta_source("t3", {M1: [1.5, -2.0, 1.0, -1.0, 0.25, -3.0]})]
+    masks = [_dare_mask(6, t, M1, (1, 6), 0.5).int().tolist()[0] for t in range(3)]
+    assert masks == [[1, 0, 0, 0, 1, 0], [1, 0, 0, 1, 1, 0], [1, 1, 0, 1, 0, 1]]  # seed 6, density 0.5
+    # kept entries rescaled by 1/0.5: t1 [2, 0, 0, 0, 1, 0]; t2 [-6, 0, 0, 4, -1, 0]; t3 [3, -4, 0, -2, 0, -6]
+    # mass: sums [-1, -4, 0, 2, 0, -6] -> signs [-, -, (none), +, + (tie -> +1, peft), -]
+    # disjoint mean: [-6, -4, 0, 4, 1, -6]
+    res = merge_adapters(srcs, "dare_ties", density=0.5, seed=6, output="sparse")
+    assert_close(res.delta(M1), torch.tensor([[-6.0, -4.0, 0.0, 4.0, 1.0, -6.0]]))
+    # weights [1, 0.5, 2] after the (unweighted) election, then λ = 0.5:
+    # [-6*0.5, -4*2, 0, 4*0.5, 1*1, -6*2] * 0.5 = [-1.5, -4, 0, 1, 0.5, -6]
+    res = merge_adapters(srcs, "dare_ties", weights=[1, 0.5, 2], density=0.5, seed=6, output="sparse", **{"lambda": 0.5})
+    assert_close(res.delta(M1), torch.tensor([[-1.5, -4.0, 0.0, 1.0, 0.5, -6.0]]))
+    # frequency: sign counts [+1, -1, 0, 0, 0, -1] -> [+, -, (none), + (tie), + (tie), -]:
+    # [(2+3)/2, -4, 0, 4, 1, -6]
+    res = merge_adapters(srcs, "dare_ties", density=0.5, seed=6, elect="frequency", output="sparse")
+    assert_close(res.delta(M1), torch.tensor([[2.5, -4.0, 0.0, 4.0, 1.0, -6.0]]))
+    assert res.params["seed"] == 6
+
+
+def test_dare_ties_brute_force(lora_dirs: list[Path]) -> None:
+    """LoRA folders: reproduced drop masks, rescale by 1/p, then TIES election and disjoint mean entry by entry."""
+    srcs = [resolve_adapter(p) for p in lora_dirs]
+    w, lam, p = [1.0, 0.7, 0.4], 1.3, 0.3
+    res = merge_adapters(lora_dirs, "dare_ties", weights=w, density=p, seed=5, output="sparse", **{"lambda": lam})
+    name = "model.layers.1.self_attn.q_proj"
+    x = torch.stack([s.delta(name) for s in srcs]).reshape(3, -1)  # [T, P]
+    dropped = torch.stack([torch.where(_dare_mask(5, t, name, res.shapes[name], p).reshape(-1), x[t] / p, 0.0)
+                           for t in range(3)])  # [T, P]
+    assert 0.2 < float((dropped != 0).float().mean()) < 0.4
+    want = torch.zeros(x.shape[1])
+    for i in range(x.shape[1]):  # the plain loop: elect by mass (tie -> +1), mean of the agreeing weighted values
+        col = dropped[:, i].tolist()
+        sign = 1.0 if sum(col) >= 0 else -1.0
+        agree = [w[t] * v for t, v in enumerate(col) if v != 0 and (v > 0) == (sign > 0)]
+        want[i] = lam * sum(agree) / len(agree) if agree else 0.0
+    assert_close(res.delta(name).reshape(-1), want)
+
+
 def test_linear_is_the_weighted_sum_of_scaled_deltas(lora_dirs: list[Path]) -> None:
     srcs = [resolve_adapter(p) for p in lora_dirs]
     res = merge_adapters(lora_dirs, "task_arithmetic", weights=[1.0, 2.0, 3.0], **{"lambda": 0.5})
