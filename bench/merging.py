@@ -1,6 +1,6 @@
 """Benchmark: merging (TIES speed / peak memory vs peft and mergekit, quality on 3 tasks) and PHLoRA.
 
-    python bench/merging.py speed [--model embedded|tiny] [--counts 2 4 8] [--repeat 3]
+    python bench/merging.py speed [--model embedded|tiny] [--counts 2 4 8] [--repeat 3] [--dtype bfloat16]
     python bench/merging.py quality [--steps 100]  # embedded SmolLM2-135M, tasks sentiment/domain/compare
     python bench/merging.py phlora  [--steps 150]  # full fine-tune of one task, extract, re-evaluate
 
@@ -12,7 +12,12 @@ RSS during the measured call. Equal-output anchors: for a LoRA output, peft's
 re-factorises by SVD); for a full merged model, mergekit's ``ties`` over the T full checkpoints
 (base + each LoRA, written beforehand; mergekit runs from ``$MERGEKIT_PYTHON``, default
 /tmp/mkvenv/bin/python). peft's plain ``ties`` merges A and B factors separately and is reported for
-its error only.
+its error only. ``--dtype bfloat16``: the base is loaded in bf16 and the adapters are saved from it with
+bf16 tensors (``merging_speed_bf16.json``); peft loads those files with its default
+``autocast_adapter_dtype=True`` (fp32 adapter weights in memory — with bf16 weights its ``ties_svd``
+stops: ``linalg_svd_cpu`` has no bf16 kernel), adapterlab computes in fp32 and casts once.
+Besides the ratio of the medians, each row gives the median of the per-round (paired) ratios, and
+the JSON records the load average before and after the run.
 """
 
 from __future__ import annotations
@@ -85,22 +90,25 @@ class _PeakRSS:
 # speed
 
 
-def _model_for(kind: str) -> Any:
+def _model_for(kind: str, dtype: str = "float32") -> Any:
     """The base of the speed benchmark: the embedded SmolLM2-135M, or the tiny Llama of the issue."""
     from adapterlab.models import load_default_model, tiny_llama
 
+    dt = getattr(torch, dtype)
     if kind == "embedded":
-        return load_default_model()[0]
-    return tiny_llama(**TINY)
+        return load_default_model(dtype=dt)[0]
+    return tiny_llama(**TINY, dtype=dt)
 
 
-def _make_adapters(root: Path, n: int, r: int, model_kind: str) -> list[Path]:
+def _make_adapters(root: Path, n: int, r: int, model_kind: str, dtype: str = "float32") -> list[Path]:
+    """n random LoRAs saved from a ``dtype`` base with ``dtype`` tensors (no fp32 autocast)."""
     from peft import LoraConfig, get_peft_model
 
     paths = []
     for i in range(n):
-        pm = get_peft_model(_model_for(model_kind), LoraConfig(r=r, lora_alpha=r, target_modules=TARGETS,
-                                                               init_lora_weights=False))
+        pm = get_peft_model(_model_for(model_kind, dtype), LoraConfig(r=r, lora_alpha=r, target_modules=TARGETS,
+                                                                      init_lora_weights=False),
+                            autocast_adapter_dtype=False)
         torch.manual_seed(1000 + i)
         with torch.no_grad():
             for name, p in pm.named_parameters():
@@ -137,7 +145,7 @@ def _case_main(argv: list[str]) -> None:
     The first call is "cold" (first use of the code paths in the process: lazy initialisation and
     library pages count in its peak); the second, on the same inputs, is "warm". Both are reported.
     """
-    kind, model_kind, rank, out_file, *dirs = argv
+    kind, model_kind, dtype, rank, out_file, *dirs = argv
     rank_i = int(rank)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     from safetensors.torch import save_file
@@ -171,7 +179,7 @@ def _case_main(argv: list[str]) -> None:
     elif kind.startswith("peft"):
         from peft import PeftModel
 
-        pm = PeftModel.from_pretrained(_model_for(model_kind), dirs[0], adapter_name="a0")
+        pm = PeftModel.from_pretrained(_model_for(model_kind, dtype), dirs[0], adapter_name="a0")
         for i, d in enumerate(dirs[1:], 1):
             pm.load_adapter(d, adapter_name=f"a{i}")
         names = [f"a{i}" for i in range(len(dirs))]
@@ -187,7 +195,7 @@ def _case_main(argv: list[str]) -> None:
     elif kind == "adapterlab_full":
         from adapterlab.merging import merge_adapters
 
-        bases = [_model_for(model_kind), _model_for(model_kind)]
+        bases = [_model_for(model_kind, dtype), _model_for(model_kind, dtype)]
         before = bases[0].get_submodule(SAMPLE).weight.detach().float().clone()
 
         def call(i: int) -> Any:
@@ -222,14 +230,14 @@ def _case_main(argv: list[str]) -> None:
     save_file({"sample": sample.contiguous()}, out_file, metadata=meta)
 
 
-def _run_case(kind: str, model_kind: str, dirs: list[Path], rank: int, tmp: Path) -> dict[str, Any]:
+def _run_case(kind: str, model_kind: str, dirs: list[Path], rank: int, tmp: Path, dtype: str = "float32") -> dict[str, Any]:
     import subprocess
 
     from safetensors import safe_open
 
     python = MERGEKIT_PYTHON if kind == "mergekit" else sys.executable
     out_file = tmp / f"case_{kind}_{len(dirs)}_{time.monotonic_ns()}.safetensors"
-    proc = subprocess.run([python, str(Path(__file__).resolve()), "_case", kind, model_kind, str(rank), str(out_file),
+    proc = subprocess.run([python, str(Path(__file__).resolve()), "_case", kind, model_kind, dtype, str(rank), str(out_file),
                            *map(str, dirs)], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"case {kind} failed:\n{proc.stderr[-3000:]}")
@@ -254,11 +262,12 @@ def bench_speed(args: argparse.Namespace) -> dict[str, Any]:
 
     from adapterlab.merging import merge_adapters
 
-    have_mergekit = Path(MERGEKIT_PYTHON).exists()
+    have_mergekit = Path(MERGEKIT_PYTHON).exists() and args.dtype == "float32"  # mergekit rows: fp32 only
+    load_before = os.getloadavg()
     rows = []
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
-        dirs = _make_adapters(tmp, max(args.counts), args.rank, args.model)
+        dirs = _make_adapters(tmp, max(args.counts), args.rank, args.model, args.dtype)
         for n in args.counts:
             sub = dirs[:n]
             # reference: TIES of the dense deltas per tensor, no truncation
@@ -272,15 +281,15 @@ def bench_speed(args: argparse.Namespace) -> dict[str, Any]:
             samples: dict[str, torch.Tensor] = {}
             for rep in range(args.repeat + 1):  # first round = warm-up (page cache, imports), not kept
                 for kind, inputs in kinds:  # interleaved, so machine load hits all alike
-                    got = _run_case(kind, args.model, inputs, args.rank, tmp)
+                    got = _run_case(kind, args.model, inputs, args.rank, tmp, args.dtype)
                     if rep > 0:
                         for key in ("seconds_cold", "peak_mib_cold", "seconds_warm", "peak_mib_warm"):
                             stats[kind].setdefault(key, []).append(got[key])
                     samples[kind] = got["sample"]
-            peft_plain = _run_case("peft_ties", args.model, sub, args.rank, tmp)
+            peft_plain = _run_case("peft_ties", args.model, sub, args.rank, tmp, args.dtype)
             for kind, _ in kinds:
                 err = float((samples[kind] - dense).norm() / dense.norm())
-                row = {"adapters": n, "impl": kind,
+                row = {"adapters": n, "impl": kind, "dtype": args.dtype,
                        "output": "full model" if kind in ("adapterlab_full", "mergekit") else f"LoRA r={args.rank}"}
                 for key, vals in stats[kind].items():
                     row[f"{key}_median"] = round(statistics.median(vals), 3 if key.startswith("seconds") else 1)
@@ -289,7 +298,8 @@ def bench_speed(args: argparse.Namespace) -> dict[str, Any]:
                 rows.append(row)
                 print(rows[-1], flush=True)
             err = float((peft_plain["sample"] - dense).norm() / dense.norm())
-            rows.append({"adapters": n, "impl": "peft_ties (factor-wise: not TIES)", "output": f"LoRA r={args.rank * n}",
+            rows.append({"adapters": n, "impl": "peft_ties (factor-wise: not TIES)", "dtype": args.dtype,
+                         "output": f"LoRA r={args.rank * n}",
                          "seconds_cold_median": round(peft_plain["seconds_cold"], 3),
                          "peak_mib_cold_median": round(peft_plain["peak_mib_cold"], 1),
                          "rel_err_vs_dense_ties_q0": round(err, 4)})
@@ -301,10 +311,19 @@ def bench_speed(args: argparse.Namespace) -> dict[str, Any]:
                     for temp in ("cold", "warm"):
                         o[f"speedup_{temp}_vs_{anchor}"] = round(
                             a[f"seconds_{temp}_median"] / max(o[f"seconds_{temp}_median"], 1e-9), 2)
+                        paired = [x / max(y, 1e-9) for x, y in zip(stats[anchor][f"seconds_{temp}"],
+                                                                   stats[ours][f"seconds_{temp}"])]  # same round
+                        o[f"speedup_{temp}_vs_{anchor}_paired_median"] = round(statistics.median(paired), 2)
                         o[f"memory_ratio_{temp}_vs_{anchor}"] = round(
                             o[f"peak_mib_{temp}_median"] / max(a[f"peak_mib_{temp}_median"], 1e-9), 2)
     return {"part": "speed", "model": args.model if args.model == "embedded" else TINY, "rank": args.rank,
-            "density": 0.2, "targets": TARGETS, "repeats": args.repeat, "statistic": "median after 1 warm-up round",
+            "dtype": args.dtype, "density": 0.2, "targets": TARGETS, "repeats": args.repeat,
+            "statistic": "median after 1 warm-up round; *_paired_median: median of the per-round ratios",
+            "loadavg_1_5_15_before": [round(x, 2) for x in load_before],
+            "loadavg_1_5_15_after": [round(x, 2) for x in os.getloadavg()],
+            "peft_adapter_dtype": ("fp32 in memory (peft's default autocast_adapter_dtype=True upcasts the bf16 files; "
+                                   "with bf16 weights its ties_svd fails: linalg_svd_cpu has no bf16 kernel)")
+            if args.dtype != "float32" else "float32",
             "mergekit": _mergekit_version() if have_mergekit else "not installed",
             "timing_scope": ("in-process call only (imports and model loading excluded; adapterlab reads the adapter "
                              "files inside the call, peft has them loaded before it); full-model outputs include "
@@ -630,6 +649,8 @@ def main() -> None:
     ap.add_argument("--model", choices=["embedded", "tiny"], default="embedded",
                     help="speed: the embedded SmolLM2-135M (default) or the issue's tiny Llama h=512")
     ap.add_argument("--counts", type=int, nargs="+", default=[2, 4, 8])
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="speed: dtype of the base and of the saved adapter tensors")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--steps", type=int, default=150)
@@ -649,6 +670,8 @@ def main() -> None:
                   wall_seconds=round(time.perf_counter() - t0, 1), table=_table(result))
     RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = "_tiny" if args.part == "speed" and args.model == "tiny" else ""
+    if args.part == "speed" and args.dtype != "float32":
+        suffix += "_bf16"  # a separate file: the fp32 rows stay as they are
     path = RESULTS / f"merging_{args.part}{suffix}.json"
     path.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
     print(result["table"])
