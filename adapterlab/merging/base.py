@@ -451,7 +451,7 @@ class MergeResult:
         for name in self.shapes:
             w = model.get_submodule(name).weight
             with torch.no_grad():
-                w.copy_((w.float() + self.delta(name)).to(w.dtype))
+                w.copy_(add_to_weight(w, self.delta(name)))
 
     def reconstruct(self, task: str | int) -> MergeResult:
         """RMM only: the adapter of one task (by name or index) as a LoRA :class:`MergeResult`."""

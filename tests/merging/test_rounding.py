@@ -47,6 +47,8 @@ def test_full_output_rounds_once(dyadic, dtype: torch.dtype) -> None:
     paths = dyadic[dtype]
     base = tiny_llama(dtype=dtype)
     res = merge_adapters(paths, "linear", output="full", base=base)
+    applied = tiny_llama(dtype=dtype)
+    merge_adapters(paths, "linear", output="sparse").apply_(applied)  # MergeResult.apply_ follows the same rule
     deltas = oracle_deltas(paths, [0.5, 0.5])  # linear: w = 1/T
     twice = 0
     for name, d in deltas.items():
@@ -56,6 +58,7 @@ def test_full_output_rounds_once(dyadic, dtype: torch.dtype) -> None:
         got = res.model.get_submodule(name).weight.detach()
         assert got.dtype == dtype
         assert torch.equal(got, want), name
+        assert torch.equal(applied.get_submodule(name).weight, want), name
         twice += int((w0 + d.to(dtype) != want).sum())  # the old rule: round the delta, then the sum
     if dtype != torch.float32:
         assert twice > 0  # rounding twice differs on these inputs, so this test can tell the two rules apart
