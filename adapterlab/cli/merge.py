@@ -7,7 +7,16 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import typer
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from rich.table import Table
 
 from adapterlab.cli._common import console, progress, setup_logging, user_errors

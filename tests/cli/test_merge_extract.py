@@ -243,7 +243,8 @@ def test_merge_cli_full_into_pruned_bf16_base(tmp_path: Path, keep: bool) -> Non
 @pytest.mark.parametrize(
     "output, message",
     [
-        ({"format": "lora", "keep_sparsity": True}, r"output\.keep_sparsity: applies to format: full only .*not 'lora'"),
+        ({"format": "lora", "keep_sparsity": True},
+         r"output\.keep_sparsity: applies to format: full only .*not 'lora'"),
         ({"keep_sparsity": True}, r"output\.keep_sparsity: applies to format: full only .*not None"),
         ({"format": "full", "keep_sparsity": "sure"}, r"output\.keep_sparsity: Input should be a valid boolean"),
     ],

@@ -159,7 +159,8 @@ def test_dare_ties_by_hand() -> None:
     assert_close(res.delta(M1), torch.tensor([[-6.0, -4.0, 0.0, 4.0, 1.0, -6.0]]))
     # weights [1, 0.5, 2] after the (unweighted) election, then λ = 0.5:
     # [-6*0.5, -4*2, 0, 4*0.5, 1*1, -6*2] * 0.5 = [-1.5, -4, 0, 1, 0.5, -6]
-    res = merge_adapters(srcs, "dare_ties", weights=[1, 0.5, 2], density=0.5, seed=6, output="sparse", **{"lambda": 0.5})
+    res = merge_adapters(srcs, "dare_ties", weights=[1, 0.5, 2], density=0.5, seed=6, output="sparse",
+                         **{"lambda": 0.5})
     assert_close(res.delta(M1), torch.tensor([[-1.5, -4.0, 0.0, 1.0, 0.5, -6.0]]))
     # frequency: sign counts [+1, -1, 0, 0, 0, -1] -> [+, -, (none), + (tie), + (tie), -]:
     # [(2+3)/2, -4, 0, 4, 1, -6]
