@@ -3,9 +3,11 @@
 Parts (``--parts``, each runs in its own subprocess; results in ``--out-dir``, default bench/results):
 
 * ``layers`` -> ``sparse_layers[_<device>].json/.md``: LLM-sized synthetic ``nn.Linear`` layers
-  (default 4 layers alternating 4096x11008 / 11008x4096, fp32). Equal budget: LoRA r=32 vs SHiRA
+  (default 4 layers alternating 4096x11008 / 11008x4096, fp32; ``--dtype bf16`` -> ``sparse_layers[_<device>]_bf16``,
+  every method and the peft LoRA anchor on bf16 weights). Equal budget: LoRA r=32 vs SHiRA
   with K = 32 (m + n) per layer (~1.1 % density). Timed, interleaved in one process (order rotated
-  every round, ``--warmup`` rounds dropped, median of ``--repeats``):
+  every round, ``--warmup`` rounds dropped, median of ``--repeats``; speed-ups are the median of the
+  per-round ratios to peft LoRA, with the ratio of medians also in the JSON):
   - ``switch``: adapters already in memory, switch the fused adapter a <-> b:
     adapterlab ``switch_adapter`` (restore a's cached entries + scatter b) vs peft LoRA
     ``unmerge_adapter()`` + ``merge_adapter([b])`` vs peft SHiRA (same peft calls).
@@ -264,12 +266,18 @@ def switching_bench(make_base: Callable[[], nn.Module], targets: list[str], r: i
     med = {kind: {k: statistics.median(v) for k, v in res[kind].items()} for kind in ("switch_s", "load_fuse_s")}
     res["median_s"] = med
     res["speedup_vs_peft_lora"] = {kind: {k: med[kind]["peft_lora"] / v for k, v in med[kind].items()} for kind in med}
+    # paired: round i of every method ran back to back, so the ratio of round i cancels slow drifts of the machine
+    res["speedup_vs_peft_lora_paired"] = {
+        kind: {k: statistics.median(a / b for a, b in zip(res[kind]["peft_lora"], v)) for k, v in res[kind].items()} for kind in med
+    }
     return res
 
 
 def _switch_md(title: str, res: dict[str, Any], goal: bool) -> str:
-    med, sp = res["median_s"], res["speedup_vs_peft_lora"]
-    lines = [f"## {title}", "", f"budget: LoRA r={res['r']} vs SHiRA K = {res['r']} (m + n) per layer; targets {res['targets']}", "",
+    med = res["median_s"]
+    sp = res.get("speedup_vs_peft_lora_paired", res["speedup_vs_peft_lora"])
+    lines = [f"## {title}", "", f"budget: LoRA r={res['r']} vs SHiRA K = {res['r']} (m + n) per layer; targets {res['targets']}; "
+             "x vs LoRA = median of the per-round ratios (paired rounds)", "",
              "| method | switch (ms) | x vs LoRA | load+fuse (ms) | x vs LoRA | adapter file (MB) |", "|---|---|---|---|---|---|"]
     for k in ("adapterlab_shira", "peft_lora", "peft_shira"):
         lines.append(f"| {k} | {med['switch_s'][k] * 1e3:.2f} | {sp['switch_s'][k]:.1f} | {med['load_fuse_s'][k] * 1e3:.1f} | "
@@ -291,12 +299,15 @@ def part_layers(args: argparse.Namespace) -> None:
         r = 32
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     targets = [f"l{i}" for i in range(len(shapes))]
+    machine = _machine(args.device)  # load average before the run
     res = switching_bench(lambda: _Stack(shapes, dtype, args.device), targets, r, device=args.device,
                           repeats=args.repeats, warmup=args.warmup, load_repeats=args.load_repeats, shira=shira)
     res["shapes"] = shapes
-    name = "sparse_layers" + ("" if args.device == "cpu" else f"_{args.device.split(':')[0]}") + (f"_{args.tag}" if args.tag else "") + ("_quick" if args.quick else "")
+    name = ("sparse_layers" + ("" if args.device == "cpu" else f"_{args.device.split(':')[0]}") + ("" if args.dtype == "fp32" else f"_{args.dtype}")
+            + (f"_{args.tag}" if args.tag else "") + ("_quick" if args.quick else ""))
     payload = {"benchmark": "sparse.layers", "command": "python " + " ".join(sys.argv), "settings": vars(args) | {"dtype": args.dtype},
-               "machine": _machine(args.device), "versions": _versions(), "results": res}
+               "machine": machine | {"loadavg_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None},
+               "versions": _versions(), "results": res}
     md = (f"# SHiRA switching on LLM-sized layers ({args.device}, {args.dtype})\n\n"
           f"{len(shapes)} layers {sorted(set(shapes))}; median of {args.repeats} interleaved rounds\n\n" + _switch_md("switching", res, True))
     _write(Path(args.out_dir), name, payload, md)
