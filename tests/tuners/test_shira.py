@@ -238,6 +238,9 @@ def test_half_and_full_bases_merge_once_rounded_and_restore_bits(dtype: torch.dt
     for key, layer in layers:
         assert torch.equal(layer.get_base_layer().weight.detach(), w0[key])
     assert torch.equal(logits(pm, x), unmerged)
+    pm.train()
+    pm(x, labels=x).loss.backward()  # mixed dtypes in a layer (fp32 values, half base): no error
+    assert all(layer.adapterlab_shira_values["default"].grad.dtype == torch.float32 for _, layer in layers)
 
 
 # ---------------------------------------------------------------------------------------------
