@@ -157,18 +157,23 @@ def quantized():
     pytest.importorskip("bitsandbytes")
     from adapterlab.quant import quantize_model
 
-    return {bits: quantize_model(tiny_llama(), bits) for bits in (4, 8)}
+    return {(bits, dt): quantize_model(tiny_llama(dtype=dt), bits) for bits in (4, 8) for dt in SOURCES.values()}
 
 
+SOURCES = {"from_fp32": torch.float32, "from_bf16": torch.bfloat16, "from_fp16": torch.float16}
+
+
+@pytest.mark.parametrize("source", list(SOURCES))
 @pytest.mark.parametrize("bits", [8, 4])
-def test_quantized_merge_is_dequantize_add_requantize(quantized, bits):
-    """Tuner merge into a 4/8-bit base == bitsandbytes' own quantization of (dequantized W + fp32 delta)."""
+def test_quantized_merge_is_dequantize_add_requantize(quantized, bits, source):
+    """Tuner merge into a 4/8-bit base (quantized from an fp32, bf16 or fp16 checkpoint) ==
+    bitsandbytes' own quantization of (dequantized W + fp32 delta); unmerge restores the codes."""
     import bitsandbytes.functional as bnbF
     from peft import get_peft_model
 
     from adapterlab.quant import dequantize_weight
 
-    pm = get_peft_model(copy.deepcopy(quantized[bits]), DyLoraConfig(r=4, init_weights=False, target_modules=TARGETS))
+    pm = get_peft_model(copy.deepcopy(quantized[bits, SOURCES[source]]), DyLoraConfig(r=4, init_weights=False, target_modules=TARGETS))
     layers = _layers(pm)
     want = []
     for m in layers:
