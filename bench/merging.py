@@ -230,14 +230,16 @@ def _case_main(argv: list[str]) -> None:
     save_file({"sample": sample.contiguous()}, out_file, metadata=meta)
 
 
-def _run_case(kind: str, model_kind: str, dirs: list[Path], rank: int, tmp: Path, dtype: str = "float32") -> dict[str, Any]:
+def _run_case(kind: str, model_kind: str, dirs: list[Path], rank: int, tmp: Path,
+              dtype: str = "float32") -> dict[str, Any]:
     import subprocess
 
     from safetensors import safe_open
 
     python = MERGEKIT_PYTHON if kind == "mergekit" else sys.executable
     out_file = tmp / f"case_{kind}_{len(dirs)}_{time.monotonic_ns()}.safetensors"
-    proc = subprocess.run([python, str(Path(__file__).resolve()), "_case", kind, model_kind, dtype, str(rank), str(out_file),
+    proc = subprocess.run([python, str(Path(__file__).resolve()), "_case", kind, model_kind, dtype, str(rank),
+                           str(out_file),
                            *map(str, dirs)], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"case {kind} failed:\n{proc.stderr[-3000:]}")
