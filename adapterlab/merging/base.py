@@ -4,6 +4,9 @@ Low-rank adapters are merged as their **dense deltas** ``ΔW_t = s_t B_t A_t`` (
 rsLoRA-aware), one module at a time: for each module the T deltas ``[T, d_out, d_in]`` are built,
 merged and turned into the output right away (truncated-SVD LoRA factors, sparse entries, or added
 into a copy of the base), so memory holds one module of T adapters plus the output — never T models.
+Base weights are written by one rounding rule: ``(W.float() + ΔW).to(W.dtype)`` (fp32 add, one cast;
+:func:`~adapterlab.merging.functional.add_to_weight`), optionally masked by the base's zeros
+(``keep_sparsity``), and the zeros of the base a merge fills are counted (``base_zeros_hit``).
 Methods that need whole-model statistics (TIES with ``trim_scope="model"``) make extra passes over
 the same stream. Merging the A and B factors separately (``factorwise=True``) is available for
 comparison with peft's ``add_weighted_adapter`` but warns: it creates cross terms.
@@ -677,7 +680,8 @@ def merge_adapters(
             for RMM (whose result has ``.bundle`` and ``.reconstruct(task)``).
 
     Returns:
-        :class:`MergeResult`; ``.save(dir)`` writes it.
+        :class:`MergeResult`; ``.save(dir)`` writes it. With ``output="full"`` its ``base_zeros_hit`` (also per
+        module and in ``merge_report.json``) counts the zeros of the base the merge made non-zero.
 
     Raises:
         ValueError: empty list, unknown method, parameter or peft type, values out of range, adapters for
