@@ -113,6 +113,20 @@ def _configs():
     }
 
 
+def _factor_delta(kind, pm, layer):
+    """``s B A`` from the layer's stored tensors and its config, not from the layer's own delta_weight."""
+    from adapterlab.tuners.lori.functional import layer_seed, random_a
+
+    cfg = pm.peft_config["default"]
+    sd = layer.state_dict()
+    if kind == "dylora":  # checkpoint layout: stacked components, rank cfg.r, scale alpha / r
+        a, b = sd["dylora_A.default.weight"].double(), sd["dylora_B.default.weight"].double()
+        return (b @ a) * (cfg.lora_alpha / cfg.r)
+    a = random_a(cfg.r, layer.in_features, layer_seed(cfg.a_seed, layer.key)).double()  # A regenerated from the seed
+    b = sd["lori_B.default.weight"].double()
+    return (b @ a) * (cfg.lora_alpha / cfg.r)
+
+
 @pytest.mark.parametrize("kind", ["rslora", "dylora", "lori"])
 def test_other_low_rank_adapters(kind):
     from peft import get_peft_model
@@ -127,7 +141,7 @@ def test_other_low_rank_adapters(kind):
         deltas = _expected_deltas(pm)
         assert pm.base_model.model.model.layers[0].self_attn.q_proj.scaling["default"] == pytest.approx(8 / 2)
     else:
-        deltas = {n: m.delta_weight("default").double() for n, m in layers.items()}
+        deltas = {n: _factor_delta(kind, pm, m) for n, m in layers.items()}
     merged = adapterlab.merge(copy.deepcopy(pm), keep_sparsity=True)
     for name, delta in deltas.items():
         w0 = before[name].double()
