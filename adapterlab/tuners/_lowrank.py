@@ -276,47 +276,6 @@ class LowRankLayer(nn.Module, BaseTunerLayer):
         undone, self.merged_adapters[:] = self.merged_adapters[at:], self.merged_adapters[:at]
         return undone
 
-    def _add_to_int4_(self, base: nn.Module, delta: torch.Tensor, adapter: str, *, safe_merge: bool, sign: float) -> None:
-        """4-bit base: merge = dequantize (either CPU layout) -> add in fp32 -> requantize; unmerge restores the codes."""
-        if sign < 0:
-            stack = self._int4_cache.get(adapter)
-            if not stack:
-                raise QuantizedMergeError(f"no cached 4-bit weight to unmerge adapter {adapter!r}")
-            restore_weight_(base, stack.pop())
-            return
-        merged = dequantize_weight(base) + delta.to(base.weight.device)  # (d_out, d_in) fp32
-        if safe_merge and not torch.isfinite(merged).all():
-            raise ValueError(f"NaNs/Infs in the merged weights of adapter {adapter!r}")
-        self._int4_cache.setdefault(adapter, []).append(snapshot_weight(base))
-        requantize_4bit_(base, merged)
-
-    def _add_to_int8_(self, base: nn.Module, delta: torch.Tensor, adapter: str, *, safe_merge: bool, sign: float) -> None:
-        """8-bit base: merge = dequantize -> add in fp32 -> row-wise requantize; unmerge restores the codes."""
-        import bitsandbytes.functional as bnbF
-
-        weight = base.weight
-        on_weight = getattr(weight, "SCB", None) is not None
-        scb_now = weight.SCB if on_weight else base.state.SCB
-        if sign < 0:
-            stack = self._int8_cache.get(adapter)
-            if not stack:
-                raise RuntimeError(f"no cached 8-bit weight to unmerge adapter {adapter!r}")
-            cb, scb = stack.pop()
-        else:
-            self._int8_cache.setdefault(adapter, []).append((weight.data.clone(), scb_now.clone()))
-            merged = dequantize_weight(base) + delta.to(weight.device)  # (d_out, d_in) fp32
-            if safe_merge and not torch.isfinite(merged).all():
-                self._int8_cache[adapter].pop()
-                raise ValueError(f"NaNs/Infs in the merged weights of adapter {adapter!r}")
-            cb, scb, _ = bnbF.int8_vectorwise_quant(merged.to(torch.float16))  # (d_out, d_in) int8, (d_out,)
-        weight.data = cb
-        if on_weight:
-            weight.CB = cb
-            weight.SCB = scb
-        if getattr(base, "state", None) is not None and getattr(base.state, "CB", None) is not None:
-            base.state.CB = cb
-            base.state.SCB = scb
-
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Add ``s * B A`` of each adapter to the base weight (fp32, cast once)."""
         for adapter in check_adapters_to_merge(self, adapter_names):
