@@ -133,16 +133,28 @@ def load_tensors(
     ``.pth``, ...) are read with ``torch.load(weights_only=True)`` when allowed.
 
     Raises:
-        ValueError: the file is pickle (or unknown) and ``allow_pickle`` is False.
+        ValueError: the file is pickle (or unknown) and ``allow_pickle`` is False, or a corrupt
+            safetensors file (empty, truncated, bad header, offsets outside the file or
+            overlapping): one line naming the file.
         FileNotFoundError: no such file.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such tensor file: {path}")
     if _looks_like_safetensors(path):
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path), device=str(device))
+        try:
+            return load_file(str(path), device=str(device))
+        except SafetensorError as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ValueError(f"{str(path)!r} is not a valid safetensors file ({reason}); re-save or remove it") from None
+    if path.suffix == ".safetensors" and not allow_pickle:
+        raise ValueError(
+            f"{str(path)!r} is not a valid safetensors file (empty, truncated or no JSON header); if it is a pickle "
+            f"renamed '.safetensors', pass allow_pickle=True only if you trust it"
+        )
     if not allow_pickle:
         raise ValueError(
             f"refusing to read {path.name!r}: it is not safetensors (pickle can run code); "

@@ -77,17 +77,16 @@ def put(
         if not recipe.is_file():
             raise FileNotFoundError(f"--recipe {str(recipe)!r} does not exist")
         provenance["recipe"] = {"path": str(recipe), "text": recipe.read_text(encoding="utf-8")}
-    fp = None
+    base_model = None
     if base is not None:
-        from adapterlab.io import base_fingerprint
         from adapterlab.models import load_model
 
         with err_console.status(f"fingerprinting base {base} ..."):
-            fp = base_fingerprint(load_model(base))
+            base_model = load_model(base)  # put checks the adapter's shapes against it, then fingerprints it
     if bundle:
-        digest = reg.put_bundle(src, name, provenance=provenance, base=fp, tags=tuple(tag or ()))
+        digest = reg.put_bundle(src, name, provenance=provenance, base=base_model, tags=tuple(tag or ()))
     else:
-        digest = reg.put(src, name, provenance=provenance, base=fp, tags=tuple(tag or ()))
+        digest = reg.put(src, name, provenance=provenance, base=base_model, tags=tuple(tag or ()))
     typer.echo(digest)  # plain: scripts read it
 
 

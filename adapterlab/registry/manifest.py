@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+import stat
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -30,6 +31,7 @@ __all__ = [
     "describe_base",
     "MANIFEST",
     "MANIFEST_FORMAT",
+    "MAX_NAME_CHARS",
     "PROVENANCE_KINDS",
     "check_finite",
     "check_name",
@@ -47,18 +49,29 @@ PROVENANCE_KINDS = ("trained", "extracted", "merged", "compressed", "imported")
 #: Files that mark a folder as an adapter (``adapter``) or a shared-basis bundle (``bundle``).
 KIND_FILES = {"adapter": ("adapter_config.json", "adapter_model.safetensors"), "bundle": ("compressed_config.json",)}
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_HEX = re.compile(r"^[0-9a-f]+$")
+#: The longest registry name (a ref or tag file name under ``refs/``).
+MAX_NAME_CHARS = 128
+#: Matched with ``fullmatch`` (``$`` would accept a trailing newline).
+_NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_NAME_CHARS - 1}}}")
+_HEX = re.compile(r"[0-9a-f]+")
 
 
 def check_name(name: str, what: str = "name") -> str:
-    """A ref name: 1-128 of ``[A-Za-z0-9._-]``, starting alphanumeric, not a 64-hex digest."""
-    if not isinstance(name, str) or not _NAME.match(name):
+    """A ref name: 1-128 of ``[A-Za-z0-9._-]``, starting alphanumeric, not a 64-hex digest.
+
+    Raises:
+        ValueError: one line naming the value and what is allowed.
+    """
+    if isinstance(name, str) and len(name) > MAX_NAME_CHARS:
+        raise ValueError(
+            f"{what} {name[:40]!r}... is {len(name)} characters long; registry names are at most {MAX_NAME_CHARS}"
+        )
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise ValueError(
             f"{what} {name!r} is not a valid registry name: use 1-128 letters, digits, '.', '_' or '-', "
             f"starting with a letter or digit (no '/', '@', ':' or spaces)"
         )
-    if len(name) == 64 and _HEX.match(name):
+    if len(name) == 64 and _HEX.fullmatch(name):
         raise ValueError(f"{what} {name!r} looks like a sha256 digest; pick a name that is not 64 hex digits")
     return name
 
@@ -86,11 +99,13 @@ def scan_source(src: Path, kind: str = "adapter") -> list[Path]:
     """The files of an adapter (or bundle) folder to store, after refusing what must not be stored.
 
     Top-level regular files only; hidden files and an existing ``manifest.json`` are skipped.
+    Every entry is ``lstat``-ed before anything is opened, so a FIFO, socket or device file is
+    refused instead of blocking the put (a FIFO's ``open`` waits for a writer forever).
 
     Raises:
         FileNotFoundError: no such folder, or a required file is missing.
         ValueError: a pickle file, a ``.safetensors`` file that is not safetensors, a sub-folder,
-            a symlink, or an unparsable JSON config.
+            a symlink, a special file (FIFO, socket, device), or an unparsable JSON config.
     """
     src = Path(src).expanduser()
     if not src.is_dir():
@@ -99,12 +114,18 @@ def scan_source(src: Path, kind: str = "adapter") -> list[Path]:
     for entry in sorted(src.iterdir()):
         if entry.name.startswith(".") or entry.name == MANIFEST:
             continue
-        if entry.is_symlink():
+        mode = entry.lstat().st_mode
+        if stat.S_ISLNK(mode):
             raise ValueError(f"put: {entry} is a symlink; the registry stores plain files only")
-        if entry.is_dir():
+        if stat.S_ISDIR(mode):
             raise ValueError(
                 f"put: {str(src)!r} has a sub-folder {entry.name!r}; put one adapter folder at a time "
                 f"(a peft save with several adapters has one sub-folder per adapter)"
+            )
+        if not stat.S_ISREG(mode):
+            raise ValueError(
+                f"put: {entry} is a {_special_kind(mode)}, not a regular file; the registry stores plain files only "
+                f"(remove it from the folder)"
             )
         if entry.suffix.lower() in PICKLE_SUFFIXES:
             raise ValueError(
@@ -116,8 +137,9 @@ def scan_source(src: Path, kind: str = "adapter") -> list[Path]:
         if entry.suffix == ".json":
             try:
                 json.loads(entry.read_text(encoding="utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise ValueError(f"put: {entry.name!r} in {str(src)!r} is not valid JSON ({exc})") from None
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise ValueError(f"put: {entry.name!r} in {str(src)!r} is not valid JSON ({reason})") from None
         files.append(entry)
     names = {f.name for f in files}
     missing = [n for n in KIND_FILES[kind] if n not in names]
@@ -127,6 +149,16 @@ def scan_source(src: Path, kind: str = "adapter") -> list[Path]:
         what = "a PEFT adapter folder" if kind == "adapter" else "a shared-basis bundle folder"
         raise FileNotFoundError(f"put: {str(src)!r} is not {what}: missing {', '.join(missing)}")
     return files
+
+
+def _special_kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device file"
+    return "special file"
 
 
 def check_finite(path: Path, where: str) -> dict[str, Any]:

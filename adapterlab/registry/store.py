@@ -28,6 +28,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -40,6 +41,7 @@ from torch import nn
 from adapterlab.io import _fsync_dir, fingerprint_digest, sha256_file
 from adapterlab.registry.manifest import (
     MANIFEST,
+    MAX_NAME_CHARS,
     build_manifest,
     check_finite,
     check_name,
@@ -50,6 +52,7 @@ from adapterlab.registry.manifest import (
     object_digest,
     scan_source,
 )
+from adapterlab.registry.validate import check_adapter
 
 __all__ = ["AdapterRegistry", "BaseMismatchError", "RefNotFoundError"]
 
@@ -57,8 +60,12 @@ logger = logging.getLogger(__name__)
 
 #: Test hook: ``sleep:SECONDS`` pauses after each staged file, ``raise`` fails after the first one.
 FAULT_ENV = "ADAPTERLAB_HUB_FAULT"
-_DIGEST = re.compile(r"^[0-9a-f]{64}$")
-_HEX = re.compile(r"^[0-9a-f]{8,64}$")
+#: Matched with ``fullmatch`` (``$`` would accept a trailing newline).
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+_HEX = re.compile(r"[0-9a-f]{8,64}")
+_REF_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+#: The longest ref: ``hub:`` + a name of MAX_NAME_CHARS + ``@`` + a 64-hex digest.
+MAX_REF_CHARS = len("hub:") + MAX_NAME_CHARS + 1 + 64
 _KIND_DIRS = {"adapter": "objects", "bundle": "compressed"}
 _FP_FIELDS = {
     "architecture": "architecture",
@@ -95,7 +102,11 @@ def _copy_hashed(src: Path, dst: Path) -> tuple[str, int]:
     """Copy ``src`` to a new file ``dst`` (fsync'd) and return its (sha256, size) in one read."""
     h = hashlib.sha256()
     n = 0
-    with open(src, "rb") as fi, open(dst, "xb") as fo:
+    fd = os.open(src, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))  # never blocks on a FIFO
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ValueError(f"put: {src} is not a regular file (replaced while it was stored?)")
+    with os.fdopen(fd, "rb") as fi, open(dst, "xb") as fo:
         while block := fi.read(1 << 20):
             h.update(block)
             fo.write(block)
@@ -128,6 +139,18 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:  # pragma: no cover - someone else's live process
         return True
     return True
+
+
+def _check_ref_text(text: str, what: str = "ref") -> None:
+    """Refuse refs no name or digest can have before they reach the file system (no OSError)."""
+    if len(text) > MAX_REF_CHARS:
+        raise ValueError(
+            f"{what} {text[:40]!r}... is {len(text)} characters long; registry refs are at most {MAX_REF_CHARS} "
+            f"(hub:NAME@DIGEST with a name of at most {MAX_NAME_CHARS})"
+        )
+    bad = next((c for c in text if not c.isprintable()), None)
+    if bad is not None:
+        raise ValueError(f"{what} {text!r} contains the control character {bad!r}; registry refs are printable")
 
 
 class AdapterRegistry:
@@ -221,7 +244,7 @@ class AdapterRegistry:
 
     def _read_ref(self, name: str) -> str:
         text = (self.refs / name).read_text(encoding="utf-8").strip()
-        if not _DIGEST.match(text):
+        if not _DIGEST.fullmatch(text):
             raise ValueError(f"registry {str(self.root)!r}: ref {name!r} is corrupted (holds {text[:80]!r}, not a sha256 digest)")
         return text
 
@@ -233,7 +256,7 @@ class AdapterRegistry:
         for kind, sub in _KIND_DIRS.items():
             d = self.root / sub
             if d.is_dir():
-                out.update({p.name: kind for p in d.iterdir() if p.is_dir() and _DIGEST.match(p.name)})
+                out.update({p.name: kind for p in d.iterdir() if p.is_dir() and _DIGEST.fullmatch(p.name)})
         return out
 
     # ---- refs --------------------------------------------------------------------------------
@@ -246,7 +269,11 @@ class AdapterRegistry:
             ValueError: an ambiguous digest prefix, a ``NAME@PREFIX`` whose digest differs, or a
                 ref that points to a missing object.
         """
-        text = os.fspath(ref).strip()
+        text = os.fspath(ref)
+        if not isinstance(text, str):
+            raise ValueError(f"registry ref must be a string, got {type(text).__name__}")
+        _check_ref_text(text)
+        text = text.strip()
         if text.startswith("hub:"):
             text = text[4:]
         if not text:
@@ -257,7 +284,7 @@ class AdapterRegistry:
             if not digest.startswith(prefix.lower()):
                 raise ValueError(f"ref {text!r}: {name!r} points to {digest[:12]}, not {prefix!r}")
             return digest
-        if "/" not in text and text not in (".", "..") and (self.refs / text).is_file():
+        if _REF_NAME.fullmatch(text) and len(text) <= MAX_NAME_CHARS and (self.refs / text).is_file():
             digest = self._read_ref(text)
             if self._dir_of(digest) is None:
                 raise ValueError(
@@ -266,7 +293,7 @@ class AdapterRegistry:
                 )
             return digest
         low = text.lower()
-        if _HEX.match(low):
+        if _HEX.fullmatch(low):
             matches = sorted(d for d in self._all_digests() if d.startswith(low))
             if len(matches) == 1:
                 return matches[0]
@@ -297,6 +324,7 @@ class AdapterRegistry:
             FileExistsError: ``name`` already points elsewhere and ``force`` is False.
         """
         check_name(name, "tag")
+        self.resolve(ref)  # a bad ref fails here, before the lock creates the registry folders
         with self._locked():
             digest = self.resolve(ref)
             path = self.refs / name
@@ -312,13 +340,26 @@ class AdapterRegistry:
 
     def rm(self, name: str) -> str:
         """Remove the name (or tag) ``name``; the object stays until :meth:`gc`. Returns its digest."""
+        if not isinstance(name, str):
+            raise ValueError(f"rm: the name must be a string, got {type(name).__name__}")
+        if len(name) > MAX_NAME_CHARS:
+            raise ValueError(
+                f"name {name[:40]!r}... is {len(name)} characters long; registry names are at most {MAX_NAME_CHARS}"
+            )
+        def missing() -> RefNotFoundError:
+            names = self._ref_names()
+            return RefNotFoundError(
+                f"registry {str(self.root)!r} has no name {name!r} to remove; names: {', '.join(names[:10]) or 'none'}"
+            )
+
+        # only names listed under refs/ touch the file system (a name stored before names were
+        # checked with fullmatch, e.g. one ending in a newline, can still be removed)
+        if name not in self._ref_names():
+            raise missing()  # before the lock, which would create the registry folders
         with self._locked():
             path = self.refs / name
-            if "/" in name or not path.is_file():
-                names = self._ref_names()
-                raise RefNotFoundError(
-                    f"registry {str(self.root)!r} has no name {name!r} to remove; names: {', '.join(names[:10]) or 'none'}"
-                )
+            if name not in self._ref_names():
+                raise missing()
             digest = path.read_text(encoding="utf-8").strip()
             path.unlink()
             _fsync_dir(self.refs)
@@ -404,6 +445,8 @@ class AdapterRegistry:
     ) -> str:
         names = ([check_name(name)] if name else []) + [check_name(t, "tag") for t in tags]
         files = scan_source(src, kind)
+        if kind == "adapter":  # before anything is written: refuse what peft could not load
+            check_adapter(src, base if isinstance(base, nn.Module) else None)
         fingerprint = normalize_fingerprint(base)
         prov = normalize_provenance(provenance, [f.name for f in files])
         self._ensure()
@@ -606,7 +649,7 @@ class AdapterRegistry:
             d = self.root / sub
             if d.is_dir():
                 problems += [f"{sub}/{p.name}: not a sha256-named object folder" for p in sorted(d.iterdir())
-                             if not _DIGEST.match(p.name)]
+                             if not _DIGEST.fullmatch(p.name)]
         for digest, kind in sorted(self._all_digests().items()):
             problems += self._check_object(self.root / _KIND_DIRS[kind] / digest, digest, kind)
         for name in self._ref_names():
