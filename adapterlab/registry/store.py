@@ -272,8 +272,8 @@ class AdapterRegistry:
         text = os.fspath(ref)
         if not isinstance(text, str):
             raise ValueError(f"registry ref must be a string, got {type(text).__name__}")
+        text = text.strip()  # surrounding whitespace (a newline from `$(cat file)`) is not part of a ref
         _check_ref_text(text)
-        text = text.strip()
         if text.startswith("hub:"):
             text = text[4:]
         if not text:

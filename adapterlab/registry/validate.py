@@ -183,7 +183,10 @@ def check_adapter(src: Path, base: nn.Module | None = None) -> None:
 
     st_path = src / "adapter_model.safetensors"
     where = str(st_path)
-    tensors = load_tensors(st_path)  # ValueError naming the file when it is not readable safetensors
+    try:
+        tensors = load_tensors(st_path)  # the project's reader: corrupt files are a ValueError naming the file
+    except ValueError as exc:
+        raise ValueError(f"put: {exc}") from None
     if not tensors:
         raise _fail(where, "the file holds no tensors; an adapter stores at least one weight")
     for key, t in tensors.items():
@@ -227,10 +230,10 @@ def check_adapter(src: Path, base: nn.Module | None = None) -> None:
             a = tensors[a_key] if a_key is not None and a_key.endswith((".weight", a_name)) else None
             b = tensors[b_key] if b_key is not None and b_key.endswith((".weight", b_name)) else None
             if a is not None and (a.dim() < 2 or (r is not None and a.shape[0] != r)):
-                raise _fail(where, f"tensor {a_key!r} has shape {list(a.shape)}; {a_name} must be [r={r}, d_in]"
+                raise _fail(where, f"tensor {a_key!r} has shape {list(a.shape)}; {a_name} must be (r, d_in) with r={r}"
                                    f" (key 'r' / 'rank_pattern' of adapter_config.json)")
             if b is not None and (b.dim() < 2 or (r is not None and b.shape[1] != r)):
-                raise _fail(where, f"tensor {b_key!r} has shape {list(b.shape)}; {b_name} must be [d_out, r={r}]"
+                raise _fail(where, f"tensor {b_key!r} has shape {list(b.shape)}; {b_name} must be (d_out, r) with r={r}"
                                    f" (key 'r' / 'rank_pattern' of adapter_config.json)")
             io = _base_io(module, "embedding" in a_name, fan) if module is not None else None
             if io is None:
@@ -249,8 +252,8 @@ def check_adapter(src: Path, base: nn.Module | None = None) -> None:
             dims_key = have["adapterlab_shira_dims"]
             dims = [int(d) for d in tensors[dims_key].reshape(-1).tolist()]
             if len(dims) != 2 or min(dims) <= 0:
-                raise _fail(where, f"tensor {dims_key!r} is {dims}; it must be [d_out, d_in]")
+                raise _fail(where, f"tensor {dims_key!r} is {dims}; it must be (d_out, d_in)")
             io = _base_io(module, False, False) if module is not None else None
             if io is not None and dims != [io[1], io[0]]:
-                raise _fail(where, f"tensor {dims_key!r} is {dims}, but base module {mod!r} is [{io[1]}, {io[0]}] "
+                raise _fail(where, f"tensor {dims_key!r} is {dims}, but base module {mod!r} is ({io[1]}, {io[0]}) "
                                    f"(an adapter of another base?)")
