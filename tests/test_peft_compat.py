@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import adapterlab  # noqa: F401  (importing adapterlab registers its tuners)
+import adapterlab  # noqa: F401  (after this, importing peft registers adapterlab's tuners)
 from adapterlab import peft_compat
 from adapterlab.io import load_tensors
 from adapterlab.models import tiny_llama
@@ -193,3 +193,48 @@ def test_mixed_compatible_registration():
     assert peft_compat.peft_type("adapterlab_dummy_mixed") is member
     with pytest.raises(ValueError, match="unknown PEFT type"):
         peft_compat.peft_type("adapterlab_nope")
+
+
+def test_plain_import_adapterlab_then_peft_loads_an_adapterlab_adapter(tmp_path):
+    """The user's order in a fresh process: ``import adapterlab`` (which imports no peft), then
+    ``from peft import PeftModel`` (which registers the tuners), then ``PeftModel.from_pretrained``
+    on an adapterlab SHiRA adapter, with nothing else of adapterlab imported before peft."""
+    from peft import get_peft_model
+
+    from adapterlab import ShiraConfig
+
+    torch.manual_seed(0)
+    pm = get_peft_model(tiny_llama(), ShiraConfig(r=2, mask_type="random", target_modules=["q_proj", "down_proj"]))
+    with torch.no_grad():
+        for p in (p for p in pm.parameters() if p.requires_grad):
+            p.normal_(0, 0.05)  # a nonzero adapter: the load below must reproduce it, not the base
+    x = _batch()
+    expected = _logits(pm, x)
+    assert (expected - _logits(tiny_llama(), x)).abs().max() > 1e-4
+    pm.save_pretrained(tmp_path / "adapter")
+    result_file = tmp_path / "fresh.safetensors"
+    script = textwrap.dedent(
+        f"""
+        import sys
+        import adapterlab
+        assert "peft" not in sys.modules and "adapterlab.tuners" not in sys.modules, "import adapterlab is not lazy"
+        from peft import PeftModel
+        assert "adapterlab.tuners" in sys.modules, "import peft did not register adapterlab's tuners"
+        import torch
+        torch.set_num_threads(1)
+        from adapterlab.io import save_tensors
+        from adapterlab.models import tiny_llama
+        x = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+        model = PeftModel.from_pretrained(tiny_llama(), {str(tmp_path / "adapter")!r}).eval()
+        assert type(model.peft_config["default"]).__module__ == "adapterlab.tuners.shira.config"
+        with torch.no_grad():
+            save_tensors({str(result_file)!r}, {{"logits": model(x).logits}})
+        """
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    torch.testing.assert_close(load_tensors(result_file)["logits"], expected, rtol=1e-5, atol=1e-6)
