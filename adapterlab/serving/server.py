@@ -21,11 +21,12 @@ import logging
 import os
 import re
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 from torch import Tensor, nn
@@ -45,6 +46,27 @@ _SHIRA_KEY = re.compile(
 
 class UnknownAdapterError(ValueError):
     """A request or command names an adapter the server does not know (HTTP 404)."""
+
+
+# Servers built on one model object share its modules and weights: one lock per model serialises
+# them, and the model's current owner (a router) has its wrappers installed (see ``_claim``).
+_MODELS_LOCK = threading.Lock()
+_MODEL_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_OWNERS: weakref.WeakKeyDictionary[nn.Module, BatchRouter] = weakref.WeakKeyDictionary()
+
+
+def _model_lock(model: nn.Module) -> threading.RLock:
+    with _MODELS_LOCK:
+        lock = _MODEL_LOCKS.get(model)
+        if lock is None:
+            lock = _MODEL_LOCKS[model] = threading.RLock()
+        return lock
+
+
+def _set_child(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
 
 
 @dataclass
@@ -131,6 +153,12 @@ class AdapterServer:
         plan_mode: ``auto`` | ``grouped`` | ``gather`` — how LoRA rows are batched.
         check_base: refuse registry adapters whose recorded base fingerprint differs from ``base``.
         adapters: ``{name: source}`` registered up front (loaded on first use).
+        context_length: longest prompt + ``max_new_tokens`` a request may ask for (default: the
+            model config's ``max_position_embeddings``; None there = no limit).
+
+    Several servers may be built on the same model object (e.g. a notebook cell run twice): they
+    share one lock, and the one that runs swaps its own layer wrappers in (restoring the others'
+    plain layers and fused SHiRA entries first), so each of them sees the original base.
 
     Example:
         >>> server = AdapterServer(model, tokenizer=tok, adapters={"a": "out/a", "b": "hub:b"})
@@ -148,7 +176,12 @@ class AdapterServer:
         plan_mode: str = "auto",
         check_base: bool = True,
         adapters: Mapping[str, Any] | None = None,
+        context_length: int | None = None,
     ) -> None:
+        if context_length is not None and (
+            isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 2
+        ):
+            raise ValueError(f"context_length must be an integer >= 2 or None, got {context_length!r}")
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
         if isinstance(base, nn.Module):
@@ -175,7 +208,9 @@ class AdapterServer:
         self._cache: OrderedDict[str, _Entry] = OrderedDict()
         self._bundles: dict[str, _Bundle] = {}
         self._bundle_of: dict[str, str] = {}
-        self._lock = threading.RLock()
+        self._lock = _model_lock(self.model)
+        self._tok_lock = threading.Lock()  # HF fast tokenizers are not safe to call from many threads
+        self.context_length = context_length if context_length is not None else self._config_context()
         self._fingerprint: dict[str, Any] | None = None
         self.stats = {"loads": 0, "evictions": 0, "requests": 0, "batches": 0}
         for name, src in (adapters or {}).items():
@@ -358,26 +393,53 @@ class AdapterServer:
             + (" (and the registry)" if self.registry is not None else "")
         )
 
+    # -- owning the model ---------------------------------------------------------------------
+
+    def _claim(self) -> None:
+        """Install this server's layer wrappers in the model (call under ``self._lock``).
+
+        Another :class:`AdapterServer` built on the same model object may have wrapped its layers
+        (and fused a SHiRA adapter into its weights): its fused entries are restored, its wrappers
+        are swapped back to the plain layers, and ours go in. That server claims the model back the
+        same way on its next use, so both keep working on the original base weights.
+        """
+        owner = _OWNERS.get(self.model)
+        if owner is self.router:
+            return
+        foreign = [(name, m) for name, m in self.model.named_modules()
+                   if isinstance(m, MultiAdapterLinear) and m._router is not self.router]
+        for router in {id(m._router): m._router for _, m in foreign}.values():
+            router.unfuse()
+        for name, module in foreign:
+            _set_child(self.model, name, module.base_layer)
+        for name, wrapper in self.router.wrappers.items():
+            _set_child(self.model, name, wrapper)
+        _OWNERS[self.model] = self.router
+        if foreign:
+            logger.info("AdapterServer: took over %d wrapped layers of the model from another server", len(foreign))
+
     # -- reading adapters ---------------------------------------------------------------------
 
     def _base_fingerprint(self) -> dict[str, Any]:
         """``adapterlab.io.base_fingerprint`` of the plain base (wrappers swapped out, SHiRA unfused)."""
-        if self._fingerprint is None:
-            from adapterlab.io import base_fingerprint
+        with self._lock:
+            if self._fingerprint is None:
+                self._fingerprint = self._plain_fingerprint()
+            return self._fingerprint
 
-            self.router.unfuse()
-            swapped = []
+    def _plain_fingerprint(self) -> dict[str, Any]:
+        """Fingerprint with every wrapper swapped for its plain layer (call under ``self._lock``)."""
+        from adapterlab.io import base_fingerprint
+
+        self._claim()  # nobody else's wrappers or fused entries are left in the model
+        self.router.unfuse()
+        for mod, wrapper in self.router.wrappers.items():
+            _set_child(self.model, mod, wrapper.base_layer)
+        try:
+            return base_fingerprint(self.model)
+        finally:
             for mod, wrapper in self.router.wrappers.items():
-                parent_name, _, child = mod.rpartition(".")
-                parent = self.model.get_submodule(parent_name) if parent_name else self.model
-                setattr(parent, child, wrapper.base_layer)
-                swapped.append((parent, child, wrapper))
-            try:
-                self._fingerprint = base_fingerprint(self.model)
-            finally:
-                for parent, child, wrapper in swapped:
-                    setattr(parent, child, wrapper)
-        return self._fingerprint
+                _set_child(self.model, mod, wrapper)
 
     def _hub_folder(self, name: str, ref: str) -> Path:
         """The verified registry folder of ``ref``; refuses an adapter recorded for another base."""
@@ -445,7 +507,9 @@ class AdapterServer:
                 f"adapter {name!r}: module {mod!r} has delta shape {list(shape)} but the base weight is {list(have)} "
                 f"(an adapter for a different base?)"
             )
-        return wrap_linear(self.model, mod, self.router)
+        with self._lock:
+            self._claim()
+            return wrap_linear(self.model, mod, self.router)
 
     def _check_lora(self, name: str, factors: dict[str, tuple[Tensor, Tensor]]) -> dict[str, tuple[Tensor, Tensor]]:
         if not factors:
@@ -578,6 +642,7 @@ class AdapterServer:
             raise ValueError(f"adapters has {len(names)} entries for a batch of {B} rows")
         with self._lock:
             self.router.set_batch(self._specs(names))
+            self._claim()
             self.router.reference = reference
             try:
                 return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
@@ -585,18 +650,84 @@ class AdapterServer:
                 self.router.reference = False
                 self.router.clear_batch()
 
+    # -- validating and running requests ----------------------------------------------------
+
+    def _config_context(self) -> int | None:
+        config = getattr(self.model, "config", None)
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            value = getattr(config, key, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 1:
+                return value
+        return None
+
+    def _vocab_size(self) -> int | None:
+        try:
+            return int(self.model.get_input_embeddings().num_embeddings)
+        except (AttributeError, NotImplementedError, TypeError):
+            vocab = getattr(getattr(self.model, "config", None), "vocab_size", None)
+            return vocab if isinstance(vocab, int) else None
+
     def _encode(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("text prompts need a tokenizer; pass tokenizer= or give token ids")
-            ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            with self._tok_lock:
+                ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
             if not ids:
                 raise ValueError("the prompt tokenizes to nothing")
             return list(ids)
-        vocab = getattr(self.model.config, "vocab_size", None)
-        if isinstance(vocab, int) and max(prompt) >= vocab:
-            raise ValueError(f"prompt token id {max(prompt)} is outside the vocabulary (size {vocab})")
-        return list(prompt)
+        ids = list(prompt)
+        vocab = self._vocab_size()
+        if vocab is not None:
+            top = max(ids)  # one C-level pass over the ids
+            if top >= vocab:
+                raise ValueError(
+                    f"prompt token id {top} (position {ids.index(top)}) is outside the vocabulary; "
+                    f"allowed ids are 0..{vocab - 1}"
+                )
+        return ids
+
+    def check(self, request: Request | Mapping[str, Any]) -> Request:
+        """Validate one request before it is queued or batched; return it with its prompt as token ids.
+
+        Checks that the adapter is known, every token id is in the vocabulary, and that prompt +
+        ``max_new_tokens`` fits in :attr:`context_length`, so a bad request is refused on its own
+        instead of failing the batch it would have joined.
+
+        Args:
+            request: a :class:`Request` or its fields as a mapping.
+
+        Returns:
+            The request with ``prompt`` tokenized (the text is encoded once, here).
+
+        Raises:
+            UnknownAdapterError: the adapter is not served (HTTP 404).
+            ValueError: a bad prompt, token id, ``max_new_tokens`` or context overflow (HTTP 400),
+                naming the bad value and what is allowed.
+        """
+        if isinstance(request, Request):
+            req = request
+        elif isinstance(request, Mapping):
+            unknown = sorted(set(request) - {"prompt", "adapter", "max_new_tokens"})
+            if unknown or "prompt" not in request:
+                raise ValueError(
+                    f"request fields {sorted(request)} are invalid; give 'prompt' and optionally "
+                    f"'adapter' and 'max_new_tokens'"
+                )
+            req = Request(**dict(request))
+        else:
+            raise ValueError(f"a request must be a Request or a mapping, got {type(request).__name__}")
+        if req.adapter is not None and not self.known(req.adapter):
+            self._source_of(req.adapter)  # raises UnknownAdapterError naming the known adapters
+        ids = self._encode(req.prompt)
+        ctx = self.context_length
+        if ctx is not None and len(ids) + req.max_new_tokens > ctx:
+            raise ValueError(
+                f"prompt ({len(ids)} tokens) + {req.max_new_tokens} new tokens (max_tokens) = "
+                f"{len(ids) + req.max_new_tokens} tokens exceeds the model's context of {ctx} tokens; "
+                f"shorten the prompt or ask for fewer tokens"
+            )
+        return req if req.prompt is ids else Request(ids, req.adapter, req.max_new_tokens)
 
     def _pad_id(self) -> int:
         tok = self.tokenizer
@@ -617,32 +748,80 @@ class AdapterServer:
                 out.update(int(c) for c in cand)
         return out
 
+    @overload
+    def generate(
+        self, requests: Iterable[Request | Mapping[str, Any]], *, return_exceptions: Literal[False] = False
+    ) -> list[Completion]: ...
+
+    @overload
+    def generate(
+        self, requests: Iterable[Request | Mapping[str, Any]], *, return_exceptions: Literal[True]
+    ) -> list[Completion | Exception]: ...
+
     @torch.no_grad()
-    def generate(self, requests: Iterable[Request | Mapping[str, Any]]) -> list[Completion]:
+    def generate(
+        self, requests: Iterable[Request | Mapping[str, Any]], *, return_exceptions: bool = False
+    ) -> list[Completion] | list[Completion | Exception]:
         """Greedy completions; every request names its own adapter. Order is kept.
 
-        Requests are run ``max_batch_size`` at a time (and so that each forward needs at most
-        ``capacity`` distinct cached adapters); each forward is one batched call.
+        Every request is validated first (:meth:`check`). Requests are run ``max_batch_size`` at a
+        time (and so that each forward needs at most ``capacity`` distinct cached adapters); each
+        forward is one batched call.
+
+        Args:
+            requests: :class:`Request` objects or their fields as mappings.
+            return_exceptions: False: the first bad request raises. True: a bad request's slot holds
+                its exception and the others still run; a batch that fails is split in halves and
+                retried, so a request that fails inside a batch fails only itself.
+
+        Returns:
+            One :class:`Completion` (or, with ``return_exceptions``, exception) per request.
         """
-        reqs = [r if isinstance(r, Request) else Request(**dict(r)) for r in requests]
-        for r in reqs:
-            if r.adapter is not None and not self.known(r.adapter):
-                self._source_of(r.adapter)  # raises UnknownAdapterError with the known names
-        out: list[Completion] = []
-        chunk: list[Request] = []
+        reqs = list(requests)
+        out: list[Completion | Exception | None] = [None] * len(reqs)
+        todo: list[tuple[int, Request]] = []
+        for i, r in enumerate(reqs):
+            try:
+                todo.append((i, self.check(r)))
+            except Exception as exc:  # noqa: BLE001 - reported in the request's slot
+                if not return_exceptions:
+                    raise
+                out[i] = exc
+        chunk: list[tuple[int, Request]] = []
         distinct: set[str] = set()
-        for r in reqs:
+        for i, r in todo:
             cached = r.adapter is not None and r.adapter not in self._bundle_of
             grows = cached and r.adapter not in distinct
             if chunk and (len(chunk) >= self.max_batch_size or (grows and len(distinct) >= self.capacity)):
-                out.extend(self._generate_batch(chunk))
+                self._run_chunk(chunk, out, return_exceptions)
                 chunk, distinct = [], set()
-            chunk.append(r)
+            chunk.append((i, r))
             if cached:
                 distinct.add(r.adapter)  # type: ignore[arg-type]
         if chunk:
-            out.extend(self._generate_batch(chunk))
-        return out
+            self._run_chunk(chunk, out, return_exceptions)
+        return out  # type: ignore[return-value]
+
+    def _run_chunk(
+        self, chunk: list[tuple[int, Request]], out: list[Completion | Exception | None], isolate: bool
+    ) -> None:
+        """Run one batch into ``out``; with ``isolate``, a failing batch is retried in halves."""
+        try:
+            results = self._generate_batch([r for _, r in chunk])
+        except Exception as exc:  # noqa: BLE001 - isolated below, or raised
+            if not isolate:
+                raise
+            if len(chunk) == 1:
+                logger.info("request failed alone: %s: %s", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+                out[chunk[0][0]] = exc
+                return
+            logger.info("a batch of %d requests failed (%s); retrying it in halves", len(chunk), type(exc).__name__)
+            half = len(chunk) // 2
+            self._run_chunk(chunk[:half], out, isolate)
+            self._run_chunk(chunk[half:], out, isolate)
+            return
+        for (i, _), res in zip(chunk, results):
+            out[i] = res
 
     def _generate_batch(self, reqs: list[Request]) -> list[Completion]:
         prompts = [self._encode(r.prompt) for r in reqs]
@@ -658,6 +837,7 @@ class AdapterServer:
         eos = self._eos_ids()
         with self._lock:
             self.router.set_batch(self._specs([r.adapter for r in reqs]))
+            self._claim()
             try:
                 seq = self.model.generate(
                     input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=n_new,
@@ -668,16 +848,22 @@ class AdapterServer:
                 self.router.clear_batch()
             self.stats["batches"] += 1
             self.stats["requests"] += len(reqs)
-        new = seq[:, L:].tolist()
+        new = seq[:, L:].cpu()  # [B, n] generated ids (n <= n_new: generate stops once every row hit EOS)
+        limit = torch.tensor([r.max_new_tokens for r in reqs]).clamp_(max=new.shape[1])  # [B]
+        inside = torch.arange(new.shape[1])[None, :] < limit[:, None]  # [B, n]: within the request's budget
+        is_eos = inside & torch.isin(new, torch.tensor(sorted(eos), dtype=new.dtype)) if eos else torch.zeros_like(inside)
+        stopped = is_eos.any(1)  # [B]
+        keep = torch.where(stopped, is_eos.int().argmax(1), limit).tolist()  # first EOS, else the budget
+        rows = new.tolist()
         results = []
-        for r, p, toks in zip(reqs, prompts, new):
-            toks = toks[: r.max_new_tokens]
-            reason = "length"
-            stop = next((i for i, t in enumerate(toks) if t in eos), None)
-            if stop is not None:
-                toks, reason = toks[:stop], "stop"
-            text = self.tokenizer.decode(toks, skip_special_tokens=True) if self.tokenizer is not None else None
-            results.append(Completion(r.adapter, toks, text, len(p), reason))
+        for b, (r, p) in enumerate(zip(reqs, prompts)):
+            toks = rows[b][: keep[b]]
+            if self.tokenizer is not None:
+                with self._tok_lock:
+                    text = self.tokenizer.decode(toks, skip_special_tokens=True)
+            else:
+                text = None
+            results.append(Completion(r.adapter, toks, text, len(p), "stop" if bool(stopped[b]) else "length"))
         return results
 
     def close(self) -> None:

@@ -50,3 +50,44 @@ def test_registry_refs_bundles_and_refusals(tmp_path):
     with pytest.raises(ValueError, match="failed verification"):
         server.load("beta")
     assert server.generate([Request([5, 6, 7], "alpha", 2)])[0].adapter == "alpha"
+
+
+def test_second_server_on_the_same_model_object(tmp_path):
+    """A second AdapterServer on a model an earlier one wrapped (and fused SHiRA into) serves the
+    registry's adapters: the base it fingerprints and runs is the original one, and the first
+    server keeps working too."""
+    from adapterlab.io import base_fingerprint
+    from tests.serving._helpers import make_shira, merged_shira_model
+
+    hub = AdapterRegistry(tmp_path / "hub")
+    a = make_lora(tmp_path / "a", seed=0)
+    shira = make_shira(tmp_path / "s", seed=1)
+    fresh = base_model()
+    hub.put(a, "alpha", base=fresh)
+    base = base_model()
+    ids = torch.randint(4, 100, (2, 6), generator=torch.Generator().manual_seed(1))
+    want_a = merged_lora_model(a)(input_ids=ids).logits
+    want_s = merged_shira_model(shira)(input_ids=ids).logits
+    want_base = fresh(input_ids=ids).logits
+
+    first = AdapterServer(base, hub, adapters={"s": shira})
+    torch.testing.assert_close(first.forward(ids, adapters=["alpha", "alpha"]), want_a, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(first.forward(ids, adapters=["s", "s"]), want_s, atol=1e-4, rtol=1e-4)
+    assert first.router.fused == "s"  # the base weights now hold the SHiRA entries
+
+    second = AdapterServer(base, hub)  # the same model object, wrapped and fused by `first`
+    assert second._base_fingerprint() == base_fingerprint(fresh)
+    second.load("alpha")  # was BaseMismatchError
+    torch.testing.assert_close(second.forward(ids, adapters=["alpha", None]),
+                               torch.stack([want_a[0], want_base[1]]), atol=1e-4, rtol=1e-4)
+    assert second.generate([Request([5, 6, 7], "alpha", 3)])[0].tokens == \
+        first.generate([Request([5, 6, 7], "alpha", 3)])[0].tokens
+    # back and forth: each server claims the model when it runs
+    torch.testing.assert_close(first.forward(ids, adapters=["s", None]),
+                               torch.stack([want_s[0], want_base[1]]), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(second.forward(ids, adapters=[None, None]), want_base, atol=1e-4, rtol=1e-4)
+    first.close()
+    second.close()
+    plain = {k.replace(".base_layer", ""): v for k, v in base.state_dict().items()}
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(plain[k], v), k
