@@ -264,10 +264,16 @@ class AdapterRegistry:
     def resolve(self, ref: str | os.PathLike[str]) -> str:
         """The full sha256 digest a ref points to.
 
+        Surrounding whitespace is stripped. A ref is at most ``MAX_REF_CHARS`` (197) characters
+        (``hub:`` + a name of at most 128 + ``@`` + a 64-hex digest) and holds no control characters;
+        only names that can be valid ref names are looked up on disk, so no ref reaches the file
+        system as an ``OSError`` (e.g. ``File name too long``).
+
         Raises:
             RefNotFoundError: no such name or digest (the message lists known names).
-            ValueError: an ambiguous digest prefix, a ``NAME@PREFIX`` whose digest differs, or a
-                ref that points to a missing object.
+            ValueError: an ambiguous digest prefix, a ``NAME@PREFIX`` whose digest differs, a ref
+                that points to a missing object, a ref longer than ``MAX_REF_CHARS`` or with a
+                control character.
         """
         text = os.fspath(ref)
         if not isinstance(text, str):
@@ -395,7 +401,11 @@ class AdapterRegistry:
             keeps the first manifest.
 
         Raises:
-            ValueError: bad names, pickle files, NaN/Inf weights, unknown provenance kind.
+            ValueError: bad names (see :func:`~adapterlab.registry.manifest.check_name`), pickle files,
+                symlinks or special files (FIFO, socket, device), an adapter peft could not load
+                (see :mod:`adapterlab.registry.validate`: config fields, missing tensors, ranks, NaN/Inf,
+                shapes of another base than ``base`` when ``base`` is a model), a corrupt safetensors
+                file, unknown provenance kind. Nothing is written under the root in any of these cases.
             FileNotFoundError: not an adapter folder.
         """
         if hasattr(src, "peft_config") and hasattr(src, "save_pretrained"):
