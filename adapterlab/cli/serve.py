@@ -59,6 +59,7 @@ def command(
     max_batch: int = typer.Option(16, "--max-batch", help="Requests per batched forward."),
     queue: int = typer.Option(64, "--queue", help="Queued requests before answering 503."),
     max_new_tokens: int = typer.Option(512, "--max-new-tokens", help="Largest max_tokens a request may ask for."),
+    read_timeout: float = typer.Option(30.0, "--read-timeout", help="Seconds a connection may stall or idle before 408 / close."),
     host: str = typer.Option("127.0.0.1", "--host", help="Bind address (loopback only)."),
     port: int = typer.Option(8000, "--port", "-p", help="TCP port (0 = any free port)."),
     port_file: Optional[Path] = typer.Option(None, "--port-file", help="Write the bound port to this file."),
@@ -74,6 +75,8 @@ def command(
                             ("--max-new-tokens", max_new_tokens, 1), ("--port", port, 0)):
         if value < low:
             raise ValueError(f"{opt} must be >= {low}, got {value}")
+    if not read_timeout > 0:
+        raise ValueError(f"--read-timeout must be > 0 seconds, got {read_timeout}")
     if port > 65535:
         raise ValueError(f"--port must be <= 65535, got {port}")
     try:
@@ -112,7 +115,7 @@ def command(
         return
     try:
         app = ServingHTTP(server, host=host, port=port, max_queue=queue, max_batch=max_batch,
-                          max_new_tokens=max_new_tokens)
+                          max_new_tokens=max_new_tokens, read_timeout_s=read_timeout)
     except OSError as exc:
         raise ValueError(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
     if port_file is not None:
