@@ -2,7 +2,7 @@
 
 ``AdapterServer`` loads the base once and keeps adapters in an LRU cache (pinning, hot swap); a
 mixed batch runs as one forward through :class:`MultiAdapterLinear` layers (grouped LoRA, shared
-basis, SHiRA fused switching). ``adapterlab.serving.http.serve`` puts it behind a small HTTP API.
+basis, SHiRA fused switching). ``adapterlab.serving.http.ServingHTTP`` puts it behind a small HTTP API.
 """
 
 from __future__ import annotations

@@ -21,7 +21,6 @@ import logging
 import os
 import re
 import threading
-import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +32,10 @@ from torch import Tensor, nn
 
 from adapterlab.serving.batched import BatchRouter, RowSpec, wrap_linear
 from adapterlab.serving.reference import MultiAdapterLinear
+from adapterlab.serving.requests import (
+    Completion, Request, check_context, check_token_ids, context_length_of, vocab_size_of,
+)
+from adapterlab.serving.sharing import claim, model_lock, set_child
 
 __all__ = ["AdapterServer", "Completion", "Request", "UnknownAdapterError"]
 
@@ -46,64 +49,6 @@ _SHIRA_KEY = re.compile(
 
 class UnknownAdapterError(ValueError):
     """A request or command names an adapter the server does not know (HTTP 404)."""
-
-
-# Servers built on one model object share its modules and weights: one lock per model serialises
-# them, and the model's current owner (a router) has its wrappers installed (see ``_claim``).
-_MODELS_LOCK = threading.Lock()
-_MODEL_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
-_OWNERS: weakref.WeakKeyDictionary[nn.Module, BatchRouter] = weakref.WeakKeyDictionary()
-
-
-def _model_lock(model: nn.Module) -> threading.RLock:
-    with _MODELS_LOCK:
-        lock = _MODEL_LOCKS.get(model)
-        if lock is None:
-            lock = _MODEL_LOCKS[model] = threading.RLock()
-        return lock
-
-
-def _set_child(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
-@dataclass
-class Request:
-    """One completion request.
-
-    Attributes:
-        prompt: text (needs the server's tokenizer) or token ids.
-        adapter: adapter name (None = the base model).
-        max_new_tokens: greedy tokens to generate, >= 1.
-    """
-
-    prompt: str | Sequence[int]
-    adapter: str | None = None
-    max_new_tokens: int = 16
-
-    def __post_init__(self) -> None:
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
-        if isinstance(self.prompt, str):
-            if not self.prompt:
-                raise ValueError("prompt is empty; give a non-empty string or token ids")
-        elif not self.prompt or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.prompt):
-            raise ValueError("prompt must be a non-empty string or a non-empty list of token ids (ints >= 0)")
-        if self.adapter is not None and not isinstance(self.adapter, str):
-            raise ValueError(f"adapter must be a string or None, got {type(self.adapter).__name__}")
-
-
-@dataclass
-class Completion:
-    """The result of one :class:`Request`."""
-
-    adapter: str | None
-    tokens: list[int]
-    text: str | None
-    prompt_tokens: int
-    finish_reason: str  # "stop" (EOS) or "length"
 
 
 @dataclass
@@ -208,9 +153,9 @@ class AdapterServer:
         self._cache: OrderedDict[str, _Entry] = OrderedDict()
         self._bundles: dict[str, _Bundle] = {}
         self._bundle_of: dict[str, str] = {}
-        self._lock = _model_lock(self.model)
+        self._lock = model_lock(self.model)
         self._tok_lock = threading.Lock()  # HF fast tokenizers are not safe to call from many threads
-        self.context_length = context_length if context_length is not None else self._config_context()
+        self.context_length = context_length if context_length is not None else context_length_of(self.model)
         self._fingerprint: dict[str, Any] | None = None
         self.stats = {"loads": 0, "evictions": 0, "requests": 0, "batches": 0}
         for name, src in (adapters or {}).items():
@@ -396,27 +341,9 @@ class AdapterServer:
     # -- owning the model ---------------------------------------------------------------------
 
     def _claim(self) -> None:
-        """Install this server's layer wrappers in the model (call under ``self._lock``).
-
-        Another :class:`AdapterServer` built on the same model object may have wrapped its layers
-        (and fused a SHiRA adapter into its weights): its fused entries are restored, its wrappers
-        are swapped back to the plain layers, and ours go in. That server claims the model back the
-        same way on its next use, so both keep working on the original base weights.
-        """
-        owner = _OWNERS.get(self.model)
-        if owner is self.router:
-            return
-        foreign = [(name, m) for name, m in self.model.named_modules()
-                   if isinstance(m, MultiAdapterLinear) and m._router is not self.router]
-        for router in {id(m._router): m._router for _, m in foreign}.values():
-            router.unfuse()
-        for name, module in foreign:
-            _set_child(self.model, name, module.base_layer)
-        for name, wrapper in self.router.wrappers.items():
-            _set_child(self.model, name, wrapper)
-        _OWNERS[self.model] = self.router
-        if foreign:
-            logger.info("AdapterServer: took over %d wrapped layers of the model from another server", len(foreign))
+        """Install this server's layer wrappers in the model (call under ``self._lock``); see
+        :func:`~adapterlab.serving.sharing.claim`."""
+        claim(self.model, self.router)
 
     # -- reading adapters ---------------------------------------------------------------------
 
@@ -434,12 +361,12 @@ class AdapterServer:
         self._claim()  # nobody else's wrappers or fused entries are left in the model
         self.router.unfuse()
         for mod, wrapper in self.router.wrappers.items():
-            _set_child(self.model, mod, wrapper.base_layer)
+            set_child(self.model, mod, wrapper.base_layer)
         try:
             return base_fingerprint(self.model)
         finally:
             for mod, wrapper in self.router.wrappers.items():
-                _set_child(self.model, mod, wrapper)
+                set_child(self.model, mod, wrapper)
 
     def _hub_folder(self, name: str, ref: str) -> Path:
         """The verified registry folder of ``ref``; refuses an adapter recorded for another base."""
@@ -652,21 +579,6 @@ class AdapterServer:
 
     # -- validating and running requests ----------------------------------------------------
 
-    def _config_context(self) -> int | None:
-        config = getattr(self.model, "config", None)
-        for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-            value = getattr(config, key, None)
-            if isinstance(value, int) and not isinstance(value, bool) and value > 1:
-                return value
-        return None
-
-    def _vocab_size(self) -> int | None:
-        try:
-            return int(self.model.get_input_embeddings().num_embeddings)
-        except (AttributeError, NotImplementedError, TypeError):
-            vocab = getattr(getattr(self.model, "config", None), "vocab_size", None)
-            return vocab if isinstance(vocab, int) else None
-
     def _encode(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
@@ -677,14 +589,7 @@ class AdapterServer:
                 raise ValueError("the prompt tokenizes to nothing")
             return list(ids)
         ids = list(prompt)
-        vocab = self._vocab_size()
-        if vocab is not None:
-            top = max(ids)  # one C-level pass over the ids
-            if top >= vocab:
-                raise ValueError(
-                    f"prompt token id {top} (position {ids.index(top)}) is outside the vocabulary; "
-                    f"allowed ids are 0..{vocab - 1}"
-                )
+        check_token_ids(ids, vocab_size_of(self.model))
         return ids
 
     def check(self, request: Request | Mapping[str, Any]) -> Request:
@@ -720,13 +625,7 @@ class AdapterServer:
         if req.adapter is not None and not self.known(req.adapter):
             self._source_of(req.adapter)  # raises UnknownAdapterError naming the known adapters
         ids = self._encode(req.prompt)
-        ctx = self.context_length
-        if ctx is not None and len(ids) + req.max_new_tokens > ctx:
-            raise ValueError(
-                f"prompt ({len(ids)} tokens) + {req.max_new_tokens} new tokens (max_tokens) = "
-                f"{len(ids) + req.max_new_tokens} tokens exceeds the model's context of {ctx} tokens; "
-                f"shorten the prompt or ask for fewer tokens"
-            )
+        check_context(len(ids), req.max_new_tokens, self.context_length)
         return req if req.prompt is ids else Request(ids, req.adapter, req.max_new_tokens)
 
     def _pad_id(self) -> int:

@@ -171,6 +171,10 @@ def test_in_process_validation_names_the_value():
         server.check(Request([5, 128], None, 2))
     with pytest.raises(ValueError, match="context of 32 tokens"):
         server.check(Request([5] * 30, None, 3))
+    with pytest.raises(ValueError, match=r"prompt item -3 \(position 1\).*ints >= 0"):
+        Request([5, -3], None, 2)
+    with pytest.raises(ValueError, match="got 5"):
+        Request(5, None, 2)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="request fields"):
         server.check({"prompt": [5], "temperature": 1})
     checked = server.check(Request("hi", None, 2))
