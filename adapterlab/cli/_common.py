@@ -24,7 +24,10 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, MissingAssetError
 
 
 def fail(message: str, code: int = 2) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    """Print ``error: MESSAGE`` (the message verbatim: brackets in it are not rich markup) and exit."""
+    from rich.markup import escape
+
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

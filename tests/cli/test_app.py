@@ -142,3 +142,16 @@ def test_a_command_that_imports_bitsandbytes_prints_no_third_party_noise(tmp_pat
     assert (out / "adapter_config.json").is_file()
     assert "kernels-community" not in proc.stderr, proc.stderr[-3000:]
     assert "is_gradient_checkpointing" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_fail_prints_brackets_in_messages_verbatim(capsys):
+    """A message such as 'must be [r=4, d_in]' or a path with [abc] is not eaten as rich markup."""
+    import typer
+
+    from adapterlab.cli._common import fail
+
+    with pytest.raises(typer.Exit) as exc:
+        fail("lora_A must be [r=4, d_in]; see /x/[abc]/y")
+    assert exc.value.exit_code == 2
+    err = capsys.readouterr().err
+    assert "lora_A must be [r=4, d_in]; see /x/[abc]/y" in err.replace("\n", "")
