@@ -195,8 +195,8 @@ def _score_plan(prompt_ids: Sequence[list[int]], choice_ids: Sequence[list[int]]
             col += range(len(p) - 1, len(p) - 1 + len(c_ids))
             tok += c_ids
             pair += [i * n_choices + c] * len(c_ids)
-    as_long = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
-    return _ScorePlan(rows, as_long(first_col), as_long(row), as_long(col), as_long(tok), as_long(pair))
+    first_t, row_t, col_t, tok_t, pair_t = (torch.tensor(v, dtype=torch.long) for v in (first_col, row, col, tok, pair))
+    return _ScorePlan(rows, first_t, row_t, col_t, tok_t, pair_t)
 
 
 @torch.no_grad()
@@ -212,12 +212,17 @@ def _choice_scores(
 ) -> torch.Tensor:
     """:func:`choice_logprobs` in length-sorted batches of ``batch_size`` rows (all rows when None)."""
     _check_batch_size(batch_size)
+    if not choices:
+        raise ValueError("choices must name at least one answer string, got none")
     if not prompts:
         return torch.zeros(0, len(choices))
     prompt_ids = [list(x) for x in tokenizer(list(prompts)).input_ids]
     choice_ids = [list(x) for x in tokenizer(list(choices), add_special_tokens=False).input_ids]
     if any(len(c) == 0 for c in choice_ids):
         raise ValueError(f"every choice must tokenize to at least one token: {list(choices)!r}")
+    if any(len(p) == 0 for p in prompt_ids):
+        empty = [p for p, ids in zip(prompts, prompt_ids) if not ids]
+        raise ValueError(f"every prompt must tokenize to at least one token (it predicts the answer): {empty[:3]!r}")
     plan = _score_plan(prompt_ids, choice_ids)
     lengths = torch.tensor([len(r) for r in plan.rows], dtype=torch.long)  # (R,)
     order = torch.argsort(lengths, stable=True)  # (R,) rows by length: little padding per batch

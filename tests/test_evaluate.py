@@ -304,3 +304,15 @@ def test_batch_size_is_validated(bad):
         task_accuracy(model, tok, _FakeTask([0, 1]), batch_size=bad)
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         choice_logprobs(model, tok, ["p"], ["a"], batch_size=bad)
+
+
+def test_choice_logprobs_bad_prompts_and_choices():
+    model = ConstantLM(torch.zeros(100))
+    tok = tiny_tokenizer()
+    with pytest.raises(ValueError, match="at least one token"):
+        choice_logprobs(model, tok, ["p"], [""])
+    with pytest.raises(ValueError, match="every prompt must tokenize"):
+        choice_logprobs(model, tok, ["", "p"], ["a"])  # the char tokenizer adds no BOS
+    with pytest.raises(ValueError, match="at least one answer string"):
+        choice_logprobs(model, tok, ["p"], [])
+    assert choice_logprobs(model, tok, [], ["a", "b"]).shape == (0, 2)
