@@ -173,6 +173,15 @@ class _ScorePlan:
 
 
 def _score_plan(prompt_ids: Sequence[list[int]], choice_ids: Sequence[list[int]]) -> _ScorePlan:
+    """Build the :class:`_ScorePlan` of P tokenized prompts and C tokenized choices.
+
+    Args:
+        prompt_ids: P token lists, each at least one token.
+        choice_ids: C token lists, each at least one token.
+
+    Returns:
+        The rows to run and, per answer token, where its logits are read.
+    """
     rows: list[list[int]] = []
     first_col: list[int] = []
     row: list[int] = []
