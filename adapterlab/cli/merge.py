@@ -82,10 +82,24 @@ class MergeConfig(BaseModel):
     check_base: bool = True
 
 
-def _parse_value(text: str) -> Any:
+def _parse_value(text: str, key: str = "") -> Any:
+    """A ``--set`` value parsed with YAML's safe loader (tags such as ``!!python/...`` are refused).
+
+    Raises:
+        ValueError: one line naming the key and the value when it is not valid (safe) YAML.
+    """
     import yaml
 
-    return yaml.safe_load(text) if text.strip() else ""
+    if not text.strip():
+        return ""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        reason = (getattr(exc, "problem", None) or str(exc).splitlines()[0]).strip()
+        raise ValueError(
+            f"--set {key}={text}: the value is not valid YAML ({reason}); quote it to pass a string, "
+            f"e.g. {key}='{text}'"
+        ) from None
 
 
 def apply_set(raw: dict[str, Any], assignment: str) -> None:
@@ -105,14 +119,14 @@ def apply_set(raw: dict[str, Any], assignment: str) -> None:
                 raise ValueError(f"--set {key}: {path!r} is not an index of a list of {len(node)}")
             idx = int(part)
             if last:
-                node[idx] = _parse_value(value)
+                node[idx] = _parse_value(value, key.strip())
             else:
                 if isinstance(node[idx], str) and parts[i + 1] in ("path", "weight", "name"):
                     node[idx] = {"path": node[idx]}
                 node = node[idx]
         elif isinstance(node, dict):
             if last:
-                node[part] = _parse_value(value)
+                node[part] = _parse_value(value, key.strip())
             else:
                 node = node.setdefault(part, {})
         else:
