@@ -474,6 +474,18 @@ def _parse(
     return modules
 
 
+def _finite(get: Callable[[str], Tensor], name: str, where: str) -> Callable[[str], Tensor]:
+    """``get`` that refuses floating tensors holding NaN or Inf."""
+
+    def checked(key: str) -> Tensor:
+        t = get(key)
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{where} {name!r}: tensor {key!r} holds NaN or Inf; nothing was merged or written")
+        return t
+
+    return checked
+
+
 def _from_folder(path: Path, name: str, where: str) -> LoraSource:
     from safetensors import safe_open
 
@@ -514,7 +526,12 @@ def _build(
     model: Any = None,
     adapter: str | None = None,
 ) -> LoraSource:
-    """The source for the adapter's ``peft_type``: :class:`LoraSource`, :class:`ShiraSource` or :class:`LoriSource`."""
+    """The source for the adapter's ``peft_type``: :class:`LoraSource`, :class:`ShiraSource` or :class:`LoriSource`.
+
+    Every tensor the source reads is checked to be finite when it is read (one line naming the adapter
+    and the tensor), so a merge never writes NaN/Inf from its inputs.
+    """
+    get = _finite(get, name, where)
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type in SOURCE_TYPES:
         return SOURCE_TYPES[peft_type](
