@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from adapterlab.io import load_tensors
+from adapterlab.merging.adapters import _pattern_value
 
 __all__ = ["METHOD_TENSORS", "check_adapter"]
 
@@ -141,10 +142,7 @@ def _check_config(config: Any, where: str) -> str:
 def _rank_of(config: Mapping[str, Any], module: str, rank_key: str | None) -> int | None:
     if rank_key is None:
         return None
-    for key, value in (config.get("rank_pattern") or {}).items():
-        if re.fullmatch(rf"(.*\.)?{key}", module) or re.fullmatch(key, module):
-            return int(value)
-    return int(config[rank_key])
+    return int(_pattern_value(config.get("rank_pattern") or {}, module, config[rank_key]))
 
 
 def _base_io(module: nn.Module, embedding: bool, fan_in_fan_out: bool) -> tuple[int, int] | None:
