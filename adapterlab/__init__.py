@@ -73,28 +73,27 @@ _EXPORTS: dict[str, str] = {
 
 if TYPE_CHECKING:  # static analysers and IDEs see the names as plain imports
     # adapter methods (peft configs) and SHiRA switching
+    # merging, extraction, compression
+    from adapterlab.compression import CompressionErrors, SharedBasisBundle, compress_adapters
+
+    # bases: models, pruning, quantization, evaluation
+    from adapterlab.evaluate import perplexity, sparsity_report, task_accuracy
+    from adapterlab.extraction import ExtractResult, extract_lora
+    from adapterlab.merging import MergeResult, RMMBundle, merge_adapters, resolve_adapter
+    from adapterlab.merging.into_base import merge
+    from adapterlab.models import load_default_model, load_model, load_tokenizer, tiny_llama
+    from adapterlab.pruning import PruneReport, apply_masks_, get_masks, prune_
+    from adapterlab.quant import load_quantized
+
+    # registry and serving
+    from adapterlab.registry import AdapterRegistry, BaseMismatchError, RefNotFoundError
+    from adapterlab.retrain import perp_, run_perp_pipeline
+    from adapterlab.serving import AdapterServer, Completion, Request, UnknownAdapterError
     from adapterlab.tuners import DyLoraConfig, LoriConfig
     from adapterlab.tuners.lors import LorsConfig
     from adapterlab.tuners.shira import ShiraConfig, fuse_adapters, load_shira, switch_adapter, unfuse_adapters
     from adapterlab.tuners.snell import SnellConfig
     from adapterlab.tuners.spp import SppConfig
-
-    # bases: models, pruning, quantization, evaluation
-    from adapterlab.evaluate import perplexity, sparsity_report, task_accuracy
-    from adapterlab.models import load_default_model, load_model, load_tokenizer, tiny_llama
-    from adapterlab.pruning import PruneReport, apply_masks_, get_masks, prune_
-    from adapterlab.quant import load_quantized
-    from adapterlab.retrain import perp_, run_perp_pipeline
-
-    # merging, extraction, compression
-    from adapterlab.compression import CompressionErrors, SharedBasisBundle, compress_adapters
-    from adapterlab.extraction import ExtractResult, extract_lora
-    from adapterlab.merging import MergeResult, RMMBundle, merge_adapters, resolve_adapter
-    from adapterlab.merging.into_base import merge
-
-    # registry and serving
-    from adapterlab.registry import AdapterRegistry, BaseMismatchError, RefNotFoundError
-    from adapterlab.serving import AdapterServer, Completion, Request, UnknownAdapterError
 
 __all__ = [
     # adapter methods

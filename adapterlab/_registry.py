@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable, Generic, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -31,9 +32,7 @@ class Registry(Generic[T]):
     def get(self, name: str) -> T:
         key = str(name).lower()
         if key not in self._items:
-            raise ValueError(
-                f"unknown {self.kind} {name!r}; choose one of: {', '.join(self.names())}"
-            )
+            raise ValueError(f"unknown {self.kind} {name!r}; choose one of: {', '.join(self.names())}")
         return self._items[key]
 
     def names(self) -> list[str]:

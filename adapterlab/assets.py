@@ -97,9 +97,7 @@ def gensim_file(key: str) -> Path:
     rel = GENSIM_FILES[key]
     files = _dist_files(GENSIM_PACKAGE)
     if files is None:
-        raise MissingAssetError(
-            f"the data package {GENSIM_PACKAGE}=={GENSIM_VERSION} is not installed; {ASSETS_HINT}"
-        )
+        raise MissingAssetError(f"the data package {GENSIM_PACKAGE}=={GENSIM_VERSION} is not installed; {ASSETS_HINT}")
     for f in files:
         if str(f).replace("\\", "/") == rel:
             path = Path(str(f.locate()))
@@ -257,9 +255,7 @@ def extract_vader(sdist: Path, dest: Path | None = None) -> list[Path]:
         for m in outer.getmembers():
             check_member_name(m.name)
         inner = [
-            m
-            for m in outer.getmembers()
-            if m.isreg() and m.name.replace("\\", "/").endswith("/" + VADER_INNER_ARCHIVE)
+            m for m in outer.getmembers() if m.isreg() and m.name.replace("\\", "/").endswith("/" + VADER_INNER_ARCHIVE)
         ]
         if not inner:
             raise ValueError(f"{sdist.name} has no {VADER_INNER_ARCHIVE}")
@@ -334,9 +330,7 @@ def install(progress: ProgressFactory | None = None) -> list[str]:
             digest = _sha256(sdist)
             if digest != VADER_SDIST_SHA256:
                 sdist.unlink()
-                raise MissingAssetError(
-                    f"{VADER_SDIST} has sha256 {digest}, expected {VADER_SDIST_SHA256}; deleted it"
-                )
+                raise MissingAssetError(f"{VADER_SDIST} has sha256 {digest}, expected {VADER_SDIST_SHA256}; deleted it")
             done.append(f"downloaded {VADER_SDIST}")
         step(1)
         extract_vader(sdist)

@@ -238,7 +238,7 @@ def parse_wiki_dump(fileobj: Any) -> list[tuple[str, str]]:
 # ----------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _articles(name: str) -> tuple[tuple[str, str], ...]:
     """All ``(title, text)`` articles of a corpus, in file order."""
     _check("corpus", name, CORPORA)
@@ -280,9 +280,7 @@ def corpus_text(name: str, split: Split) -> list[str]:
     return [text for _, text in corpus_articles(name, split)]
 
 
-_ID_CACHE: "weakref.WeakKeyDictionary[Any, dict[tuple[str, str], torch.Tensor]]" = (
-    weakref.WeakKeyDictionary()
-)
+_ID_CACHE: weakref.WeakKeyDictionary[Any, dict[tuple[str, str], torch.Tensor]] = weakref.WeakKeyDictionary()
 
 
 def corpus_ids(tokenizer: Any, corpus: str = "wiki", split: Split = "train") -> torch.Tensor:
@@ -339,9 +337,7 @@ def calibration_ids(
         raise ValueError(f"n_samples and seqlen must be positive, got {n_samples} and {seqlen}")
     ids = corpus_ids(tokenizer, corpus, "train")  # (n_tokens,)
     if ids.numel() <= seqlen:
-        raise ValueError(
-            f"seqlen {seqlen} is longer than the {corpus!r} train split ({ids.numel()} tokens)"
-        )
+        raise ValueError(f"seqlen {seqlen} is longer than the {corpus!r} train split ({ids.numel()} tokens)")
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seqlen + 1, (n_samples,), generator=g)  # (n_samples,)
     offsets = torch.arange(seqlen)  # (seqlen,)
@@ -451,7 +447,7 @@ def _is_test_text(text: str, salt: str, test_fraction: float) -> bool:
     return _text_hash(text, salt) < int(test_fraction * 2**64)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def read_vader(key: str) -> tuple[tuple[str, float, str], ...]:
     """Rows ``(id, score, text)`` of a VADER ground-truth file (CRLF, tab-separated).
 
@@ -491,9 +487,7 @@ SENTIMENT_MIN_ABS_SCORE = 0.5
 def sentiment_rows() -> list[Example]:
     """All Rotten Tomatoes rows with ``|score| >= 0.5`` (label 1 = positive), file order."""
     return [
-        Example(text, int(score > 0))
-        for _, score, text in read_vader("movie")
-        if abs(score) >= SENTIMENT_MIN_ABS_SCORE
+        Example(text, int(score > 0)) for _, score, text in read_vader("movie") if abs(score) >= SENTIMENT_MIN_ABS_SCORE
     ]
 
 
@@ -583,8 +577,7 @@ register_task(
         description="which source a sentence is from: movie review, tweet, product review, news editorial",
         choices=[" movie", " tweet", " product", " news"],
         template=(
-            "Text: {text}\nIs this text from a movie review, a tweet, a product review or a news "
-            "editorial? Answer:"
+            "Text: {text}\nIs this text from a movie review, a tweet, a product review or a news editorial? Answer:"
         ),
         source="vaderSentiment 3.3.2 sdist: the four *_GroundTruth.txt files (balanced)",
         loader=_load_domain,

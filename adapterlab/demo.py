@@ -113,12 +113,26 @@ class DemoConfig:
             raise ValueError(f"adapter={self.adapter!r}: choose one of {', '.join(ADAPTERS)}")
         if not self.targets:
             raise ValueError("targets must name at least one projection (e.g. q_proj,v_proj)")
-        for key in ("rank", "adapt_layers", "steps", "extra_steps", "batch_size", "max_length", "compress_rank",
-                    "serve_requests", "serve_tokens", "nsamples", "calib_seqlen", "eval_seqlen"):
+        for key in (
+            "rank",
+            "adapt_layers",
+            "steps",
+            "extra_steps",
+            "batch_size",
+            "max_length",
+            "compress_rank",
+            "serve_requests",
+            "serve_tokens",
+            "nsamples",
+            "calib_seqlen",
+            "eval_seqlen",
+        ):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
-        if self.train_n is not None and (isinstance(self.train_n, bool) or not isinstance(self.train_n, int) or self.train_n < 1):
+        if self.train_n is not None and (
+            isinstance(self.train_n, bool) or not isinstance(self.train_n, int) or self.train_n < 1
+        ):
             raise ValueError(f"train_n must be None or an integer >= 1, got {self.train_n!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
@@ -180,8 +194,15 @@ def target_regex(model: nn.Module, targets: list[str], last_layers: int) -> str:
 
 
 def train_steps(
-    model: nn.Module, batches: dict[str, torch.Tensor], *, steps: int, batch_size: int, lr: float, seed: int,
-    progress: ProgressFactory, description: str,
+    model: nn.Module,
+    batches: dict[str, torch.Tensor],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    progress: ProgressFactory,
+    description: str,
 ) -> tuple[list[float], float]:
     """AdamW on the trainable parameters for ``steps`` random mini-batches; returns (losses, tokens/s)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -263,7 +284,9 @@ def run_tour(
                 model, ids, seqlen=config.eval_seqlen, max_windows=config.eval_windows, progress=progress
             )
         row.tokens_per_s = windows * config.eval_seqlen / max(time.perf_counter() - t, 1e-9)
-        row.accuracy = evaluate.task_accuracy(model, tok, task or config.task, n=config.task_n, progress=progress).accuracy
+        row.accuracy = evaluate.task_accuracy(
+            model, tok, task or config.task, n=config.task_n, progress=progress
+        ).accuracy
         if sparsity:
             inner = model.get_base_model() if hasattr(model, "get_base_model") else model
             rep = evaluate.sparsity_report(inner, pattern=config.pattern)
@@ -285,17 +308,29 @@ def run_tour(
         if method != "magnitude" and calib is None:
             calib = data.calibration_ids(tok, n_samples=config.nsamples, seqlen=config.calib_seqlen, seed=config.seed)
         t = time.perf_counter()
-        prune_(model, method, None if config.pattern else config.sparsity, pattern=config.pattern,
-               calibration=calib if method != "magnitude" else None, progress=progress)
+        prune_(
+            model,
+            method,
+            None if config.pattern else config.sparsity,
+            pattern=config.pattern,
+            calibration=calib if method != "magnitude" else None,
+            progress=progress,
+        )
         prune_s = time.perf_counter() - t
         row = measure(DemoRow("prune", f"{method} {config.pattern or f'{config.sparsity:.0%}'}"), model)
         row.seconds = time.perf_counter() - t
         row.note = f"pruned in {prune_s:.1f} s"
         rows.append(row)
         layer_rows = evaluate.sparsity_report(model).to_dict()["layers"]
-        details.setdefault("sparsity_layers", {})[row.name] = [{"name": r["name"], "sparsity": r["sparsity"]} for r in layer_rows]
+        details.setdefault("sparsity_layers", {})[row.name] = [
+            {"name": r["name"], "sparsity": r["sparsity"]} for r in layer_rows
+        ]
         if best is None or (row.perplexity or float("inf")) < best[0]:
-            best = (row.perplexity or float("inf"), method, {k: v.detach().clone() for k, v in model.state_dict().items()})
+            best = (
+                row.perplexity or float("inf"),
+                method,
+                {k: v.detach().clone() for k, v in model.state_dict().items()},
+            )
     assert best is not None
     base_state = best[2]
     details["base"] = {"method": best[1], "perplexity": best[0]}
@@ -316,16 +351,28 @@ def run_tour(
     from adapterlab import LorsConfig, SppConfig
 
     regex = target_regex(dense, config.targets, config.adapt_layers)
-    train = data.tokenize_for_training(tok, config.task, n=config.train_n, max_length=config.max_length, seed=config.seed, return_tensors="pt")
+    train = data.tokenize_for_training(
+        tok, config.task, n=config.train_n, max_length=config.max_length, seed=config.seed, return_tensors="pt"
+    )
     t = time.perf_counter()
     torch.manual_seed(config.seed)
     if config.adapter == "lors":
         peft_cfg: Any = LorsConfig(r=config.rank, lora_alpha=2.0 * config.rank**0.5, target_modules=regex)
     else:
-        peft_cfg = SppConfig(r=config.rank, lora_alpha=2.0 * config.rank, target_modules=regex, lora_dropout=0.0, groups=8)
+        peft_cfg = SppConfig(
+            r=config.rank, lora_alpha=2.0 * config.rank, target_modules=regex, lora_dropout=0.0, groups=8
+        )
     pm = peft.get_peft_model(pruned(), peft_cfg)
-    losses, train_tps = train_steps(pm, train, steps=config.steps, batch_size=config.batch_size, lr=config.lr,
-                                    seed=config.seed, progress=progress, description=f"train {config.adapter}")
+    losses, train_tps = train_steps(
+        pm,
+        train,
+        steps=config.steps,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        seed=config.seed,
+        progress=progress,
+        description=f"train {config.adapter}",
+    )
     adapter_dir = out / f"{config.adapter}-{config.task}"
     pm.save_pretrained(str(adapter_dir))
     train_s = time.perf_counter() - t
@@ -334,8 +381,15 @@ def run_tour(
     trainable = sum(p.numel() for p in pm.parameters() if p.requires_grad)
     row.note = f"loss {losses[0]:.2f}->{losses[-1]:.2f}, train {train_tps:.0f} tok/s"
     rows.append(row)
-    details["adapt"] = {"adapter": config.adapter, "dir": str(adapter_dir), "losses": losses, "train_seconds": train_s,
-                        "train_tokens_per_s": train_tps, "trainable_params": trainable, "targets": regex}
+    details["adapt"] = {
+        "adapter": config.adapter,
+        "dir": str(adapter_dir),
+        "losses": losses,
+        "train_seconds": train_s,
+        "train_tokens_per_s": train_tps,
+        "trainable_params": trainable,
+        "targets": regex,
+    }
     if not config.wants("merge"):
         return DemoResult(rows, details, time.perf_counter() - t_start)
 
@@ -365,8 +419,12 @@ def run_tour(
     row.size_bytes, row.seconds = _dir_bytes(ext_dir), time.perf_counter() - t
     row.note = f"energy kept {ext.global_energy:.1%}; delta is dense (not merged)"
     rows.append(row)
-    details["extract"] = {"dir": str(ext_dir), "global_energy": ext.global_energy, "ranks": ext.ranks,
-                          "modules": [m.to_dict() for m in ext.modules if m.stored_as == "lora"]}
+    details["extract"] = {
+        "dir": str(ext_dir),
+        "global_energy": ext.global_energy,
+        "ranks": ext.ranks,
+        "modules": [m.to_dict() for m in ext.modules if m.stored_as == "lora"],
+    }
     _plot(details["extract"], "plot", "plot_extraction_energy", ext, out / "extract_energy.png")
     del em, base
     if not config.wants("compress"):
@@ -381,30 +439,50 @@ def run_tour(
         torch.manual_seed(config.seed + 1 + i)
         lcfg = peft.LoraConfig(r=config.rank, lora_alpha=2 * config.rank, target_modules=regex, lora_dropout=0.0)
         lm = peft.get_peft_model(pruned(), lcfg)
-        batches = data.tokenize_for_training(tok, task, n=config.train_n, max_length=config.max_length, seed=config.seed, return_tensors="pt")
-        train_steps(lm, batches, steps=config.extra_steps, batch_size=config.batch_size, lr=config.lr,
-                    seed=config.seed + 1 + i, progress=progress, description=f"train LoRA {task}")
+        batches = data.tokenize_for_training(
+            tok, task, n=config.train_n, max_length=config.max_length, seed=config.seed, return_tensors="pt"
+        )
+        train_steps(
+            lm,
+            batches,
+            steps=config.extra_steps,
+            batch_size=config.batch_size,
+            lr=config.lr,
+            seed=config.seed + 1 + i,
+            progress=progress,
+            description=f"train LoRA {task}",
+        )
         lm.save_pretrained(str(out / f"lora-{task}"))
         sources[task] = str(out / f"lora-{task}")
         del lm
     # every adapter was trained on the same in-memory pruned base: skip the name check
-    bundle = compress_adapters(sources, rank=config.compress_rank, mode="full", check_base=False,
-                               allow_mixed_ranks=True, progress=progress)
+    bundle = compress_adapters(
+        sources, rank=config.compress_rank, mode="full", check_base=False, allow_mixed_ranks=True, progress=progress
+    )
     bundle_dir = bundle.save(out / "bundle", overwrite=True)
     storage = bundle.storage()
     cdir = bundle.export(config.task, out / f"compressed-{config.task}", overwrite=True)
     cm = peft.PeftModel.from_pretrained(pruned(), str(cdir))
-    row = measure(DemoRow("compress", f"{len(sources)} adapters -> shared basis c{config.compress_rank}"), cm, sparsity=False)
+    row = measure(
+        DemoRow("compress", f"{len(sources)} adapters -> shared basis c{config.compress_rank}"), cm, sparsity=False
+    )
     accs = {config.task: row.accuracy}
     for task in config.extra_tasks:
-        accs[task] = evaluate.task_accuracy(bundle_model(bundle, task, pruned(), out), tok, task, n=config.task_n,
-                                            progress=progress).accuracy
+        accs[task] = evaluate.task_accuracy(
+            bundle_model(bundle, task, pruned(), out), tok, task, n=config.task_n, progress=progress
+        ).accuracy
     row.size_bytes, row.seconds = _dir_bytes(Path(bundle_dir)), time.perf_counter() - t
-    row.note = (f"{storage['ratio']:.1f}x fewer params than {len(sources)} LoRAs; err {bundle.errors.mean:.1%}; "
-                + ", ".join(f"{k} {v:.2f}" for k, v in accs.items() if k != config.task))
+    row.note = (
+        f"{storage['ratio']:.1f}x fewer params than {len(sources)} LoRAs; err {bundle.errors.mean:.1%}; "
+        + ", ".join(f"{k} {v:.2f}" for k, v in accs.items() if k != config.task)
+    )
     rows.append(row)
-    details["compress"] = {"dir": str(bundle_dir), "storage": storage, "errors": bundle.errors.per_adapter(),
-                           "accuracy": accs}
+    details["compress"] = {
+        "dir": str(bundle_dir),
+        "storage": storage,
+        "errors": bundle.errors.per_adapter(),
+        "accuracy": accs,
+    }
     del cm
     if not config.wants("serve"):
         return DemoResult(rows, details, time.perf_counter() - t_start)
@@ -427,11 +505,21 @@ def run_tour(
     gen_s = time.perf_counter() - t_gen
     generated = sum(len(c.tokens) for c in completions)
     server.close()
-    rows.append(DemoRow("serve", f"mixed batch: {len(requests)} requests, {len(choices)} adapters",
-                        tokens_per_s=generated / max(gen_s, 1e-9), seconds=time.perf_counter() - t,
-                        note=f"base + {', '.join(names)} in one batch"))
-    details["serve"] = {"adapters": names, "generated_tokens": generated, "generate_seconds": gen_s,
-                        "samples": [{"adapter": c.adapter, "text": c.text} for c in completions[: len(choices)]]}
+    rows.append(
+        DemoRow(
+            "serve",
+            f"mixed batch: {len(requests)} requests, {len(choices)} adapters",
+            tokens_per_s=generated / max(gen_s, 1e-9),
+            seconds=time.perf_counter() - t,
+            note=f"base + {', '.join(names)} in one batch",
+        )
+    )
+    details["serve"] = {
+        "adapters": names,
+        "generated_tokens": generated,
+        "generate_seconds": gen_s,
+        "samples": [{"adapter": c.adapter, "text": c.text} for c in completions[: len(choices)]],
+    }
     return DemoResult(rows, details, time.perf_counter() - t_start)
 
 

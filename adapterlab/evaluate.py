@@ -14,9 +14,9 @@ from typing import Any, Protocol
 import torch
 
 from adapterlab.models import decoder_layers
+from adapterlab.progress import ProgressFactory, track
 from adapterlab.pruning.base import LayerSparsity
 from adapterlab.pruning.functional import check_nm, parse_pattern
-from adapterlab.progress import ProgressFactory, track
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -357,8 +357,13 @@ def task_accuracy(
     model.eval()
     try:
         scores = _choice_scores(
-            model, tokenizer, [task.prompt(e.text) for e in examples], task.choices,
-            batch_size=batch_size, progress=progress, description=f"accuracy[{task.name}]",
+            model,
+            tokenizer,
+            [task.prompt(e.text) for e in examples],
+            task.choices,
+            batch_size=batch_size,
+            progress=progress,
+            description=f"accuracy[{task.name}]",
         )  # (n, C)
     finally:
         model.train(was_training)
@@ -400,9 +405,7 @@ class SparsityReport:
             "numel": self.numel,
             "pattern": self.pattern,
             "nm_valid": self.nm_valid,
-            "layers": [
-r.to_dict() for r in self.layers
-            ],
+            "layers": [r.to_dict() for r in self.layers],
         }
 
 

@@ -149,7 +149,9 @@ def load_tensors(
             return load_file(str(path), device=str(device))
         except SafetensorError as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise ValueError(f"{str(path)!r} is not a valid safetensors file ({reason}); re-save or remove it") from None
+            raise ValueError(
+                f"{str(path)!r} is not a valid safetensors file ({reason}); re-save or remove it"
+            ) from None
     if path.suffix == ".safetensors" and not allow_pickle:
         raise ValueError(
             f"{str(path)!r} is not a valid safetensors file (empty, truncated or no JSON header); if it is a pickle "

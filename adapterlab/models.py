@@ -46,9 +46,7 @@ def default_gguf_path() -> Path:
             path = Path(str(f.locate()))
             if path.exists():
                 return path
-    raise MissingAssetError(
-        f"no .gguf file found in the installed {DEFAULT_MODEL_PACKAGE} package; {ASSETS_HINT}"
-    )
+    raise MissingAssetError(f"no .gguf file found in the installed {DEFAULT_MODEL_PACKAGE} package; {ASSETS_HINT}")
 
 
 def default_model_dir() -> Path:
@@ -61,9 +59,7 @@ def default_model_dir() -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-    )
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     # The dequantized model is a plain fp32 model now: drop the GGUF quantizer so it serializes.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -218,7 +214,8 @@ def tiny_tokenizer() -> Any:
 
     Ids: 0 ``<pad>``, 1 ``<s>``, 2 ``</s>``, 3 ``<unk>``, then one id per character.
     """
-    from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+    from tokenizers import models as tok_models
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}

@@ -99,7 +99,9 @@ def plot_extraction_energy(result: Any, path: str | os.PathLike[str], *, title: 
         rows, glob = [dict(m) for m in result], None
     rows = [r for r in rows if r.get("stored_as") == "lora" and r.get("energy") is not None]
     if not rows:
-        raise ValueError("plot_extraction_energy: the result has no LoRA modules with an energy (nothing was extracted)")
+        raise ValueError(
+            "plot_extraction_energy: the result has no LoRA modules with an energy (nothing was extracted)"
+        )
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
@@ -122,7 +124,7 @@ def plot_extraction_energy(result: Any, path: str | os.PathLike[str], *, title: 
     ax1.set_title("energy kept per layer" + (f" (global {100 * glob:.1f} %)" if glob is not None else ""))
     cmap = plt.get_cmap("viridis")
     lo, hi = (min(layers), max(layers)) if layers else (0, 1)
-    for i, r in enumerate(rows):
+    for r in rows:
         spec = [float(s) for s in r.get("spectrum_head", [])]
         total = float(r.get("delta_norm", 0.0)) ** 2
         if not spec or total <= 0:
@@ -164,7 +166,9 @@ def plot_dylora_accuracy(lowrank: str | os.PathLike[str] | Mapping[str, Any], pa
     _check_path(path)
     data = _load_json(lowrank, "plot_dylora_accuracy")
     arms = data.get("arms", data)
-    dylora = {k: v for k, v in arms.items() if k.startswith("dylora") and isinstance(v, Mapping) and "accuracy_at_rank" in v}
+    dylora = {
+        k: v for k, v in arms.items() if k.startswith("dylora") and isinstance(v, Mapping) and "accuracy_at_rank" in v
+    }
     lora = {}
     for k, v in arms.items():
         m = re.fullmatch(r"lora_r(\d+)", k)
@@ -218,9 +222,7 @@ def _layer_rows(report: Any) -> list[tuple[str, float]]:
     return out
 
 
-def plot_layer_sparsity(
-    reports: Any, path: str | os.PathLike[str], *, title: str | None = None
-) -> Path:
+def plot_layer_sparsity(reports: Any, path: str | os.PathLike[str], *, title: str | None = None) -> Path:
     """Sparsity per decoder layer.
 
     One report: one line per projection type. Several (a ``{label: report}`` mapping): one line per
@@ -290,8 +292,14 @@ def plot_serving_throughput(
         arms = list(rows[0]["tokens_per_s"])
         pools = [r["pool"] for r in rows]
         for arm in arms:
-            ax.plot(pools, [r["tokens_per_s"].get(arm, float("nan")) for r in rows], marker="o", ms=4,
-                    label=_SERVING_LABELS.get(arm, arm), ls="--" if arm == "merged" else "-")
+            ax.plot(
+                pools,
+                [r["tokens_per_s"].get(arm, float("nan")) for r in rows],
+                marker="o",
+                ms=4,
+                label=_SERVING_LABELS.get(arm, arm),
+                ls="--" if arm == "merged" else "-",
+            )
         ax.set_xscale("log")
         ax.set_xticks(pools, [str(p) for p in pools])
         ax.set_xlabel("distinct adapters in the batch")
@@ -299,8 +307,9 @@ def plot_serving_throughput(
         s, m = d.get("settings", {}), d.get("machine", {})
         dev = s.get("device", "cpu")
         where = f"{dev}, {m.get('cpu_count', '?')} CPU cores" if dev == "cpu" else dev
-        ax.set_title(f"{where}: {s.get('requests', '?')} requests, rank {s.get('rank', '?')}, {s.get('dtype', '')}",
-                     fontsize=10)
+        ax.set_title(
+            f"{where}: {s.get('requests', '?')} requests, rank {s.get('rank', '?')}, {s.get('dtype', '')}", fontsize=10
+        )
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle("multi-adapter serving throughput vs number of adapters")

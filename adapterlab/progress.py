@@ -46,7 +46,7 @@ def track(
         step(1)
 
 
-def rich_factory(prog: "object") -> ProgressFactory:
+def rich_factory(prog: object) -> ProgressFactory:
     """Adapt a ``rich.progress.Progress`` into a :data:`ProgressFactory`."""
 
     def factory(description: str, total: int | None) -> Callable[[int], None]:

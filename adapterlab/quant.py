@@ -368,7 +368,10 @@ def load_quantized(
             logger.warning(
                 "keeping %d linear layer(s) in full precision (4-bit on CPU needs out_features %% %d == 0 "
                 "and in_features %% %d == 0): %s",
-                len(bad), CPU_REPACK_BLOCK_N, BNB_4BIT_BLOCKSIZE, ", ".join(bad),
+                len(bad),
+                CPU_REPACK_BLOCK_N,
+                BNB_4BIT_BLOCKSIZE,
+                ", ".join(bad),
             )
             skips += bad
         qcfg = BitsAndBytesConfig(

@@ -70,8 +70,14 @@ def _entry_point() -> list[str]:
 
 def cases(src: Path | None) -> dict[str, list[str]]:
     """Case label -> argv: the floors, ``import adapterlab``, ``--help`` and every ``VERB --help``."""
-    listed = subprocess.run([sys.executable, "-c", _LIST_VERBS], env=_env(src), cwd=tempfile.gettempdir(),
-                            capture_output=True, text=True, check=True)
+    listed = subprocess.run(
+        [sys.executable, "-c", _LIST_VERBS],
+        env=_env(src),
+        cwd=tempfile.gettempdir(),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     verbs = json.loads(listed.stdout.strip().splitlines()[-1])
     exe = _entry_point()
     out: dict[str, list[str]] = {
@@ -102,8 +108,19 @@ def run_once(argv: list[str], env: dict[str, str], cwd: str) -> tuple[float, flo
 
 def _versions() -> dict[str, str | None]:
     out: dict[str, str | None] = {}
-    for pkg in ("adapterlab", "typer", "click", "rich", "pydantic", "torch", "transformers", "peft", "bitsandbytes",
-                "datasets", "trl"):
+    for pkg in (
+        "adapterlab",
+        "typer",
+        "click",
+        "rich",
+        "pydantic",
+        "torch",
+        "transformers",
+        "peft",
+        "bitsandbytes",
+        "datasets",
+        "trl",
+    ):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
@@ -113,8 +130,9 @@ def _versions() -> dict[str, str | None]:
 
 def _git_commit(src: Path) -> str | None:
     try:
-        return subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
 
@@ -131,7 +149,9 @@ def markdown(result: dict[str, Any]) -> str:
         "|---|---:|---:|---:|",
     ]
     for label, row in result["cases"].items():
-        lines.append(f"| `{label}` | {row['wall_median_s']:.3f} | {row['cpu_median_s']:.3f} | {row['wall_min_s']:.3f} |")
+        lines.append(
+            f"| `{label}` | {row['wall_median_s']:.3f} | {row['cpu_median_s']:.3f} | {row['wall_min_s']:.3f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -161,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     walls: dict[str, list[float]] = {k: [] for k in labels}
     cpus: dict[str, list[float]] = {k: [] for k in labels}
     for r in range(args.warmup + args.rounds):
-        order = labels[r % len(labels):] + labels[: r % len(labels)]  # rotate: no case always runs first
+        order = labels[r % len(labels) :] + labels[: r % len(labels)]  # rotate: no case always runs first
         for label in order:
             wall, cpu = run_once(table[label], env, cwd)
             if r >= args.warmup:

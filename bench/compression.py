@@ -111,14 +111,32 @@ def bench_quality(args: argparse.Namespace) -> dict[str, Any]:
             gain = own[t] - base[t]
             kept = (acc - base[t]) / gain if abs(gain) > 1e-9 else float("nan")
             st = bundle.storage()
-            rows.append({"mode": mode, "c": c, "task": t, "acc_base": base[t], "acc_lora": own[t], "acc_compressed": acc,
-                         "gain_kept": round(kept, 4), "rel_sq_error": round(bundle.errors.per_adapter()[t], 5),
-                         "core_params_per_adapter": st["core_params_per_adapter"],
-                         "raw_params_per_adapter": st["raw_params_per_adapter"],
-                         "bundle_vs_raw_3_adapters": round(st["ratio"], 3), "fit_seconds": round(seconds, 2)})
+            rows.append(
+                {
+                    "mode": mode,
+                    "c": c,
+                    "task": t,
+                    "acc_base": base[t],
+                    "acc_lora": own[t],
+                    "acc_compressed": acc,
+                    "gain_kept": round(kept, 4),
+                    "rel_sq_error": round(bundle.errors.per_adapter()[t], 5),
+                    "core_params_per_adapter": st["core_params_per_adapter"],
+                    "raw_params_per_adapter": st["raw_params_per_adapter"],
+                    "bundle_vs_raw_3_adapters": round(st["ratio"], 3),
+                    "fit_seconds": round(seconds, 2),
+                }
+            )
             print(rows[-1], flush=True)
-    return {"n_eval": args.n_eval, "lora_rank": args.lora_rank, "steps": args.steps,
-            "adapters": {t: str(p) for t, p in dirs.items()}, "base": base, "own_lora": own, "rows": rows}
+    return {
+        "n_eval": args.n_eval,
+        "lora_rank": args.lora_rank,
+        "steps": args.steps,
+        "adapters": {t: str(p) for t, p in dirs.items()},
+        "base": base,
+        "own_lora": own,
+        "rows": rows,
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -191,56 +209,90 @@ def bench_storage(args: argparse.Namespace) -> dict[str, Any]:
                 cfg = (out / "compressed_config.json").stat().st_size
                 st = bundle.storage()
                 svd_err, k = _svd_baseline(sources, modules, st["compressed_params"])
-                rows.append({"adapters": n, "mode": mode, "c": c, "niter": niter, "modules": len(modules),
-                             "raw_lora_bytes_fp32": raw_bytes, "bundle_tensor_bytes": files, "bundle_config_bytes": cfg,
-                             "storage_ratio_tensors": round(raw_bytes / files, 2),
-                             "storage_ratio_incl_config": round(raw_bytes / (files + cfg), 2),
-                             "rel_sq_error_mean": round(bundle.errors.mean, 4),
-                             "per_lora_svd_same_budget_rank": k, "per_lora_svd_error": round(svd_err, 4),
-                             "fit_seconds": round(seconds, 1)})
+                rows.append(
+                    {
+                        "adapters": n,
+                        "mode": mode,
+                        "c": c,
+                        "niter": niter,
+                        "modules": len(modules),
+                        "raw_lora_bytes_fp32": raw_bytes,
+                        "bundle_tensor_bytes": files,
+                        "bundle_config_bytes": cfg,
+                        "storage_ratio_tensors": round(raw_bytes / files, 2),
+                        "storage_ratio_incl_config": round(raw_bytes / (files + cfg), 2),
+                        "rel_sq_error_mean": round(bundle.errors.mean, 4),
+                        "per_lora_svd_same_budget_rank": k,
+                        "per_lora_svd_error": round(svd_err, 4),
+                        "fit_seconds": round(seconds, 1),
+                    }
+                )
                 print(rows[-1], flush=True)
                 import shutil
 
                 shutil.rmtree(out)
             del sources
-    return {"layers": layers, "noise": args.noise, "templates": list(dirs), "rows": rows,
-            "note": ("synthetic adapters = trained task LoRA factors x random orthogonal r x r + Gaussian noise; all "
-                     "decoder layers share shapes, so the measured ratio is the full-model ratio")}
+    return {
+        "layers": layers,
+        "noise": args.noise,
+        "templates": list(dirs),
+        "rows": rows,
+        "note": (
+            "synthetic adapters = trained task LoRA factors x random orthogonal r x r + Gaussian noise; all "
+            "decoder layers share shapes, so the measured ratio is the full-model ratio"
+        ),
+    }
 
 
 # ------------------------------------------------------------------------------------------------
 
 
 def _markdown(res: dict[str, Any]) -> str:
-    lines = ["# compression benchmark (shared basis, embedded SmolLM2-135M)", "",
-             f"command: `{res['command']}`", ""]
+    lines = ["# compression benchmark (shared basis, embedded SmolLM2-135M)", "", f"command: `{res['command']}`", ""]
     q = res.get("quality")
     if q:
-        lines += ["## quality: 3 task LoRAs (rank %d, %d steps) compressed jointly; accuracy on %d test examples"
-                  % (q["lora_rank"], q["steps"], q["n_eval"]), "",
-                  "base: " + ", ".join(f"{t} {v:.3f}" for t, v in q["base"].items()) + "; own LoRA: "
-                  + ", ".join(f"{t} {v:.3f}" for t, v in q["own_lora"].items()), "",
-                  "| mode | c | task | acc LoRA | acc compressed | gain kept | rel. sq. error | core params / adapter | raw params / adapter |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## quality: 3 task LoRAs (rank {q['lora_rank']}, {q['steps']} steps) compressed jointly;"
+            f" accuracy on {q['n_eval']} test examples",
+            "",
+            "base: "
+            + ", ".join(f"{t} {v:.3f}" for t, v in q["base"].items())
+            + "; own LoRA: "
+            + ", ".join(f"{t} {v:.3f}" for t, v in q["own_lora"].items()),
+            "",
+            "| mode | c | task | acc LoRA | acc compressed | gain kept | rel. sq. error | core params / adapter | raw params / adapter |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in q["rows"]:
-            lines.append(f"| {r['mode']} | {r['c']} | {r['task']} | {r['acc_lora']:.3f} | {r['acc_compressed']:.3f} | "
-                         f"{r['gain_kept']:.3f} | {r['rel_sq_error']:.4f} | {r['core_params_per_adapter']} | "
-                         f"{int(r['raw_params_per_adapter'])} |")
+            lines.append(
+                f"| {r['mode']} | {r['c']} | {r['task']} | {r['acc_lora']:.3f} | {r['acc_compressed']:.3f} | "
+                f"{r['gain_kept']:.3f} | {r['rel_sq_error']:.4f} | {r['core_params_per_adapter']} | "
+                f"{int(r['raw_params_per_adapter'])} |"
+            )
         by = {}
         for r in q["rows"]:
             by.setdefault((r["mode"], r["c"]), []).append(r["gain_kept"])
-        lines += ["", "min gain kept per setting (goal >= 0.95): " + ", ".join(
-            f"{m} c={c}: {min(v):.3f}" for (m, c), v in by.items()), ""]
+        lines += [
+            "",
+            "min gain kept per setting (goal >= 0.95): "
+            + ", ".join(f"{m} c={c}: {min(v):.3f}" for (m, c), v in by.items()),
+            "",
+        ]
     s = res.get("storage")
     if s:
-        lines += [f"## storage at scale: synthetic rank-16 LoRAs, decoder layers {s['layers']} (all 7 projections)", "",
-                  "| adapters | mode | c | raw LoRA MiB | bundle MiB | ratio | rel. sq. error | per-LoRA SVD error (same size, rank) | fit s |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## storage at scale: synthetic rank-16 LoRAs, decoder layers {s['layers']} (all 7 projections)",
+            "",
+            "| adapters | mode | c | raw LoRA MiB | bundle MiB | ratio | rel. sq. error | per-LoRA SVD error (same size, rank) | fit s |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in s["rows"]:
-            lines.append(f"| {r['adapters']} | {r['mode']} | {r['c']} | {r['raw_lora_bytes_fp32'] / 2**20:.1f} | "
-                         f"{(r['bundle_tensor_bytes'] + r['bundle_config_bytes']) / 2**20:.2f} | "
-                         f"{r['storage_ratio_incl_config']:.1f}x | {r['rel_sq_error_mean']:.4f} | "
-                         f"{r['per_lora_svd_error']:.4f} (k={r['per_lora_svd_same_budget_rank']}) | {r['fit_seconds']} |")
+            lines.append(
+                f"| {r['adapters']} | {r['mode']} | {r['c']} | {r['raw_lora_bytes_fp32'] / 2**20:.1f} | "
+                f"{(r['bundle_tensor_bytes'] + r['bundle_config_bytes']) / 2**20:.2f} | "
+                f"{r['storage_ratio_incl_config']:.1f}x | {r['rel_sq_error_mean']:.4f} | "
+                f"{r['per_lora_svd_error']:.4f} (k={r['per_lora_svd_same_budget_rank']}) | {r['fit_seconds']} |"
+            )
         lines += ["", s["note"], ""]
     lines += [f"wall time {res['wall_seconds']} s; machine: {res['machine_brief']}", ""]
     return "\n".join(lines)
@@ -260,8 +312,13 @@ def main() -> None:
     ap.add_argument("--counts", type=int, nargs="+", default=[100, 1000])
     ap.add_argument("--layers", type=int, default=1, help="decoder layers in the storage bundles")
     ap.add_argument("--noise", type=float, default=0.3)
-    ap.add_argument("--template-tasks", nargs="+", choices=TASKS, default=TASKS,
-                    help="task LoRAs the synthetic adapters are built from")
+    ap.add_argument(
+        "--template-tasks",
+        nargs="+",
+        choices=TASKS,
+        default=TASKS,
+        help="task LoRAs the synthetic adapters are built from",
+    )
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     args.storage_configs = [("full", 16, 5), ("full", 32, 5), ("diagonal", 64, 20)]
@@ -270,15 +327,19 @@ def main() -> None:
         args.counts, args.storage_configs, args.diag_niter = [10, 30], [("full", 16, 2), ("diagonal", 32, 5)], 10
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    res: dict[str, Any] = {"command": " ".join(["python", "bench/compression.py", *sys.argv[1:]]),
-                           "settings": {k: v for k, v in vars(args).items()}}
+    res: dict[str, Any] = {
+        "command": " ".join(["python", "bench/compression.py", *sys.argv[1:]]),
+        "settings": {k: v for k, v in vars(args).items()},
+    }
     if "quality" in args.parts:
         res["quality"] = bench_quality(args)
     if "storage" in args.parts:
         res["storage"] = bench_storage(args)
     res["wall_seconds"] = round(time.perf_counter() - t0, 1)
     info = machine_info()
-    res["machine_brief"] = f"{info['processor']}, {info['cpu_count']} cores, torch threads {args.threads}, load {info['loadavg_at_start']}"
+    res["machine_brief"] = (
+        f"{info['processor']}, {info['cpu_count']} cores, torch threads {args.threads}, load {info['loadavg_at_start']}"
+    )
     if "quality" in res:
         kept = [r["gain_kept"] for r in res["quality"]["rows"]]
         res["quality"]["median_gain_kept"] = statistics.median(kept)
@@ -302,9 +363,12 @@ def _combine() -> None:
             parts[part] = json.loads(path.read_text())
     if not parts:
         return
-    res: dict[str, Any] = {"command": " ; ".join(p["command"] for p in parts.values()),
-                           "wall_seconds": sum(p["wall_seconds"] for p in parts.values()),
-                           "machine_brief": next(iter(parts.values()))["machine_brief"], "parts": sorted(parts)}
+    res: dict[str, Any] = {
+        "command": " ; ".join(p["command"] for p in parts.values()),
+        "wall_seconds": sum(p["wall_seconds"] for p in parts.values()),
+        "machine_brief": next(iter(parts.values()))["machine_brief"],
+        "parts": sorted(parts),
+    }
     for part, p in parts.items():
         res[part] = p[part]
         res[f"{part}_settings"] = p["settings"]

@@ -35,16 +35,17 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import RESULTS, machine_info, write_markdown  # noqa: E402
 from adapterlab import data, evaluate, models  # noqa: E402
+from bench._common import RESULTS, machine_info, write_markdown  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -100,8 +101,9 @@ def fp64_perplexity(model: torch.nn.Module, ids: torch.Tensor, seqlen: int, wind
 def previous_module(rev: str) -> ModuleType | None:
     """``adapterlab/evaluate.py`` at git revision ``rev`` as a module, or None without git."""
     try:
-        src = subprocess.run(["git", "show", f"{rev}:adapterlab/evaluate.py"], cwd=ROOT, check=True,
-                             capture_output=True, text=True).stdout
+        src = subprocess.run(
+            ["git", "show", f"{rev}:adapterlab/evaluate.py"], cwd=ROOT, check=True, capture_output=True, text=True
+        ).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
     path = Path(os.environ.get("TMPDIR", "/tmp")) / f"adapterlab_evaluate_{rev.replace('~', '_').replace('^', '_')}.py"
@@ -123,7 +125,7 @@ def interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> tuple[dict[s
     times: dict[str, list[float]] = {k: [] for k in names}
     results: dict[str, Any] = {}
     for rnd in range(repeats):
-        for k in names[rnd % len(names):] + names[: rnd % len(names)]:
+        for k in names[rnd % len(names) :] + names[: rnd % len(names)]:
             t0 = time.perf_counter()
             results[k] = fns[k]()
             times[k].append(time.perf_counter() - t0)
@@ -166,8 +168,13 @@ def part_accuracy(
     batched, (naive_acc, naive_preds, naive_sc) = res["batched"], res["naive"]
     batched_sc = evaluate.choice_logprobs(model, tok, prompts, list(task.choices), batch_size=args.batch_size)
     out: dict[str, Any] = {
-        "setting": {"task": task.name, "split": "test", "n": args.n, "batch_size": args.batch_size,
-                    "choices": list(task.choices)},
+        "setting": {
+            "task": task.name,
+            "split": "test",
+            "n": args.n,
+            "batch_size": args.batch_size,
+            "choices": list(task.choices),
+        },
         "timing": summarise(times),
         "accuracy": {"batched": batched.accuracy, "naive": naive_acc},
         "same_predictions_as_naive": batched.predictions == naive_preds,
@@ -185,21 +192,31 @@ def part_perplexity(
     ids = data.eval_ids(tok, corpus="wiki" if not args.quick else "lee", split="test")
     windows = min(ids.numel() // args.seqlen, args.eval_windows)
     fns: dict[str, Callable[[], Any]] = {
-        "batched": lambda: evaluate.perplexity(model, ids, seqlen=args.seqlen, batch_size=args.ppl_batch_size,
-                                               max_windows=windows),
+        "batched": lambda: evaluate.perplexity(
+            model, ids, seqlen=args.seqlen, batch_size=args.ppl_batch_size, max_windows=windows
+        ),
         "naive": lambda: naive_perplexity(model, ids, args.seqlen, windows),
     }
     if prev is not None:
-        fns["previous"] = lambda: prev.perplexity(model, ids, seqlen=args.seqlen, batch_size=args.ppl_batch_size,
-                                                  max_windows=windows)
-    for fn in (lambda: evaluate.perplexity(model, ids, seqlen=args.seqlen, max_windows=1),
-               lambda: naive_perplexity(model, ids, args.seqlen, 1)):
+        fns["previous"] = lambda: prev.perplexity(
+            model, ids, seqlen=args.seqlen, batch_size=args.ppl_batch_size, max_windows=windows
+        )
+    for fn in (
+        lambda: evaluate.perplexity(model, ids, seqlen=args.seqlen, max_windows=1),
+        lambda: naive_perplexity(model, ids, args.seqlen, 1),
+    ):
         fn()  # warm-up on one window
     times, res = interleaved(fns, args.repeats)
     ref = fp64_perplexity(model, ids, args.seqlen, windows)
     out: dict[str, Any] = {
-        "setting": {"corpus": "wiki" if not args.quick else "lee", "split": "test", "seqlen": args.seqlen,
-                    "windows": windows, "batch_size": args.ppl_batch_size, "tokens": windows * args.seqlen},
+        "setting": {
+            "corpus": "wiki" if not args.quick else "lee",
+            "split": "test",
+            "seqlen": args.seqlen,
+            "windows": windows,
+            "batch_size": args.ppl_batch_size,
+            "tokens": windows * args.seqlen,
+        },
         "timing": summarise(times),
         "perplexity": {k: float(v) for k, v in res.items()},
         "rel_diff_vs_naive": abs(res["batched"] - res["naive"]) / res["naive"],
@@ -250,29 +267,36 @@ def _md(payload: dict[str, Any]) -> str:
         a = payload["accuracy"]
         s = a["setting"]
         for k, t in a["timing"].items():
-            lines.append(f"| task_accuracy({s['task']}, n={s['n']}, batch {s['batch_size']}) | {k} | "
-                         f"{t['median_s']:.2f} | {t['speedup_vs_naive']:.2f} | acc {a['accuracy'][k]:.3f} |")
+            lines.append(
+                f"| task_accuracy({s['task']}, n={s['n']}, batch {s['batch_size']}) | {k} | "
+                f"{t['median_s']:.2f} | {t['speedup_vs_naive']:.2f} | acc {a['accuracy'][k]:.3f} |"
+            )
     if "perplexity" in payload:
         p = payload["perplexity"]
         s = p["setting"]
         for k, t in p["timing"].items():
             work = f"perplexity({s['corpus']}, {s['windows']} x {s['seqlen']}, batch {s['batch_size']})"
-            lines.append(f"| {work} | {k} | {t['median_s']:.2f} | {t['speedup_vs_naive']:.2f} | "
-                         f"ppl {p['perplexity'][k]:.4f} |")
+            lines.append(
+                f"| {work} | {k} | {t['median_s']:.2f} | {t['speedup_vs_naive']:.2f} | ppl {p['perplexity'][k]:.4f} |"
+            )
     lines.append("")
     if "accuracy" in payload:
         a = payload["accuracy"]
         same = ""
         if "same_predictions_as_previous" in a:
             same = f"; same predictions as previous: {a['same_predictions_as_previous']}"
-        lines.append(f"Accuracy: same predictions as naive: {a['same_predictions_as_naive']}{same}; largest "
-                     f"|score - naive score| {a['max_abs_score_diff_vs_naive']:.2e} nats.")
+        lines.append(
+            f"Accuracy: same predictions as naive: {a['same_predictions_as_naive']}{same}; largest "
+            f"|score - naive score| {a['max_abs_score_diff_vs_naive']:.2e} nats."
+        )
     if "perplexity" in payload:
         p = payload["perplexity"]
         prev = f", vs previous {p['rel_diff_vs_previous']:.1e}" if "rel_diff_vs_previous" in p else ""
         vs_ref = ", ".join(f"{k} {v:.1e}" for k, v in p["rel_diff_vs_fp64_reference"].items())
-        lines.append(f"Perplexity: relative difference vs naive {p['rel_diff_vs_naive']:.1e}{prev}; vs an fp64 "
-                     f"log-softmax of the same logits ({p['fp64_reference']:.5f}): {vs_ref}.")
+        lines.append(
+            f"Perplexity: relative difference vs naive {p['rel_diff_vs_naive']:.1e}{prev}; vs an fp64 "
+            f"log-softmax of the same logits ({p['fp64_reference']:.5f}): {vs_ref}."
+        )
     if payload.get("previous"):
         lines.append(f"`previous` = adapterlab/evaluate.py at git `{payload['previous']}` (before issue 16).")
     return "\n".join(lines) + "\n"
@@ -305,9 +329,13 @@ def main() -> None:
     model.eval()
     prev = previous_module(args.previous) if args.previous else None
     machine = machine_info()
-    payload: dict[str, Any] = {"model": model_name, "threads": args.threads, "repeats": args.repeats,
-                               "previous": args.previous if prev is not None else None,
-                               "command": "python bench/evaluate.py " + " ".join(sys.argv[1:])}
+    payload: dict[str, Any] = {
+        "model": model_name,
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "previous": args.previous if prev is not None else None,
+        "command": "python bench/evaluate.py " + " ".join(sys.argv[1:]),
+    }
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     for p in parts:
         if p not in ("accuracy", "perplexity"):

@@ -11,19 +11,19 @@ from __future__ import annotations
 
 import argparse
 import logging
-import warnings
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import timed, write_json, write_markdown  # noqa: E402
 from adapterlab import data, evaluate, models  # noqa: E402
 from adapterlab.pruning import prune_  # noqa: E402
 from adapterlab.quant import load_quantized  # noqa: E402
+from bench._common import timed, write_json, write_markdown  # noqa: E402
 
 
 def main() -> None:
@@ -32,12 +32,20 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--calib-seqlen", type=int, default=512)
     ap.add_argument("--eval-seqlen", type=int, default=512)
-    ap.add_argument("--eval-windows", type=int, default=24, help="first K 512-token windows of the wiki test split (0 = all 81; ~4 min per model on 2 cores)")
+    ap.add_argument(
+        "--eval-windows",
+        type=int,
+        default=24,
+        help="first K 512-token windows of the wiki test split (0 = all 81; ~4 min per model on 2 cores)",
+    )
     ap.add_argument("--repeats", type=int, default=3, help="timed pruning repeats (median reported)")
     ap.add_argument("--methods", default="magnitude,wanda,sparsegpt")
     ap.add_argument("--patterns", default="unstructured,2:4")
-    ap.add_argument("--timing-only", action="store_true",
-                    help="time pruning only (no perplexity, no quantized rows); writes foundation_timing.*")
+    ap.add_argument(
+        "--timing-only",
+        action="store_true",
+        help="time pruning only (no perplexity, no quantized rows); writes foundation_timing.*",
+    )
     args = ap.parse_args()
     if args.quick:
         args.nsamples, args.calib_seqlen, args.eval_windows, args.repeats = 4, 128, 4, 1
@@ -57,8 +65,15 @@ def main() -> None:
     start = time.perf_counter()
     dense = models.load_model(None)
     if not args.timing_only:
-        rows.append({"config": "dense", "method": None, "pattern": None, "ppl": ppl(dense),
-                 "sparsity": evaluate.sparsity_report(dense).global_sparsity})
+        rows.append(
+            {
+                "config": "dense",
+                "method": None,
+                "pattern": None,
+                "ppl": ppl(dense),
+                "sparsity": evaluate.sparsity_report(dense).global_sparsity,
+            }
+        )
         log.info("dense ppl %.3f", rows[-1]["ppl"])
     del dense
 
@@ -69,11 +84,16 @@ def main() -> None:
         for method in args.methods.split(","):
             holder: dict[str, torch.nn.Module] = {}
 
-            def run() -> object:
+            def run(holder=holder, method=method, pat=pat) -> object:
                 model = models.load_model(None)
                 holder["model"] = model
-                return prune_(model, method, None if pat else 0.5, pattern=pat,
-                              calibration=None if method == "magnitude" else calib)
+                return prune_(
+                    model,
+                    method,
+                    None if pat else 0.5,
+                    pattern=pat,
+                    calibration=None if method == "magnitude" else calib,
+                )
 
             median, times, report = timed(run, repeats=args.repeats, warmup=0)
             model = holder["model"]
@@ -96,18 +116,36 @@ def main() -> None:
         kw = {"quant_type": qt} if qt else {}
         model = load_quantized(None, bits=bits, **kw)
         name = f"bnb {bits}-bit{' ' + qt if qt else ''}"
-        rows.append({"config": name, "method": "bitsandbytes", "pattern": None, "ppl": ppl(model), "sparsity": None,
-                     "note": "base weights already on a 4-bit grid (GGUF Q4_1): optimistic"})
+        rows.append(
+            {
+                "config": name,
+                "method": "bitsandbytes",
+                "pattern": None,
+                "ppl": ppl(model),
+                "sparsity": None,
+                "note": "base weights already on a 4-bit grid (GGUF Q4_1): optimistic",
+            }
+        )
         log.info("%s ppl %.3f", name, rows[-1]["ppl"])
         del model
 
     n_windows = min(ids.numel() // args.eval_seqlen, windows or 10**9)
     settings = {
         "model": models.DEFAULT_MODEL_ID,
-        "eval": {"corpus": "wiki", "split": "test", "seqlen": args.eval_seqlen, "windows": n_windows,
-                 "tokens": n_windows * args.eval_seqlen},
-        "calibration": {"corpus": "wiki", "split": "train", "n_samples": args.nsamples,
-                        "seqlen": args.calib_seqlen, "seed": 0},
+        "eval": {
+            "corpus": "wiki",
+            "split": "test",
+            "seqlen": args.eval_seqlen,
+            "windows": n_windows,
+            "tokens": n_windows * args.eval_seqlen,
+        },
+        "calibration": {
+            "corpus": "wiki",
+            "split": "train",
+            "n_samples": args.nsamples,
+            "seqlen": args.calib_seqlen,
+            "seed": 0,
+        },
         "repeats": args.repeats,
         "quick": args.quick,
         "dtype": "float32",

@@ -140,7 +140,18 @@ def trainable(model: torch.nn.Module) -> int:
 # arms
 
 
-ALL_ARMS = ("zero_shot", "lora_r1", "lora_r2", "lora_r4", "lora_r8", "dylora_frozen", "dylora_full", "lori", "lora_r64", "rslora_r64")
+ALL_ARMS = (
+    "zero_shot",
+    "lora_r1",
+    "lora_r2",
+    "lora_r4",
+    "lora_r8",
+    "dylora_frozen",
+    "dylora_full",
+    "lori",
+    "lora_r64",
+    "rslora_r64",
+)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -185,8 +196,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         cfg = LoraConfig(r=r, lora_alpha=args.alpha, target_modules=TARGETS, use_rslora=use_rslora, lora_dropout=0.0)
         pm = get_peft_model(load_model(None), cfg)
         secs = train(pm, train_batches, args.lr)
-        return pm, dict(accuracy=scorer.accuracy(pm), train_s=secs, steps=args.steps, trainable=trainable(pm), stored_bytes=stored_bytes(pm),
-                        scale=args.alpha / (math.sqrt(r) if use_rslora else r))
+        return pm, dict(
+            accuracy=scorer.accuracy(pm),
+            train_s=secs,
+            steps=args.steps,
+            trainable=trainable(pm),
+            stored_bytes=stored_bytes(pm),
+            scale=args.alpha / (math.sqrt(r) if use_rslora else r),
+        )
 
     for r in (1, 2, 4, 8):
         if f"lora_r{r}" not in arms:
@@ -215,14 +232,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if f"dylora_{mode}" not in arms:
             continue
         torch.manual_seed(args.seed)
-        cfg = DyLoraConfig(r=8, lora_alpha=args.alpha, target_modules=TARGETS, frozen_mode=(mode == "frozen"), seed=args.seed)
+        cfg = DyLoraConfig(
+            r=8, lora_alpha=args.alpha, target_modules=TARGETS, frozen_mode=(mode == "frozen"), seed=args.seed
+        )
         pm = get_peft_model(load_model(None), cfg)
-        secs = train(pm, train_batches, args.lr, on_step=lambda step, opt: pm.sample_rank(step))
+        secs = train(pm, train_batches, args.lr, on_step=lambda step, opt, pm=pm: pm.sample_rank(step))
         per_rank = {}
         for b in (1, 2, 4, 8):
             pm.set_rank(b)
             per_rank[b] = scorer.accuracy(pm)
-        record(f"dylora_{mode}", accuracy_at_rank=per_rank, train_s=secs, steps=args.steps, trainable=trainable(pm), stored_bytes=stored_bytes(pm))
+        record(
+            f"dylora_{mode}",
+            accuracy_at_rank=per_rank,
+            train_s=secs,
+            steps=args.steps,
+            trainable=trainable(pm),
+            stored_bytes=stored_bytes(pm),
+        )
         del pm
 
     if "lori" in arms:
@@ -233,7 +259,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         acc_d, bytes_d = scorer.accuracy(pm), stored_bytes(pm)
         report = pm.sparsify_(0.9)
         acc_masked, s_tr = scorer.accuracy(pm), trainable(pm)
-        secs_s = train(pm, batches(data, args.batch_size, args.steps, seed=1), args.lr * args.lori_d_lr_mult * args.lori_s_lr_mult)
+        secs_s = train(
+            pm, batches(data, args.batch_size, args.steps, seed=1), args.lr * args.lori_d_lr_mult * args.lori_s_lr_mult
+        )
         record(
             "lori",
             lori_d_accuracy=acc_d,
@@ -270,22 +298,33 @@ def derive(res: dict[str, Any]) -> dict[str, Any]:
         ratio = {b: (acc[b] - zs) / (lora[b] - zs) if lora[b] != zs else None for b in acc}
         within = {b: bool(acc[b] - zs >= 0.95 * (lora[b] - zs)) for b in acc}
         out[f"dylora_{mode}_vs_lora"] = {
-            "dylora_accuracy": acc, "lora_accuracy": lora, "gain_ratio": ratio,
-            "within_5pct_of_lora_gain": within, "goal_met": all(within.values()),
-            "training_steps_dylora": d["steps"], "training_steps_4_lora_runs": sum(a[f"lora_r{b}"]["steps"] for b in lora),
+            "dylora_accuracy": acc,
+            "lora_accuracy": lora,
+            "gain_ratio": ratio,
+            "within_5pct_of_lora_gain": within,
+            "goal_met": all(within.values()),
+            "training_steps_dylora": d["steps"],
+            "training_steps_4_lora_runs": sum(a[f"lora_r{b}"]["steps"] for b in lora),
         }
     if "lori" in a and "lora_r8" in a:
         lo, l8 = a["lori"], a["lora_r8"]
         out["lori_vs_lora_r8"] = {
-            "accuracy": {"lora_r8": l8["accuracy"], "lori_d": lo["lori_d_accuracy"], "lori_s": lo["lori_s_accuracy"],
-                         "lori_d_masked_no_retrain": lo["lori_d_masked_no_retrain_accuracy"]},
+            "accuracy": {
+                "lora_r8": l8["accuracy"],
+                "lori_d": lo["lori_d_accuracy"],
+                "lori_s": lo["lori_s_accuracy"],
+                "lori_d_masked_no_retrain": lo["lori_d_masked_no_retrain_accuracy"],
+            },
             "trainable": {"lora_r8": l8["trainable"], **lo["trainable"]},
             "stored_bytes": {"lora_r8": l8["stored_bytes"], **lo["stored_bytes"]},
             "lori_s_trainable_fraction_of_lora": lo["trainable"]["lori_s"] / l8["trainable"],
         }
     if "lora_r64" in a and "rslora_r64" in a:
-        out["rslora_vs_lora_r64"] = {"lora": a["lora_r64"]["accuracy"], "rslora": a["rslora_r64"]["accuracy"],
-                                     "scale": {"lora": a["lora_r64"]["scale"], "rslora": a["rslora_r64"]["scale"]}}
+        out["rslora_vs_lora_r64"] = {
+            "lora": a["lora_r64"]["accuracy"],
+            "rslora": a["rslora_r64"]["accuracy"],
+            "scale": {"lora": a["lora_r64"]["scale"], "rslora": a["rslora_r64"]["scale"]},
+        }
     return out
 
 
@@ -296,11 +335,18 @@ def write(res: dict[str, Any], args: argparse.Namespace) -> None:
     res.update(
         benchmark="lowrank",
         command="python " + " ".join(sys.argv),
-        machine={"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                 "python": platform.python_version(), "processor": platform.processor(),
-                 "note": "shared machine (other jobs running): times are indicative only; accuracies are unaffected"},
-        versions={d: version(d) for d in ("torch", "transformers", "peft", "bitsandbytes")} | {"adapterlab": adapterlab.__version__},
-        settings={k: v for k, v in vars(args).items() if k != "out"} | {"targets": TARGETS, "model": "SmolLM2-135M-Instruct (embedded)", "task": "sentiment"},
+        machine={
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "processor": platform.processor(),
+            "note": "shared machine (other jobs running): times are indicative only; accuracies are unaffected",
+        },
+        versions={d: version(d) for d in ("torch", "transformers", "peft", "bitsandbytes")}
+        | {"adapterlab": adapterlab.__version__},
+        settings={k: v for k, v in vars(args).items() if k != "out"}
+        | {"targets": TARGETS, "model": "SmolLM2-135M-Instruct (embedded)", "task": "sentiment"},
     )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -316,25 +362,48 @@ def markdown(res: dict[str, Any]) -> str:
     for mode in ("frozen", "full"):
         x = d.get(f"dylora_{mode}_vs_lora")
         if x:
-            lines += [f"## DyLoRA ({mode}) — one run, r_max=8 — vs four separate LoRA runs", "",
-                      "| rank | LoRA (own run) | DyLoRA | gain ratio | within 5% of LoRA gain |", "|---|---|---|---|---|"]
+            lines += [
+                f"## DyLoRA ({mode}) — one run, r_max=8 — vs four separate LoRA runs",
+                "",
+                "| rank | LoRA (own run) | DyLoRA | gain ratio | within 5% of LoRA gain |",
+                "|---|---|---|---|---|",
+            ]
             for b in (1, 2, 4, 8):
                 gr = x["gain_ratio"][b]
-                lines.append(f"| {b} | {x['lora_accuracy'][b]:.3f} | {x['dylora_accuracy'][b]:.3f} | {'-' if gr is None else f'{gr:.2f}'} | {x['within_5pct_of_lora_gain'][b]} |")
-            lines += ["", f"goal met: {x['goal_met']}; training steps {x['training_steps_dylora']} vs {x['training_steps_4_lora_runs']}", ""]
+                lines.append(
+                    f"| {b} | {x['lora_accuracy'][b]:.3f} | {x['dylora_accuracy'][b]:.3f} | {'-' if gr is None else f'{gr:.2f}'} | {x['within_5pct_of_lora_gain'][b]} |"
+                )
+            lines += [
+                "",
+                f"goal met: {x['goal_met']}; training steps {x['training_steps_dylora']} vs {x['training_steps_4_lora_runs']}",
+                "",
+            ]
     if "lora_r8" in a and "truncated_accuracy_at_rank" in a["lora_r8"]:
         t = a["lora_r8"]["truncated_accuracy_at_rank"]
-        lines += ["LoRA r=8 truncated to its first b components: " + ", ".join(f"b={k}: {v:.3f}" for k, v in t.items()), ""]
+        lines += [
+            "LoRA r=8 truncated to its first b components: " + ", ".join(f"b={k}: {v:.3f}" for k, v in t.items()),
+            "",
+        ]
     x = d.get("lori_vs_lora_r8")
     if x:
-        lines += ["## LoRI (r=8, 90% sparse B) vs LoRA r=8", "", "| arm | accuracy | trainable | stored bytes |", "|---|---|---|---|"]
+        lines += [
+            "## LoRI (r=8, 90% sparse B) vs LoRA r=8",
+            "",
+            "| arm | accuracy | trainable | stored bytes |",
+            "|---|---|---|---|",
+        ]
         for k, label in (("lora_r8", "LoRA r=8"), ("lori_d", "LoRI-D"), ("lori_s", "LoRI-S")):
             lines.append(f"| {label} | {x['accuracy'][k]:.3f} | {x['trainable'][k]} | {x['stored_bytes'][k]} |")
         lines += ["", f"LoRI-D masked to 90% without retraining: {x['accuracy']['lori_d_masked_no_retrain']:.3f}", ""]
     x = d.get("rslora_vs_lora_r64")
     if x:
-        lines += ["## rsLoRA vs LoRA at r=64 (alpha 16)", "", f"LoRA (scale {x['scale']['lora']}): {x['lora']:.3f}; "
-                  f"rsLoRA (scale {x['scale']['rslora']}): {x['rslora']:.3f}", ""]
+        lines += [
+            "## rsLoRA vs LoRA at r=64 (alpha 16)",
+            "",
+            f"LoRA (scale {x['scale']['lora']}): {x['lora']:.3f}; "
+            f"rsLoRA (scale {x['scale']['rslora']}): {x['rslora']:.3f}",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -345,10 +414,14 @@ def merge_results(paths: list[str], out: str) -> dict[str, Any]:
         part = json.loads(Path(p).read_text())
         merged["arms"].update(part["arms"])
         merged["commands"].append(part.get("command"))
-        merged["parts"].append({"arms": sorted(part["arms"]), "total_s": part.get("total_s"), "settings": part.get("settings")})
+        merged["parts"].append(
+            {"arms": sorted(part["arms"]), "total_s": part.get("total_s"), "settings": part.get("settings")}
+        )
         for k in ("benchmark", "machine", "versions", "settings"):
             merged.setdefault(k, part.get(k))
-    merged["settings"] = {k: v for k, v in merged["settings"].items() if k not in ("arms", "threads", "merge", "lori_s_lr_mult")}
+    merged["settings"] = {
+        k: v for k, v in merged["settings"].items() if k not in ("arms", "threads", "merge", "lori_s_lr_mult")
+    }
     merged["settings"]["note"] = "per-part settings (arms, threads, LoRI-S LR multiplier) are under parts[]"
     merged["derived"] = derive(merged)
     Path(out).write_text(json.dumps(merged, indent=2, default=str))
@@ -366,7 +439,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--lori-d-lr-mult", type=float, default=1.0)
-    p.add_argument("--lori-s-lr-mult", type=float, default=10.0, help="LoRI-S LR multiplier (the paper uses ~10x the LoRI-D LR)")
+    p.add_argument(
+        "--lori-s-lr-mult", type=float, default=10.0, help="LoRI-S LR multiplier (the paper uses ~10x the LoRI-D LR)"
+    )
     p.add_argument("--arms", default=",".join(ALL_ARMS), help="comma-separated subset of: " + ", ".join(ALL_ARMS))
     p.add_argument("--merge", nargs="+", default=None, help="merge partial result JSON files into --out and exit")
     p.add_argument("--seed", type=int, default=0)

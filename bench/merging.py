@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import platform
 import resource
@@ -39,8 +38,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
-TINY = dict(vocab_size=2048, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
-            num_attention_heads=8, num_key_value_heads=4)
+TINY = dict(
+    vocab_size=2048,
+    hidden_size=512,
+    intermediate_size=1536,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TASKS = ["sentiment", "domain", "compare"]
 
@@ -49,10 +54,16 @@ def _env() -> dict[str, Any]:
     import peft
     import transformers
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "peft": peft.__version__,
-            "transformers": transformers.__version__, "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-            "note": "shared machine: other jobs ran concurrently; timings are noisy"}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "peft": peft.__version__,
+        "transformers": transformers.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "note": "shared machine: other jobs ran concurrently; timings are noisy",
+    }
 
 
 def _rss_mib() -> float:
@@ -63,7 +74,7 @@ def _rss_mib() -> float:
 class _PeakRSS:
     """Peak resident memory growth during a block, sampled every 2 ms by a thread."""
 
-    def __enter__(self) -> "_PeakRSS":
+    def __enter__(self) -> _PeakRSS:
         import threading
 
         self.before = self.peak = _rss_mib()
@@ -106,9 +117,11 @@ def _make_adapters(root: Path, n: int, r: int, model_kind: str, dtype: str = "fl
 
     paths = []
     for i in range(n):
-        pm = get_peft_model(_model_for(model_kind, dtype), LoraConfig(r=r, lora_alpha=r, target_modules=TARGETS,
-                                                                      init_lora_weights=False),
-                            autocast_adapter_dtype=False)
+        pm = get_peft_model(
+            _model_for(model_kind, dtype),
+            LoraConfig(r=r, lora_alpha=r, target_modules=TARGETS, init_lora_weights=False),
+            autocast_adapter_dtype=False,
+        )
         torch.manual_seed(1000 + i)
         with torch.no_grad():
             for name, p in pm.named_parameters():
@@ -157,11 +170,15 @@ def _case_main(argv: list[str]) -> None:
         from mergekit.options import MergeOptions
 
         base_dir, fulls = dirs[0], dirs[1:]
-        cfg = MergeConfiguration.model_validate({
-            "merge_method": "ties", "base_model": base_dir, "dtype": "float32",
-            "parameters": {"normalize": True, "int8_mask": False},
-            "models": [{"model": f, "parameters": {"density": 0.2, "weight": 1.0}} for f in fulls],
-        })
+        cfg = MergeConfiguration.model_validate(
+            {
+                "merge_method": "ties",
+                "base_model": base_dir,
+                "dtype": "float32",
+                "parameters": {"normalize": True, "int8_mask": False},
+                "models": [{"model": f, "parameters": {"density": 0.2, "weight": 1.0}} for f in fulls],
+            }
+        )
         opts = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, lazy_unpickle=False)
 
         def call(i: int) -> Any:
@@ -173,8 +190,10 @@ def _case_main(argv: list[str]) -> None:
             for f in sorted(Path(str(work) + "0").glob("*.safetensors")):
                 with safe_open(str(f), "pt") as fh:
                     if SAMPLE + ".weight" in fh.keys():
-                        return fh.get_tensor(SAMPLE + ".weight").float() - \
-                            _model_for(model_kind).get_submodule(SAMPLE).weight.detach().float()
+                        return (
+                            fh.get_tensor(SAMPLE + ".weight").float()
+                            - _model_for(model_kind).get_submodule(SAMPLE).weight.detach().float()
+                        )
             raise AssertionError("mergekit output misses the sample tensor")
     elif kind.startswith("peft"):
         from peft import PeftModel
@@ -187,8 +206,9 @@ def _case_main(argv: list[str]) -> None:
         extra = {"svd_rank": rank_i} if combo == "ties_svd" else {}
 
         def call(i: int) -> Any:
-            pm.add_weighted_adapter(names, [1.0] * len(dirs), f"merged{i}", combination_type=combo, density=0.2,
-                                    **extra)
+            pm.add_weighted_adapter(
+                names, [1.0] * len(dirs), f"merged{i}", combination_type=combo, density=0.2, **extra
+            )
 
         def sample_of(_: Any) -> torch.Tensor:
             return pm.base_model.model.get_submodule(SAMPLE).get_delta_weight("merged0").detach().float()
@@ -199,8 +219,9 @@ def _case_main(argv: list[str]) -> None:
         before = bases[0].get_submodule(SAMPLE).weight.detach().float().clone()
 
         def call(i: int) -> Any:
-            res = merge_adapters(dirs, "ties", density=0.2, trim_scope="tensor", output="full", base=bases[i],
-                                 progress=False)
+            res = merge_adapters(
+                dirs, "ties", density=0.2, trim_scope="tensor", output="full", base=bases[i], progress=False
+            )
             res.model.save_pretrained(str(work) + str(i))  # mergekit writes its merged model too
             return res
 
@@ -216,6 +237,7 @@ def _case_main(argv: list[str]) -> None:
 
         def sample_of(res: Any) -> torch.Tensor:
             return res.delta(SAMPLE)
+
     meta = {}
     first = None
     for i, label in enumerate(("cold", "warm")):
@@ -230,17 +252,30 @@ def _case_main(argv: list[str]) -> None:
     save_file({"sample": sample.contiguous()}, out_file, metadata=meta)
 
 
-def _run_case(kind: str, model_kind: str, dirs: list[Path], rank: int, tmp: Path,
-              dtype: str = "float32") -> dict[str, Any]:
+def _run_case(
+    kind: str, model_kind: str, dirs: list[Path], rank: int, tmp: Path, dtype: str = "float32"
+) -> dict[str, Any]:
     import subprocess
 
     from safetensors import safe_open
 
     python = MERGEKIT_PYTHON if kind == "mergekit" else sys.executable
     out_file = tmp / f"case_{kind}_{len(dirs)}_{time.monotonic_ns()}.safetensors"
-    proc = subprocess.run([python, str(Path(__file__).resolve()), "_case", kind, model_kind, dtype, str(rank),
-                           str(out_file),
-                           *map(str, dirs)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            python,
+            str(Path(__file__).resolve()),
+            "_case",
+            kind,
+            model_kind,
+            dtype,
+            str(rank),
+            str(out_file),
+            *map(str, dirs),
+        ],
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"case {kind} failed:\n{proc.stderr[-3000:]}")
     with safe_open(str(out_file), "pt") as fh:
@@ -274,8 +309,9 @@ def bench_speed(args: argparse.Namespace) -> dict[str, Any]:
             sub = dirs[:n]
             # reference: TIES of the dense deltas per tensor, no truncation
             dense = merge_adapters(sub, "ties", density=0.2, trim_scope="tensor", output="sparse").delta(SAMPLE)
-            kinds: list[tuple[str, list[Path]]] = [(k, sub) for k in
-                                                   ("adapterlab_lora", "peft_ties_svd", "adapterlab_full")]
+            kinds: list[tuple[str, list[Path]]] = [
+                (k, sub) for k in ("adapterlab_lora", "peft_ties_svd", "adapterlab_full")
+            ]
             if have_mergekit:
                 base_dir, fulls = _full_models(tmp, sub, args.model)
                 kinds.append(("mergekit", [base_dir, *fulls]))
@@ -291,8 +327,12 @@ def bench_speed(args: argparse.Namespace) -> dict[str, Any]:
             peft_plain = _run_case("peft_ties", args.model, sub, args.rank, tmp, args.dtype)
             for kind, _ in kinds:
                 err = float((samples[kind] - dense).norm() / dense.norm())
-                row = {"adapters": n, "impl": kind, "dtype": args.dtype,
-                       "output": "full model" if kind in ("adapterlab_full", "mergekit") else f"LoRA r={args.rank}"}
+                row = {
+                    "adapters": n,
+                    "impl": kind,
+                    "dtype": args.dtype,
+                    "output": "full model" if kind in ("adapterlab_full", "mergekit") else f"LoRA r={args.rank}",
+                }
                 for key, vals in stats[kind].items():
                     row[f"{key}_median"] = round(statistics.median(vals), 3 if key.startswith("seconds") else 1)
                 row["seconds_cold_all"] = [round(t, 3) for t in stats[kind]["seconds_cold"]]
@@ -300,11 +340,17 @@ def bench_speed(args: argparse.Namespace) -> dict[str, Any]:
                 rows.append(row)
                 print(rows[-1], flush=True)
             err = float((peft_plain["sample"] - dense).norm() / dense.norm())
-            rows.append({"adapters": n, "impl": "peft_ties (factor-wise: not TIES)", "dtype": args.dtype,
-                         "output": f"LoRA r={args.rank * n}",
-                         "seconds_cold_median": round(peft_plain["seconds_cold"], 3),
-                         "peak_mib_cold_median": round(peft_plain["peak_mib_cold"], 1),
-                         "rel_err_vs_dense_ties_q0": round(err, 4)})
+            rows.append(
+                {
+                    "adapters": n,
+                    "impl": "peft_ties (factor-wise: not TIES)",
+                    "dtype": args.dtype,
+                    "output": f"LoRA r={args.rank * n}",
+                    "seconds_cold_median": round(peft_plain["seconds_cold"], 3),
+                    "peak_mib_cold_median": round(peft_plain["peak_mib_cold"], 1),
+                    "rel_err_vs_dense_ties_q0": round(err, 4),
+                }
+            )
             # ratios against the equal-output anchor of the same output form
             for ours, anchor in (("adapterlab_lora", "peft_ties_svd"), ("adapterlab_full", "mergekit")):
                 a = next((r for r in rows if r["adapters"] == n and r["impl"] == anchor), None)
@@ -312,33 +358,52 @@ def bench_speed(args: argparse.Namespace) -> dict[str, Any]:
                 if a is not None:
                     for temp in ("cold", "warm"):
                         o[f"speedup_{temp}_vs_{anchor}"] = round(
-                            a[f"seconds_{temp}_median"] / max(o[f"seconds_{temp}_median"], 1e-9), 2)
-                        paired = [x / max(y, 1e-9) for x, y in zip(stats[anchor][f"seconds_{temp}"],
-                                                                   stats[ours][f"seconds_{temp}"])]  # same round
+                            a[f"seconds_{temp}_median"] / max(o[f"seconds_{temp}_median"], 1e-9), 2
+                        )
+                        paired = [
+                            x / max(y, 1e-9)
+                            for x, y in zip(stats[anchor][f"seconds_{temp}"], stats[ours][f"seconds_{temp}"])
+                        ]  # same round
                         o[f"speedup_{temp}_vs_{anchor}_paired_median"] = round(statistics.median(paired), 2)
                         o[f"memory_ratio_{temp}_vs_{anchor}"] = round(
-                            o[f"peak_mib_{temp}_median"] / max(a[f"peak_mib_{temp}_median"], 1e-9), 2)
-    return {"part": "speed", "model": args.model if args.model == "embedded" else TINY, "rank": args.rank,
-            "dtype": args.dtype, "density": 0.2, "targets": TARGETS, "repeats": args.repeat,
-            "statistic": "median after 1 warm-up round; *_paired_median: median of the per-round ratios",
-            "loadavg_1_5_15_before": [round(x, 2) for x in load_before],
-            "loadavg_1_5_15_after": [round(x, 2) for x in os.getloadavg()],
-            "peft_adapter_dtype": ("fp32 in memory (peft's default autocast_adapter_dtype=True upcasts the bf16 files; "
-                                   "with bf16 weights its ties_svd fails: linalg_svd_cpu has no bf16 kernel)")
-            if args.dtype != "float32" else "float32",
-            "mergekit": _mergekit_version() if have_mergekit else "not installed",
-            "timing_scope": ("in-process call only (imports and model loading excluded; adapterlab reads the adapter "
-                             "files inside the call, peft has them loaded before it); full-model outputs include "
-                             "writing the merged model as safetensors; peak = growth of max RSS during the call; "
-                             "cold = first call in a fresh process, warm = the same call repeated in that process"),
-            "rows": rows}
+                            o[f"peak_mib_{temp}_median"] / max(a[f"peak_mib_{temp}_median"], 1e-9), 2
+                        )
+    return {
+        "part": "speed",
+        "model": args.model if args.model == "embedded" else TINY,
+        "rank": args.rank,
+        "dtype": args.dtype,
+        "density": 0.2,
+        "targets": TARGETS,
+        "repeats": args.repeat,
+        "statistic": "median after 1 warm-up round; *_paired_median: median of the per-round ratios",
+        "loadavg_1_5_15_before": [round(x, 2) for x in load_before],
+        "loadavg_1_5_15_after": [round(x, 2) for x in os.getloadavg()],
+        "peft_adapter_dtype": (
+            "fp32 in memory (peft's default autocast_adapter_dtype=True upcasts the bf16 files; "
+            "with bf16 weights its ties_svd fails: linalg_svd_cpu has no bf16 kernel)"
+        )
+        if args.dtype != "float32"
+        else "float32",
+        "mergekit": _mergekit_version() if have_mergekit else "not installed",
+        "timing_scope": (
+            "in-process call only (imports and model loading excluded; adapterlab reads the adapter "
+            "files inside the call, peft has them loaded before it); full-model outputs include "
+            "writing the merged model as safetensors; peak = growth of max RSS during the call; "
+            "cold = first call in a fresh process, warm = the same call repeated in that process"
+        ),
+        "rows": rows,
+    }
 
 
 def _mergekit_version() -> str:
     import subprocess
 
-    out = subprocess.run([MERGEKIT_PYTHON, "-c", "import importlib.metadata as m; print(m.version('mergekit'))"],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [MERGEKIT_PYTHON, "-c", "import importlib.metadata as m; print(m.version('mergekit'))"],
+        capture_output=True,
+        text=True,
+    )
     return out.stdout.strip() or "unknown"
 
 
@@ -382,8 +447,11 @@ def _train(model: Any, tok: Any, task: str, steps: int, seed: int, out: Path, *,
     for s in range(steps):
         sl = slice(s * bs, (s + 1) * bs)
         width = int(batch["attention_mask"][sl].sum(1).max())
-        loss = model(input_ids=batch["input_ids"][sl, :width], attention_mask=batch["attention_mask"][sl, :width],
-                     labels=batch["labels"][sl, :width]).loss
+        loss = model(
+            input_ids=batch["input_ids"][sl, :width],
+            attention_mask=batch["attention_mask"][sl, :width],
+            labels=batch["labels"][sl, :width],
+        ).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -405,8 +473,9 @@ def _rmm_label(spec: str) -> tuple[str, int, str]:
     return (f"rmm_K{k}" if scope == "layer" else f"rmm_K{k}_{scope}"), int(k), scope
 
 
-def _rmm_rows(out: dict[str, Any], acc: dict[str, Any], adapters: dict[str, Path], spec: str, tok: Any,
-              n_eval: int) -> None:
+def _rmm_rows(
+    out: dict[str, Any], acc: dict[str, Any], adapters: dict[str, Path], spec: str, tok: Any, n_eval: int
+) -> None:
     """Per-task accuracy of RMM's reconstruction for one ``K[:scope]`` spec, plus its storage and errors."""
     from adapterlab.merging import merge_adapters
     from adapterlab.models import load_default_model
@@ -425,17 +494,26 @@ def _rmm_rows(out: dict[str, Any], acc: dict[str, Any], adapters: dict[str, Path
 
 def _rmm_recovery(acc: dict[str, Any]) -> dict[str, Any]:
     own = acc["own_adapter"]
-    return {k[len("rmm_"):]: {t: round(v[t] / max(own[t], 1e-9), 4) for t in TASKS}
-            for k, v in acc.items() if k.startswith("rmm_")}
+    return {
+        k[len("rmm_") :]: {t: round(v[t] / max(own[t], 1e-9), 4) for t in TASKS}
+        for k, v in acc.items()
+        if k.startswith("rmm_")
+    }
 
 
 def bench_quality(args: argparse.Namespace) -> dict[str, Any]:
     from adapterlab.merging import merge_adapters
     from adapterlab.models import load_default_model
 
-    out: dict[str, Any] = {"part": "quality", "steps": args.steps, "rank": args.rank, "n_eval": args.n_eval,
-                           "tasks": TASKS, "acc": {}}
-    with tempfile.TemporaryDirectory() as tmp:
+    out: dict[str, Any] = {
+        "part": "quality",
+        "steps": args.steps,
+        "rank": args.rank,
+        "n_eval": args.n_eval,
+        "tasks": TASKS,
+        "acc": {},
+    }
+    with tempfile.TemporaryDirectory():
         dirs = {}
         t0 = time.perf_counter()
         for i, task in enumerate(TASKS):
@@ -471,8 +549,12 @@ def bench_quality(args: argparse.Namespace) -> dict[str, Any]:
         print("own", acc["own_adapter"], flush=True)
         adapters = {t: dirs[t] for t in TASKS}
         for lam in args.lambdas:
-            acc[f"task_arithmetic_l{lam}"] = evaluate_delta(merge_adapters(adapters, "task_arithmetic", **{"lambda": lam}))
-            acc[f"ties_l{lam}"] = evaluate_delta(merge_adapters(adapters, "ties", density=0.2, **{"lambda": lam}, output="sparse"))
+            acc[f"task_arithmetic_l{lam}"] = evaluate_delta(
+                merge_adapters(adapters, "task_arithmetic", **{"lambda": lam})
+            )
+            acc[f"ties_l{lam}"] = evaluate_delta(
+                merge_adapters(adapters, "ties", density=0.2, **{"lambda": lam}, output="sparse")
+            )
             print(lam, acc[f"task_arithmetic_l{lam}"], acc[f"ties_l{lam}"], flush=True)
         for spec in args.rmm:
             _rmm_rows(out, acc, adapters, spec, tok, args.n_eval)
@@ -530,8 +612,14 @@ def bench_phlora(args: argparse.Namespace) -> dict[str, Any]:
     from adapterlab.models import load_default_model, load_model
 
     task = "sentiment"
-    out: dict[str, Any] = {"part": "phlora", "task": task, "steps": args.steps, "n_eval": args.n_eval, "rows": [],
-                           "mergekit_rows": []}
+    out: dict[str, Any] = {
+        "part": "phlora",
+        "task": task,
+        "steps": args.steps,
+        "n_eval": args.n_eval,
+        "rows": [],
+        "mergekit_rows": [],
+    }
     tuned_dir = _phlora_tuned(args.steps)
     base, tok = load_default_model()
     tuned = load_model(str(tuned_dir))
@@ -565,14 +653,40 @@ def bench_phlora(args: argparse.Namespace) -> dict[str, Any]:
             acc = _accuracy(m, tok, task, args.n_eval)
             gain = (acc - base_acc) / (ft_acc - base_acc) if ft_acc != base_acc else float("nan")
             g_energy, params = _global_energy_of(folder, base, tuned)
-            row.update(global_energy=round(g_energy, 4), mean_rank=round(sum(ranks) / len(ranks), 1),
-                       max_rank=max(ranks), params=params, acc=acc, gain_kept=round(gain, 3))
+            row.update(
+                global_energy=round(g_energy, 4),
+                mean_rank=round(sum(ranks) / len(ranks), 1),
+                max_rank=max(ranks),
+                params=params,
+                acc=acc,
+                gain_kept=round(gain, 3),
+            )
             # CLI wall time, the same for both tools (imports, loading, writing included)
             cli = tmp / f"cli_{energy}"
             t0 = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "adapterlab.cli.app", "extract", "--base", "default", "--tuned",
-                            str(tuned_dir), "--energy", str(energy), "--max-rank", "256", "--skip-extras",
-                            "--solver", "gram", "-o", str(cli)], capture_output=True, check=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "adapterlab.cli.app",
+                    "extract",
+                    "--base",
+                    "default",
+                    "--tuned",
+                    str(tuned_dir),
+                    "--energy",
+                    str(energy),
+                    "--max-rank",
+                    "256",
+                    "--skip-extras",
+                    "--solver",
+                    "gram",
+                    "-o",
+                    str(cli),
+                ],
+                capture_output=True,
+                check=True,
+            )
             row["cli_wall_seconds"] = round(time.perf_counter() - t0, 2)
             out["rows"].append(row)
             print(row, flush=True)
@@ -580,8 +694,9 @@ def bench_phlora(args: argparse.Namespace) -> dict[str, Any]:
             times = []
             for _ in range(args.repeat):
                 t0 = time.perf_counter()
-                gres = extract_lora(base, tuned, energy=energy, energy_scope="global", max_rank=256, extras="skip",
-                                    solver="gram")
+                gres = extract_lora(
+                    base, tuned, energy=energy, energy_scope="global", max_rank=256, extras="skip", solver="gram"
+                )
                 times.append(time.perf_counter() - t0)
             gfolder = tmp / f"global_{energy}"
             gres.save(gfolder)
@@ -590,10 +705,17 @@ def bench_phlora(args: argparse.Namespace) -> dict[str, Any]:
             gacc = _accuracy(m, tok, task, args.n_eval)
             g_energy, g_params = _global_energy_of(gfolder, base, tuned)
             granks = list(gres.ranks.values())
-            grow = {"energy": energy, "energy_scope": "global", "seconds_gram": round(statistics.median(times), 2),
-                    "global_energy": round(g_energy, 4), "mean_rank": round(sum(granks) / len(granks), 1),
-                    "max_rank": max(granks), "params": g_params, "acc": gacc,
-                    "gain_kept": round((gacc - base_acc) / (ft_acc - base_acc), 3) if ft_acc != base_acc else None}
+            grow = {
+                "energy": energy,
+                "energy_scope": "global",
+                "seconds_gram": round(statistics.median(times), 2),
+                "global_energy": round(g_energy, 4),
+                "mean_rank": round(sum(granks) / len(granks), 1),
+                "max_rank": max(granks),
+                "params": g_params,
+                "acc": gacc,
+                "gain_kept": round((gacc - base_acc) / (ft_acc - base_acc), 3) if ft_acc != base_acc else None,
+            }
             out["rows"].append(grow)
             print(grow, flush=True)
             if not have_mergekit:
@@ -605,10 +727,24 @@ def bench_phlora(args: argparse.Namespace) -> dict[str, Any]:
             if not base_dir.exists():
                 base.save_pretrained(str(base_dir))
             t0 = time.perf_counter()
-            proc = subprocess.run([str(Path(MERGEKIT_PYTHON).with_name("mergekit-extract-lora")), "--model", str(tuned_dir),
-                                   "--base-model", str(base_dir), "--out-path", str(mk_out), "--max-rank", str(mk_rank),
-                                   "--exclude-regex", ".*(embed_tokens|lm_head).*", "--quiet"],
-                                  capture_output=True, text=True)
+            proc = subprocess.run(
+                [
+                    str(Path(MERGEKIT_PYTHON).with_name("mergekit-extract-lora")),
+                    "--model",
+                    str(tuned_dir),
+                    "--base-model",
+                    str(base_dir),
+                    "--out-path",
+                    str(mk_out),
+                    "--max-rank",
+                    str(mk_rank),
+                    "--exclude-regex",
+                    ".*(embed_tokens|lm_head).*",
+                    "--quiet",
+                ],
+                capture_output=True,
+                text=True,
+            )
             wall = time.perf_counter() - t0
             if proc.returncode != 0:
                 out["mergekit_rows"].append({"energy": energy, "error": proc.stderr[-1500:]})
@@ -619,9 +755,16 @@ def bench_phlora(args: argparse.Namespace) -> dict[str, Any]:
             pm = PeftModel.from_pretrained(load_default_model()[0], str(mk_out)).merge_and_unload()
             mk_acc = _accuracy(pm, tok, task, args.n_eval)
             mk_gain = (mk_acc - base_acc) / (ft_acc - base_acc) if ft_acc != base_acc else float("nan")
-            mk = {"energy_of_ours": energy, "rank": mk_rank, "cli_wall_seconds": round(wall, 2),
-                  "seconds_minus_import": round(wall - out.get("mergekit_import_seconds", 0.0), 2),
-                  "global_energy": round(mk_g, 4), "params": mk_params, "acc": mk_acc, "gain_kept": round(mk_gain, 3)}
+            mk = {
+                "energy_of_ours": energy,
+                "rank": mk_rank,
+                "cli_wall_seconds": round(wall, 2),
+                "seconds_minus_import": round(wall - out.get("mergekit_import_seconds", 0.0), 2),
+                "global_energy": round(mk_g, 4),
+                "params": mk_params,
+                "acc": mk_acc,
+                "gain_kept": round(mk_gain, 3),
+            }
             out["mergekit_rows"].append(mk)
             print(mk, flush=True)
     return out
@@ -648,28 +791,44 @@ def main() -> None:
         _case_main(sys.argv[2:])
         return
     ap.add_argument("part", choices=["speed", "quality", "phlora"])
-    ap.add_argument("--model", choices=["embedded", "tiny"], default="embedded",
-                    help="speed: the embedded SmolLM2-135M (default) or the issue's tiny Llama h=512")
+    ap.add_argument(
+        "--model",
+        choices=["embedded", "tiny"],
+        default="embedded",
+        help="speed: the embedded SmolLM2-135M (default) or the issue's tiny Llama h=512",
+    )
     ap.add_argument("--counts", type=int, nargs="+", default=[2, 4, 8])
-    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                    help="speed: dtype of the base and of the saved adapter tensors")
+    ap.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="speed: dtype of the base and of the saved adapter tensors",
+    )
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--n-eval", type=int, default=200)
     ap.add_argument("--lambdas", type=float, nargs="+", default=[0.5, 1.0])
-    ap.add_argument("--rmm", nargs="+", default=["1", "2", "2:position", "3"],
-                    help="quality: RMM variants as K[:coeff_scope]")
-    ap.add_argument("--rmm-only", action="store_true",
-                    help="quality: add the --rmm rows to the existing merging_quality.json, keep its other rows")
+    ap.add_argument(
+        "--rmm", nargs="+", default=["1", "2", "2:position", "3"], help="quality: RMM variants as K[:coeff_scope]"
+    )
+    ap.add_argument(
+        "--rmm-only",
+        action="store_true",
+        help="quality: add the --rmm rows to the existing merging_quality.json, keep its other rows",
+    )
     ap.add_argument("--energies", type=float, nargs="+", default=[0.5, 0.7, 0.9])
     args = ap.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     fn = {"speed": bench_speed, "quality": bench_quality, "phlora": bench_phlora}[args.part]
     t0 = time.perf_counter()
     result = fn(args)
-    result.update(env=_env(), command=" ".join(["python", "bench/merging.py", *sys.argv[1:]]),
-                  wall_seconds=round(time.perf_counter() - t0, 1), table=_table(result))
+    result.update(
+        env=_env(),
+        command=" ".join(["python", "bench/merging.py", *sys.argv[1:]]),
+        wall_seconds=round(time.perf_counter() - t0, 1),
+        table=_table(result),
+    )
     RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = "_tiny" if args.part == "speed" and args.model == "tiny" else ""
     if args.part == "speed" and args.dtype != "float32":

@@ -38,11 +38,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import write_json, write_markdown  # noqa: E402
 from adapterlab import data, evaluate, models  # noqa: E402
 from adapterlab.merging.into_base import merge  # noqa: E402
 from adapterlab.pruning import prune_, sparsity_of  # noqa: E402
 from adapterlab.retrain import merge_perp_, perp_, retrain_  # noqa: E402
+from bench._common import write_json, write_markdown  # noqa: E402
 
 log = logging.getLogger("bench.perp")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -94,8 +94,16 @@ def main() -> None:
     t0 = time.perf_counter()
     rows: list[dict] = []
     p_dense = ppl(dense)
-    rows.append({"pattern": None, "arm": "dense", "ppl": p_dense, "trainable": 0, "trainable_fraction": 0.0,
-                 "sparsity": sparsity_of(dense)})
+    rows.append(
+        {
+            "pattern": None,
+            "arm": "dense",
+            "ppl": p_dense,
+            "trainable": 0,
+            "trainable_fraction": 0.0,
+            "sparsity": sparsity_of(dense),
+        }
+    )
     log.info("dense ppl %.3f", p_dense)
     merge_rows: list[dict] = []
     for pattern in args.patterns.split(","):
@@ -105,8 +113,17 @@ def main() -> None:
         prune_(pruned, "wanda", 0.5, pattern=pat, calibration=calib)
         prune_s = time.perf_counter() - t
         p_pruned = ppl(pruned)
-        rows.append({"pattern": pattern, "arm": "pruned", "ppl": p_pruned, "trainable": 0, "trainable_fraction": 0.0,
-                     "sparsity": sparsity_of(pruned), "seconds": prune_s})
+        rows.append(
+            {
+                "pattern": pattern,
+                "arm": "pruned",
+                "ppl": p_pruned,
+                "trainable": 0,
+                "trainable_fraction": 0.0,
+                "sparsity": sparsity_of(pruned),
+                "seconds": prune_s,
+            }
+        )
         log.info("%s pruned ppl %.3f", pattern, p_pruned)
         gap = p_pruned - p_dense
         for arm in ("perp", "full"):
@@ -114,18 +131,43 @@ def main() -> None:
                 continue
             model = copy.deepcopy(pruned)
             rep = perp_(model, args.scope if arm == "perp" else "full", r=args.r, alpha=args.alpha)
-            res = retrain_(model, train, steps=args.steps, lr=args.lr if arm == "perp" else args.lr_full,
-                           batch_size=args.batch_size, seed=0)
+            res = retrain_(
+                model,
+                train,
+                steps=args.steps,
+                lr=args.lr if arm == "perp" else args.lr_full,
+                batch_size=args.batch_size,
+                seed=0,
+            )
             nm_valid = merge_perp_(model, pattern=pat).nm_valid if arm == "perp" else None
             model.requires_grad_(False)
             p = ppl(model)
-            rows.append({"pattern": pattern, "arm": arm, "ppl": p, "trainable": rep.trainable,
-                         "trainable_fraction": rep.fraction, "sparsity": sparsity_of(model),
-                         "nm_valid": nm_valid, "gap_closed": (p_pruned - p) / gap if gap else None,
-                         "seconds": res.seconds, "loss_first": res.losses[0], "loss_last": res.losses[-1],
-                         "losses": res.losses})
-            log.info("%s %s ppl %.3f (gap closed %.1f %%, %d trainable = %.3f %%, %.0f s)", pattern, arm, p,
-                     100 * rows[-1]["gap_closed"], rep.trainable, 100 * rep.fraction, res.seconds)
+            rows.append(
+                {
+                    "pattern": pattern,
+                    "arm": arm,
+                    "ppl": p,
+                    "trainable": rep.trainable,
+                    "trainable_fraction": rep.fraction,
+                    "sparsity": sparsity_of(model),
+                    "nm_valid": nm_valid,
+                    "gap_closed": (p_pruned - p) / gap if gap else None,
+                    "seconds": res.seconds,
+                    "loss_first": res.losses[0],
+                    "loss_last": res.losses[-1],
+                    "losses": res.losses,
+                }
+            )
+            log.info(
+                "%s %s ppl %.3f (gap closed %.1f %%, %d trainable = %.3f %%, %.0f s)",
+                pattern,
+                arm,
+                p,
+                100 * rows[-1]["gap_closed"],
+                rep.trainable,
+                100 * rep.fraction,
+                res.seconds,
+            )
             del model
             gc.collect()
         if "merge" in arms and pat is None:
@@ -144,9 +186,12 @@ def main() -> None:
     }
     unstructured = next((r for r in rows if r["pattern"] == "unstructured" and r["arm"] == "perp"), None)
     if unstructured is not None:
-        payload["goal"] = {"gap_closed_unstructured": unstructured["gap_closed"], "target": 0.6,
-                           "met": unstructured["gap_closed"] >= 0.6,
-                           "trainable_fraction": unstructured["trainable_fraction"]}
+        payload["goal"] = {
+            "gap_closed_unstructured": unstructured["gap_closed"],
+            "target": 0.6,
+            "met": unstructured["gap_closed"] >= 0.6,
+            "trainable_fraction": unstructured["trainable_fraction"],
+        }
     write_json(name, payload)
     write_markdown(name, markdown(payload))
     log.info("done in %.0f s", payload["wall_seconds"])
@@ -184,17 +229,30 @@ def merge_arm(pruned: torch.nn.Module, train: torch.Tensor, ppl, args) -> list[d
     for arm, fn in (("peft merge_and_unload", run_peft), ("adapterlab merge(keep_sparsity=True)", run_ours)):
         _, merged = fn()
         key = "peft" if arm.startswith("peft") else "adapterlab"
-        rows.append({"arm": arm, "sparsity_base": sp0, "sparsity_merged": sparsity_of(merged),
-                     "ppl_unmerged": p_unmerged, "ppl_merged": ppl(merged),
-                     "merge_seconds_median": statistics.median(times[key]), "merge_seconds": times[key],
-                     "lora_steps": res.steps})
+        rows.append(
+            {
+                "arm": arm,
+                "sparsity_base": sp0,
+                "sparsity_merged": sparsity_of(merged),
+                "ppl_unmerged": p_unmerged,
+                "ppl_merged": ppl(merged),
+                "merge_seconds_median": statistics.median(times[key]),
+                "merge_seconds": times[key],
+                "lora_steps": res.steps,
+            }
+        )
         del merged
         gc.collect()
     ratio = rows[1]["merge_seconds_median"] / rows[0]["merge_seconds_median"]
     for r in rows:
         r["time_ratio_vs_peft"] = r["merge_seconds_median"] / rows[0]["merge_seconds_median"]
-    log.info("merge sparsity: peft %.4f, adapterlab %.4f (base %.4f); time ratio %.2f",
-             rows[0]["sparsity_merged"], rows[1]["sparsity_merged"], sp0, ratio)
+    log.info(
+        "merge sparsity: peft %.4f, adapterlab %.4f (base %.4f); time ratio %.2f",
+        rows[0]["sparsity_merged"],
+        rows[1]["sparsity_merged"],
+        sp0,
+        ratio,
+    )
     return rows
 
 
@@ -214,18 +272,29 @@ def markdown(p: dict) -> str:
         gc_ = "" if r.get("gap_closed") is None else f"{100 * r['gap_closed']:.1f} %"
         tr = f"{r['trainable']:,} ({100 * r['trainable_fraction']:.2f} %)" if r["trainable"] else "-"
         sec = f"{r['seconds']:.0f}" if r.get("seconds") is not None and r["arm"] in ("perp", "full") else ""
-        lines.append(f"| {r['pattern'] or '-'} | {r['arm']} | {r['ppl']:.3f} | {gc_} | {tr} | {r['sparsity']:.4f} | {sec} |")
+        lines.append(
+            f"| {r['pattern'] or '-'} | {r['arm']} | {r['ppl']:.3f} | {gc_} | {tr} | {r['sparsity']:.4f} | {sec} |"
+        )
     if "goal" in p:
         g = p["goal"]
-        lines += ["", f"Goal: PERP closes >= 60 % of the gap at 50 % unstructured: {100 * g['gap_closed_unstructured']:.1f} % "
-                      f"({'met' if g['met'] else 'not met'}), {100 * g['trainable_fraction']:.2f} % trainable."]
+        lines += [
+            "",
+            f"Goal: PERP closes >= 60 % of the gap at 50 % unstructured: {100 * g['gap_closed_unstructured']:.1f} % "
+            f"({'met' if g['met'] else 'not met'}), {100 * g['trainable_fraction']:.2f} % trainable.",
+        ]
     if p["merge"]:
-        lines += ["", "## Sparsity after merge (LoRA r=8 on the 50 % Wanda base)", "",
-                  "| merge | base sparsity | merged sparsity | ppl unmerged | ppl merged | merge s (median) | time ratio |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Sparsity after merge (LoRA r=8 on the 50 % Wanda base)",
+            "",
+            "| merge | base sparsity | merged sparsity | ppl unmerged | ppl merged | merge s (median) | time ratio |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in p["merge"]:
-            lines.append(f"| {r['arm']} | {r['sparsity_base']:.4f} | {r['sparsity_merged']:.4f} | {r['ppl_unmerged']:.3f} | "
-                         f"{r['ppl_merged']:.3f} | {r['merge_seconds_median']:.3f} | {r['time_ratio_vs_peft']:.2f} |")
+            lines.append(
+                f"| {r['arm']} | {r['sparsity_base']:.4f} | {r['sparsity_merged']:.4f} | {r['ppl_unmerged']:.3f} | "
+                f"{r['ppl_merged']:.3f} | {r['merge_seconds_median']:.3f} | {r['time_ratio_vs_peft']:.2f} |"
+            )
     cmd = "python bench/perp.py" + (" --quick" if s["quick"] else "")
     lines += ["", f"Wall time {p['wall_seconds'] / 60:.1f} min. Command: `{cmd}`.", ""]
     return "\n".join(lines)

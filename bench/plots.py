@@ -35,23 +35,40 @@ def render(results: Path, demo: Path | None) -> list[Path]:
     if serving:
         written.append(plots.plot_serving_throughput(serving, results / "serving_throughput.png"))
     for report in sorted(results.rglob("phlora_report.json")):
-        written.append(plots.plot_extraction_energy(json.loads(report.read_text()), results / f"{report.parent.name}_energy.png"))
+        written.append(
+            plots.plot_extraction_energy(json.loads(report.read_text()), results / f"{report.parent.name}_energy.png")
+        )
     if demo is not None:
         data = json.loads(demo.read_text())
         details = data.get("details", {})
         if details.get("sparsity_layers"):
-            written.append(plots.plot_layer_sparsity(details["sparsity_layers"], results / "demo_layer_sparsity.png",
-                                                     title="demo: sparsity per decoder layer by pruning method"))
+            written.append(
+                plots.plot_layer_sparsity(
+                    details["sparsity_layers"],
+                    results / "demo_layer_sparsity.png",
+                    title="demo: sparsity per decoder layer by pruning method",
+                )
+            )
         if details.get("extract", {}).get("modules"):
-            written.append(plots.plot_extraction_energy(details["extract"], results / "demo_extract_energy.png",
-                                                        title="demo: PHLoRA of the merged LoRS adapter"))
+            written.append(
+                plots.plot_extraction_energy(
+                    details["extract"],
+                    results / "demo_extract_energy.png",
+                    title="demo: PHLoRA of the merged LoRS adapter",
+                )
+            )
     return written
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", type=Path, default=RESULTS, help="folder of result JSONs (PNGs are written there)")
-    ap.add_argument("--demo", type=Path, default=None, help="results.json of `adapterlab demo` (default out/demo/results.json if present)")
+    ap.add_argument(
+        "--demo",
+        type=Path,
+        default=None,
+        help="results.json of `adapterlab demo` (default out/demo/results.json if present)",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     demo = args.demo

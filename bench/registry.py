@@ -67,8 +67,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model.eval()
     tmp = Path(tempfile.mkdtemp(prefix="bench-registry-"))
     src = tmp / "adapter"
-    pm = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS,
-                                          init_lora_weights=False))
+    pm = get_peft_model(
+        model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS, init_lora_weights=False)
+    )
     pm.save_pretrained(str(src))
     model = pm.unload()
 
@@ -99,7 +100,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ref_out = anchor(input_ids=x).logits
     anchor.unload()
     for rnd in range(args.repeat + 1):  # round 0 is the warm-up
-        order = names[rnd % len(names):] + names[: rnd % len(names)]
+        order = names[rnd % len(names) :] + names[: rnd % len(names)]
         for name in order:
             dt, out = _timed(cases[name])
             with torch.no_grad():
@@ -117,9 +118,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ratio = {k: med[k] / med["peft"] for k in med}
     return {
         "benchmark": "registry",
-        "settings": {"model": "tiny" if args.quick else "embedded SmolLM2-135M-Instruct", "rank": args.rank,
-                     "targets": TARGETS, "repeat": args.repeat, "warmup": 1, "adapter_bytes": adapter_bytes,
-                     "n_files": len(list(folder.iterdir()))},
+        "settings": {
+            "model": "tiny" if args.quick else "embedded SmolLM2-135M-Instruct",
+            "rank": args.rank,
+            "targets": TARGETS,
+            "repeat": args.repeat,
+            "warmup": 1,
+            "adapter_bytes": adapter_bytes,
+            "n_files": len(list(folder.iterdir())),
+        },
         "put_s": t_put,
         "first_fingerprint_s": t_fp,
         "first_call_s": first,
@@ -141,13 +148,19 @@ def markdown(res: dict[str, Any]) -> str:
         "|---|---:|---:|---:|",
     ]
     for k in res["median_s"]:
-        lines.append(f"| {k} | {res['median_s'][k]:.3f} | {res['ratio_vs_peft'][k]:.2f} | {res['first_call_s'][k]:.3f} |")
+        lines.append(
+            f"| {k} | {res['median_s'][k]:.3f} | {res['ratio_vs_peft'][k]:.2f} | {res['first_call_s'][k]:.3f} |"
+        )
     lines += ["", "| part | median (s) |", "|---|---:|"]
     for k, v in res["parts_median_s"].items():
         lines.append(f"| {k} | {v:.3f} |")
     lines.append(f"| put (copy + hash + NaN check + manifest) | {res['put_s']:.3f} |")
-    lines += ["", f"Median of {s['repeat']} interleaved rounds after a warm-up; `cold` = fresh AdapterRegistry + "
-              "full checks (hashes + base fingerprint), `warm` = fingerprint known, hashes still checked.", ""]
+    lines += [
+        "",
+        f"Median of {s['repeat']} interleaved rounds after a warm-up; `cold` = fresh AdapterRegistry + "
+        "full checks (hashes + base fingerprint), `warm` = fingerprint known, hashes still checked.",
+        "",
+    ]
     return "\n".join(lines)
 
 

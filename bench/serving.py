@@ -30,24 +30,38 @@ import gc
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench._common import machine_info, write_json, write_markdown  # noqa: E402
+from bench._common import write_json, write_markdown  # noqa: E402
 
 EMBEDDED_SHAPES = dict(  # SmolLM2-135M-Instruct (the embedded default model)
-    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-    num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=True, rms_norm_eps=1e-5,
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    max_position_embeddings=2048,
+    tie_word_embeddings=True,
+    rms_norm_eps=1e-5,
     rope_theta=100000.0,
 )
 QUICK_SHAPES = dict(
-    vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    tie_word_embeddings=True,
 )
 
 
@@ -71,15 +85,20 @@ def build_model(kind: str, dtype: torch.dtype, device: str, layers: int | None, 
 
 
 def target_modules(model: torch.nn.Module, targets: list[str]) -> dict[str, tuple[int, int]]:
-    return {n: tuple(m.weight.shape) for n, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in targets}
+    return {
+        n: tuple(m.weight.shape)
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in targets
+    }
 
 
 def lora_factors(i: int, shapes: dict[str, tuple[int, int]], r: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Adapter i's synthetic factors ``{module: (B [d_out, r], A [r, d_in])}`` (scale 1), seeded by i."""
     g = torch.Generator().manual_seed(10_000 + i)
-    return {m: (torch.randn(d_out, r, generator=g) * 0.02, torch.randn(r, d_in, generator=g) * 0.02)
-            for m, (d_out, d_in) in shapes.items()}
+    return {
+        m: (torch.randn(d_out, r, generator=g) * 0.02, torch.randn(r, d_in, generator=g) * 0.02)
+        for m, (d_out, d_in) in shapes.items()
+    }
 
 
 def synthetic_bundle(n: int, shapes: dict[str, tuple[int, int]], c: int, mode: str, r: int) -> Any:
@@ -87,16 +106,29 @@ def synthetic_bundle(n: int, shapes: dict[str, tuple[int, int]], c: int, mode: s
 
     g = torch.Generator().manual_seed(7)
     mods = list(shapes)
-    bases = {m: (torch.linalg.qr(torch.randn(d_out, c, generator=g))[0][None],
-                 torch.linalg.qr(torch.randn(d_in, c, generator=g))[0].T.contiguous()[None])
-             for m, (d_out, d_in) in shapes.items()}
-    cores = {m: (torch.randn(n, c, c, generator=g) if mode == "full" else torch.randn(n, c, generator=g)) * 1e-3
-             for m in mods}
+    bases = {
+        m: (
+            torch.linalg.qr(torch.randn(d_out, c, generator=g))[0][None],
+            torch.linalg.qr(torch.randn(d_in, c, generator=g))[0].T.contiguous()[None],
+        )
+        for m, (d_out, d_in) in shapes.items()
+    }
+    cores = {
+        m: (torch.randn(n, c, c, generator=g) if mode == "full" else torch.randn(n, c, generator=g)) * 1e-3
+        for m in mods
+    }
     names = [f"a{i}" for i in range(n)]
     raw = sum(r * (d_out + d_in) for d_out, d_in in shapes.values())
     return SharedBasisBundle(
-        names=names, mode=mode, rank=c, module_names=mods, shapes=dict(shapes), bases=bases, cores=cores,
-        group=torch.zeros(n, dtype=torch.long), norms={m: torch.ones(n) for m in mods},
+        names=names,
+        mode=mode,
+        rank=c,
+        module_names=mods,
+        shapes=dict(shapes),
+        bases=bases,
+        cores=cores,
+        group=torch.zeros(n, dtype=torch.long),
+        norms={m: torch.ones(n) for m in mods},
         errors=CompressionErrors(names, mods, torch.zeros(n, len(mods), dtype=torch.float64)),
         raw_params=[raw] * n,
     )
@@ -130,8 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     ap.add_argument("--layers", type=int, default=None, help="keep only the first N decoder layers")
-    ap.add_argument("--skip-lm-head", action="store_true",
-                    help="replace the vocabulary projection by a 1-output linear (time the decoder stack only)")
+    ap.add_argument(
+        "--skip-lm-head",
+        action="store_true",
+        help="replace the vocabulary projection by a 1-output linear (time the decoder stack only)",
+    )
     ap.add_argument("--pools", default="1,10,100,1000", help="distinct adapters per workload")
     ap.add_argument("--requests", type=int, default=1024)
     ap.add_argument("--tokens", type=int, default=1, help="tokens per request")
@@ -194,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             server.add_bundle(b, key=arm, prefix=f"{arm}/")
 
         @torch.no_grad()
-        def run_server(prefix: str) -> None:
+        def run_server(prefix: str, server=server, names=names) -> None:
             for s, e in chunks:
                 server.forward(ids[s:e], adapters=[prefix + x for x in names[s:e]])
 
@@ -204,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
                 merged(input_ids=ids[s:e])
 
         @torch.no_grad()
-        def run_peft() -> None:
+        def run_peft(names=names) -> None:
             for s, e in chunks:
                 peft_model(input_ids=ids[s:e], adapter_names=names[s:e])
 
@@ -213,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             arms["peft"] = run_peft
         arms["grouped"] = lambda: run_server("")
         for arm in bundles:
-            arms[arm] = (lambda p: (lambda: run_server(p)))(f"{arm}/")
+            arms[arm] = (lambda p: lambda: run_server(p))(f"{arm}/")
         times: dict[str, list[float]] = {a: [] for a in arms}
         for rep in range(args.repeats + 1):  # round 0 = warm-up
             for arm, fn in arms.items():
@@ -226,39 +261,66 @@ def main(argv: list[str] | None = None) -> int:
             print(f"pool {n}: round {rep} done", file=sys.stderr, flush=True)
         med = {a: statistics.median(v) for a, v in times.items()}
         tps = {a: R * T / med[a] for a in med}
-        row = {"pool": n, "times_s": times, "median_s": med, "tokens_per_s": tps,
-               "vs_merged": {a: tps[a] / tps["merged"] for a in tps},
-               "vs_peft": ({a: tps[a] / tps["peft"] for a in tps} if "peft" in tps else None),
-               "adapter_load_s": load_s, "storage": storage}
+        row = {
+            "pool": n,
+            "times_s": times,
+            "median_s": med,
+            "tokens_per_s": tps,
+            "vs_merged": {a: tps[a] / tps["merged"] for a in tps},
+            "vs_peft": ({a: tps[a] / tps["peft"] for a in tps} if "peft" in tps else None),
+            "adapter_load_s": load_s,
+            "storage": storage,
+        }
         rows.append(row)
         print(f"pool {n}: " + ", ".join(f"{a} {tps[a]:.0f} tok/s" for a in tps), file=sys.stderr, flush=True)
         del server
         gc.collect()
 
     settings = {k: v for k, v in vars(args).items()}
-    settings.update({"workload": f"{R} requests x {T} tokens, forwards of {args.batch} rows (forward-only, no KV cache"
-                     + (f", {base.config.num_hidden_layers} decoder layers" if args.layers else "")
-                     + (", vocabulary projection skipped" if args.skip_lm_head else "") + ")",
-                     "peft_adapters_loaded": peft_n, "peft_build_s": peft_build_s, "targets": targets,
-                     "n_target_modules": len(shapes)})
+    settings.update(
+        {
+            "workload": f"{R} requests x {T} tokens, forwards of {args.batch} rows (forward-only, no KV cache"
+            + (f", {base.config.num_hidden_layers} decoder layers" if args.layers else "")
+            + (", vocabulary projection skipped" if args.skip_lm_head else "")
+            + ")",
+            "peft_adapters_loaded": peft_n,
+            "peft_build_s": peft_build_s,
+            "targets": targets,
+            "n_target_modules": len(shapes),
+        }
+    )
     write_json(name, {"benchmark": "serving", "settings": settings, "rows": rows})
     arms_all = ["merged", "peft", "grouped", "shared_full", "shared_diag"]
-    lines = [f"# Multi-adapter serving throughput ({'quick' if args.quick else args.model} model, {args.device}, {args.dtype})", "",
-             f"Workload: {settings['workload']}; LoRA rank {args.rank} on {','.join(targets)} "
-             f"({len(shapes)} modules); shared basis full c={args.core_rank}, diagonal c={args.diag_rank}; "
-             f"median of {args.repeats} interleaved repeats after a warm-up; peft capped at {peft_n} adapters.", "",
-             "| adapters | " + " | ".join(f"{a} tok/s" for a in arms_all) + " | shared_full / merged | shared_full / peft "
-             "| grouped / merged | storage ratio full | storage ratio diag |",
-             "|" + "---|" * (len(arms_all) + 6)]
+    lines = [
+        f"# Multi-adapter serving throughput ({'quick' if args.quick else args.model} model, {args.device}, {args.dtype})",
+        "",
+        f"Workload: {settings['workload']}; LoRA rank {args.rank} on {','.join(targets)} "
+        f"({len(shapes)} modules); shared basis full c={args.core_rank}, diagonal c={args.diag_rank}; "
+        f"median of {args.repeats} interleaved repeats after a warm-up; peft capped at {peft_n} adapters.",
+        "",
+        "| adapters | " + " | ".join(f"{a} tok/s" for a in arms_all) + " | shared_full / merged | shared_full / peft "
+        "| grouped / merged | storage ratio full | storage ratio diag |",
+        "|" + "---|" * (len(arms_all) + 6),
+    ]
     for row in rows:
         t, vm, vp, st = row["tokens_per_s"], row["vs_merged"], row["vs_peft"], row["storage"]
         cells = [f"{t[a]:.0f}" if a in t else "n/a" for a in arms_all]
-        lines.append(f"| {row['pool']} | " + " | ".join(cells) + f" | {vm['shared_full']:.2f} | "
-                     + (f"{vp['shared_full']:.2f}" if vp else "n/a") + f" | {vm['grouped']:.2f} | "
-                     + f"{st['shared_full']['ratio']:.1f}x | "
-                     + (f"{st['shared_diag']['ratio']:.1f}x" if "shared_diag" in st else "n/a") + " |")
-    lines += ["", "Goals: shared basis >= 0.8x merged at 1000 adapters and >= 2x peft's mixed batch; "
-              "storage >= 10x smaller than the raw LoRAs.", ""]
+        lines.append(
+            f"| {row['pool']} | "
+            + " | ".join(cells)
+            + f" | {vm['shared_full']:.2f} | "
+            + (f"{vp['shared_full']:.2f}" if vp else "n/a")
+            + f" | {vm['grouped']:.2f} | "
+            + f"{st['shared_full']['ratio']:.1f}x | "
+            + (f"{st['shared_diag']['ratio']:.1f}x" if "shared_diag" in st else "n/a")
+            + " |"
+        )
+    lines += [
+        "",
+        "Goals: shared basis >= 0.8x merged at 1000 adapters and >= 2x peft's mixed batch; "
+        "storage >= 10x smaller than the raw LoRAs.",
+        "",
+    ]
     write_markdown(name, "\n".join(lines))
     print("\n".join(lines))
     return 0

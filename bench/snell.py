@@ -77,7 +77,7 @@ class MaskedDeltaLinear(torch.nn.Module):
 def wrap_dense_sparse(model: torch.nn.Module, targets: list[str], sparsity: float) -> torch.nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
-    for name, module in list(model.named_modules()):
+    for _name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if child_name in targets and isinstance(child, torch.nn.Linear):
                 setattr(module, child_name, MaskedDeltaLinear(child, sparsity))
@@ -166,16 +166,36 @@ def run_memory(args: argparse.Namespace) -> dict[str, Any]:
     raw: dict[str, list[dict[str, Any]]] = {a: [] for a in MEM_ARMS}
     for rep in range(args.mem_repeats):
         for arm in MEM_ARMS:  # interleaved, so load changes hit every arm alike
-            cmd = [sys.executable, __file__, "--memory-arm", arm, "--rank", str(args.rank), "--sparsity", str(args.sparsity),
-                   "--mem-steps", str(args.mem_steps), "--mem-batch", str(args.mem_batch), "--mem-seq", str(args.mem_seq),
-                   "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
+            cmd = [
+                sys.executable,
+                __file__,
+                "--memory-arm",
+                arm,
+                "--rank",
+                str(args.rank),
+                "--sparsity",
+                str(args.sparsity),
+                "--mem-steps",
+                str(args.mem_steps),
+                "--mem-batch",
+                str(args.mem_batch),
+                "--mem-seq",
+                str(args.mem_seq),
+                "--threads",
+                str(args.threads),
+            ] + (["--quick"] if args.quick else [])
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
             if proc.returncode != 0:
                 raise RuntimeError(f"memory arm {arm} failed:\n{proc.stderr[-3000:]}")
             out = json.loads(proc.stdout.strip().splitlines()[-1])
             raw[arm].append(out)
-            logger.info("memory rep %d %s: peak +%.1f MiB, steps %s", rep, arm, out["peak_minus_baseline_bytes"] / 2**20,
-                        [round(s, 2) for s in out["step_s"]])
+            logger.info(
+                "memory rep %d %s: peak +%.1f MiB, steps %s",
+                rep,
+                arm,
+                out["peak_minus_baseline_bytes"] / 2**20,
+                [round(s, 2) for s in out["step_s"]],
+            )
     return summarize_memory(raw)
 
 
@@ -195,8 +215,12 @@ def summarize_memory(raw: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     for x in med.values():
         x["training_memory_MiB"] = x["peak_minus_baseline_MiB"] + x["adapter_tensors_MiB"]
     ratio = med["snell"]["training_memory_MiB"] / med["dense_sparse"]["training_memory_MiB"]
-    return {"raw": raw, "median": med, "snell_over_dense_peak": ratio,
-            "snell_over_dense_step_time": med["snell"]["step_s"] / med["dense_sparse"]["step_s"]}
+    return {
+        "raw": raw,
+        "median": med,
+        "snell_over_dense_peak": ratio,
+        "snell_over_dense_step_time": med["snell"]["step_s"] / med["dense_sparse"]["step_s"],
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,7 +257,9 @@ def run_accuracy(args: argparse.Namespace) -> dict[str, Any]:
     del model
     if "lora_r8" in arms:
         torch.manual_seed(args.seed)
-        pm = get_peft_model(load_model(None), LoraConfig(r=8, lora_alpha=16, target_modules=ACC_TARGETS, lora_dropout=0.0))
+        pm = get_peft_model(
+            load_model(None), LoraConfig(r=8, lora_alpha=16, target_modules=ACC_TARGETS, lora_dropout=0.0)
+        )
         secs = train(pm, train_batches, args.lr)
         out["lora_r8"] = {"accuracy": scorer.accuracy(pm), "trainable": trainable(pm), "train_s": secs, "lr": args.lr}
         logger.info("lora_r8: %s", out["lora_r8"])
@@ -242,13 +268,20 @@ def run_accuracy(args: argparse.Namespace) -> dict[str, Any]:
         torch.manual_seed(args.seed)
         pm = get_peft_model(load_model(None), SnellConfig(r=8, sparsity=args.sparsity, target_modules=ACC_TARGETS))
         secs = train(pm, train_batches, args.snell_lr)
-        out["snell_r8"] = {"accuracy": scorer.accuracy(pm), "trainable": trainable(pm), "train_s": secs, "lr": args.snell_lr,
-                           "sparsity": args.sparsity}
+        out["snell_r8"] = {
+            "accuracy": scorer.accuracy(pm),
+            "trainable": trainable(pm),
+            "train_s": secs,
+            "lr": args.snell_lr,
+            "sparsity": args.sparsity,
+        }
         logger.info("snell_r8: %s", out["snell_r8"])
         del pm
     if "snella_r8" in arms:
         torch.manual_seed(args.seed)
-        pm = get_peft_model(load_model(None), SnellConfig(r=8, kernel="snella", sparsity=args.sparsity, target_modules=ACC_TARGETS))
+        pm = get_peft_model(
+            load_model(None), SnellConfig(r=8, kernel="snella", sparsity=args.sparsity, target_modules=ACC_TARGETS)
+        )
         cb = SnellCallback(args.sparsity, init_sparsity=0.0, total_steps=args.steps)
         fake_args, fake_state = SimpleNamespace(output_dir=None), SimpleNamespace(max_steps=args.steps)
         cb.on_train_begin(fake_args, fake_state, None, model=pm)
@@ -266,8 +299,14 @@ def run_accuracy(args: argparse.Namespace) -> dict[str, Any]:
             opt.zero_grad(set_to_none=True)
         cb.allocate_(pm.base_model, args.steps)
         secs = time.perf_counter() - t0
-        out["snella_r8"] = {"accuracy": scorer.accuracy(pm), "trainable": trainable(pm), "train_s": secs, "lr": args.snell_lr,
-                            "final_sparsity": cb.overall_sparsity(pm.base_model), "layer_sparsity": cb.layer_sparsity}
+        out["snella_r8"] = {
+            "accuracy": scorer.accuracy(pm),
+            "trainable": trainable(pm),
+            "train_s": secs,
+            "lr": args.snell_lr,
+            "final_sparsity": cb.overall_sparsity(pm.base_model),
+            "layer_sparsity": cb.layer_sparsity,
+        }
         logger.info("snella_r8: accuracy %.3f", out["snella_r8"]["accuracy"])
         del pm
     return out
@@ -290,19 +329,34 @@ def markdown(res: dict[str, Any]) -> str:
             "| arm | trainable | params+grads+AdamW (+mask) MiB | peak RSS over baseline MiB | + adapter tensors = training memory MiB | step s (median) |",
             "|---|---|---|---|---|---|",
         ]
-        for arm, label in (("snell", "SNELL"), ("dense_sparse", "dense sparse tuning (anchor)"), ("lora", "LoRA (context)")):
+        for arm, label in (
+            ("snell", "SNELL"),
+            ("dense_sparse", "dense sparse tuning (anchor)"),
+            ("lora", "LoRA (context)"),
+        ):
             x = m[arm]
             total = x.get("training_memory_MiB", x["peak_minus_baseline_MiB"])
-            lines.append(f"| {label} | {x['trainable']:,} | {x['optimizer_state_MiB']:.1f} | {x['peak_minus_baseline_MiB']:.1f} | "
-                         f"{total:.1f} | {x['step_s']:.2f} |")
-        lines += ["", "Baseline: resident memory after the model is loaded, wrapped and paged in (the adapter's own "
-                  "parameters and the anchor's mask already exist then, so they are added back).", "",
-                  f"SNELL / dense sparse training memory: **{mem['snell_over_dense_peak']:.3f}**; step time ratio "
-                  f"{mem['snell_over_dense_step_time']:.2f} (shared machine: indicative only)", ""]
+            lines.append(
+                f"| {label} | {x['trainable']:,} | {x['optimizer_state_MiB']:.1f} | {x['peak_minus_baseline_MiB']:.1f} | "
+                f"{total:.1f} | {x['step_s']:.2f} |"
+            )
+        lines += [
+            "",
+            "Baseline: resident memory after the model is loaded, wrapped and paged in (the adapter's own "
+            "parameters and the anchor's mask already exist then, so they are added back).",
+            "",
+            f"SNELL / dense sparse training memory: **{mem['snell_over_dense_peak']:.3f}**; step time ratio "
+            f"{mem['snell_over_dense_step_time']:.2f} (shared machine: indicative only)",
+            "",
+        ]
     acc = res.get("accuracy")
     if acc:
-        lines += [f"## Sentiment accuracy ({s['steps']} steps x {s['batch_size']}, q/v, n={s['eval_n']})", "",
-                  "| arm | accuracy | trainable | lr |", "|---|---|---|---|"]
+        lines += [
+            f"## Sentiment accuracy ({s['steps']} steps x {s['batch_size']}, q/v, n={s['eval_n']})",
+            "",
+            "| arm | accuracy | trainable | lr |",
+            "|---|---|---|---|",
+        ]
         for arm in ACC_ARMS:
             if arm in acc:
                 x = acc[arm]
@@ -332,7 +386,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--memory-arm", choices=MEM_ARMS, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--rewrite-md", action="store_true", help="recompute the summary and markdown from the existing JSON")
+    p.add_argument(
+        "--rewrite-md", action="store_true", help="recompute the summary and markdown from the existing JSON"
+    )
     args = p.parse_args(argv)
     if args.memory_arm:
         print(json.dumps(memory_arm(args)))  # noqa: T201  (child-process protocol)
@@ -349,12 +405,19 @@ def main(argv: list[str] | None = None) -> None:
         (RESULTS / f"{name}.json").write_text(json.dumps(res, indent=2) + "\n")
         write_markdown(name, markdown(res))
         return
-    res: dict[str, Any] = {"benchmark": "snell", "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
-                           "settings": {k: v for k, v in vars(args).items() if k != "memory_arm"}
-                           | {"model": "SmolLM2-135M-Instruct (embedded)", "task": "sentiment", "acc_targets": ACC_TARGETS,
-                              "mem_targets": ALL_LINEARS}
-                           | ({"model": "tiny random Llama (smoke run; accuracy meaningless)"} if args.quick else {}),
-                           "machine_info": machine_info()}
+    res: dict[str, Any] = {
+        "benchmark": "snell",
+        "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
+        "settings": {k: v for k, v in vars(args).items() if k != "memory_arm"}
+        | {
+            "model": "SmolLM2-135M-Instruct (embedded)",
+            "task": "sentiment",
+            "acc_targets": ACC_TARGETS,
+            "mem_targets": ALL_LINEARS,
+        }
+        | ({"model": "tiny random Llama (smoke run; accuracy meaningless)"} if args.quick else {}),
+        "machine_info": machine_info(),
+    }
     t0 = time.perf_counter()
     parts = args.parts.split(",")
     previous = RESULTS / f"{name}.json"

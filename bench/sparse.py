@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import platform
 import statistics
@@ -47,8 +46,9 @@ import sys
 import tempfile
 import time
 import types
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -104,9 +104,13 @@ def _versions() -> dict[str, str | None]:
 
 def _machine(device: str) -> dict[str, Any]:
     info = {
-        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-        "loadavg_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None, "device": device,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "loadavg_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "device": device,
     }
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(0)
@@ -126,13 +130,19 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], *, repeats: int, warmup: int, device: str,
-                after: dict[str, Callable[[], Any]] | None = None) -> dict[str, list[float]]:
+def interleaved(
+    fns: dict[str, Callable[[], Any]],
+    *,
+    repeats: int,
+    warmup: int,
+    device: str,
+    after: dict[str, Callable[[], Any]] | None = None,
+) -> dict[str, list[float]]:
     """Time each ``fns[name]()`` round-robin (order rotated each round); ``after[name]()`` runs untimed."""
     names = list(fns)
     times: dict[str, list[float]] = {n: [] for n in names}
     for rnd in range(warmup + repeats):
-        order = names[rnd % len(names):] + names[: rnd % len(names)]
+        order = names[rnd % len(names) :] + names[: rnd % len(names)]
         for n in order:
             _sync(device)
             t0 = time.perf_counter()
@@ -176,8 +186,17 @@ def _randomize_(pm: nn.Module, needle: str, seed: int) -> None:
                 p.copy_((torch.randn(p.shape, generator=g) * 0.01).to(p.device, p.dtype))
 
 
-def switching_bench(make_base: Callable[[], nn.Module], targets: list[str], r: int, *, device: str,
-                    repeats: int, warmup: int, load_repeats: int, shira: types.ModuleType) -> dict[str, Any]:
+def switching_bench(
+    make_base: Callable[[], nn.Module],
+    targets: list[str],
+    r: int,
+    *,
+    device: str,
+    repeats: int,
+    warmup: int,
+    load_repeats: int,
+    shira: types.ModuleType,
+) -> dict[str, Any]:
     """Switch and load+fuse timings of adapterlab SHiRA, peft LoRA and peft SHiRA on one base."""
     from peft import LoraConfig, get_peft_model
     from peft import ShiraConfig as PeftShiraConfig
@@ -185,22 +204,39 @@ def switching_bench(make_base: Callable[[], nn.Module], targets: list[str], r: i
     res: dict[str, Any] = {"r": r, "targets": targets}
     models: dict[str, Any] = {}
     t0 = time.perf_counter()
-    ours = get_peft_model(make_base(), shira.ShiraConfig(r=r, mask_type="random", target_modules=targets, random_seed=1), adapter_name="one")
+    ours = get_peft_model(
+        make_base(),
+        shira.ShiraConfig(r=r, mask_type="random", target_modules=targets, random_seed=1),
+        adapter_name="one",
+    )
     ours.add_adapter("two", shira.ShiraConfig(r=r, mask_type="random", target_modules=targets, random_seed=2))
     models["adapterlab_shira"] = ours
-    lora = get_peft_model(make_base(), LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, lora_dropout=0.0), adapter_name="one")
+    lora = get_peft_model(
+        make_base(), LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, lora_dropout=0.0), adapter_name="one"
+    )
     lora.add_adapter("two", LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, lora_dropout=0.0))
     models["peft_lora"] = lora
-    pshira = get_peft_model(make_base(), PeftShiraConfig(r=r, target_modules=targets, random_seed=1), adapter_name="one")
+    pshira = get_peft_model(
+        make_base(), PeftShiraConfig(r=r, target_modules=targets, random_seed=1), adapter_name="one"
+    )
     pshira.add_adapter("two", PeftShiraConfig(r=r, target_modules=targets, random_seed=2))
     models["peft_shira"] = pshira
     for key, pm in models.items():
-        _randomize_(pm, {"adapterlab_shira": "adapterlab_shira_values", "peft_lora": "lora_", "peft_shira": "shira_weight"}[key], 0)
+        _randomize_(
+            pm,
+            {"adapterlab_shira": "adapterlab_shira_values", "peft_lora": "lora_", "peft_shira": "shira_weight"}[key],
+            0,
+        )
         pm.eval()
     res["setup_s"] = time.perf_counter() - t0
-    suffixes = {"adapterlab_shira": (".adapterlab_shira_values.one",), "peft_lora": (".lora_A.one.weight", ".lora_B.one.weight"),
-                "peft_shira": (".shira_weight.one",)}
-    res["trainable_per_adapter"] = {k: sum(p.numel() for n, p in pm.named_parameters() if n.endswith(suffixes[k])) for k, pm in models.items()}
+    suffixes = {
+        "adapterlab_shira": (".adapterlab_shira_values.one",),
+        "peft_lora": (".lora_A.one.weight", ".lora_B.one.weight"),
+        "peft_shira": (".shira_weight.one",),
+    }
+    res["trainable_per_adapter"] = {
+        k: sum(p.numel() for n, p in pm.named_parameters() if n.endswith(suffixes[k])) for k, pm in models.items()
+    }
     state = {k: "one" for k in models}
 
     def peft_switch(pm: Any, key: str) -> Callable[[], None]:
@@ -209,6 +245,7 @@ def switching_bench(make_base: Callable[[], nn.Module], targets: list[str], r: i
             pm.base_model.unmerge_adapter()
             pm.base_model.merge_adapter([new])
             state[key] = new
+
         return fn
 
     def ours_switch() -> None:
@@ -219,8 +256,16 @@ def switching_bench(make_base: Callable[[], nn.Module], targets: list[str], r: i
     shira.switch_adapter(ours, "one")
     lora.base_model.merge_adapter(["one"])
     pshira.base_model.merge_adapter(["one"])
-    sw = interleaved({"adapterlab_shira": ours_switch, "peft_lora": peft_switch(lora, "peft_lora"),
-                      "peft_shira": peft_switch(pshira, "peft_shira")}, repeats=repeats, warmup=warmup, device=device)
+    sw = interleaved(
+        {
+            "adapterlab_shira": ours_switch,
+            "peft_lora": peft_switch(lora, "peft_lora"),
+            "peft_shira": peft_switch(pshira, "peft_shira"),
+        },
+        repeats=repeats,
+        warmup=warmup,
+        device=device,
+    )
     res["switch_s"] = sw
 
     # load from disk + fuse (an adapter "new" saved beforehand), then untimed clean-up
@@ -246,6 +291,7 @@ def switching_bench(make_base: Callable[[], nn.Module], targets: list[str], r: i
                 pm.load_adapter(dirs[key], "new")
                 pm.base_model.unmerge_adapter()
                 pm.base_model.merge_adapter(["new"])
+
             return fn
 
         def clean_peft(pm: Any) -> Callable[[], None]:
@@ -254,21 +300,31 @@ def switching_bench(make_base: Callable[[], nn.Module], targets: list[str], r: i
                 pm.set_adapter("one")
                 pm.base_model.merge_adapter(["one"])
                 pm.delete_adapter("new")
+
             return fn
 
         lf = interleaved(
-            {"adapterlab_shira": load_ours, "peft_lora": load_peft(lora, "peft_lora"), "peft_shira": load_peft(pshira, "peft_shira")},
+            {
+                "adapterlab_shira": load_ours,
+                "peft_lora": load_peft(lora, "peft_lora"),
+                "peft_shira": load_peft(pshira, "peft_shira"),
+            },
             after={"adapterlab_shira": clean_ours, "peft_lora": clean_peft(lora), "peft_shira": clean_peft(pshira)},
-            repeats=load_repeats, warmup=1, device=device,
+            repeats=load_repeats,
+            warmup=1,
+            device=device,
         )
         res["load_fuse_s"] = lf
-        res["adapter_file_bytes"] = {k: os.path.getsize(os.path.join(d, "adapter_model.safetensors")) for k, d in dirs.items()}
+        res["adapter_file_bytes"] = {
+            k: os.path.getsize(os.path.join(d, "adapter_model.safetensors")) for k, d in dirs.items()
+        }
     med = {kind: {k: statistics.median(v) for k, v in res[kind].items()} for kind in ("switch_s", "load_fuse_s")}
     res["median_s"] = med
     res["speedup_vs_peft_lora"] = {kind: {k: med[kind]["peft_lora"] / v for k, v in med[kind].items()} for kind in med}
     # paired: round i of every method ran back to back, so the ratio of round i cancels slow drifts of the machine
     res["speedup_vs_peft_lora_paired"] = {
-        kind: {k: statistics.median(a / b for a, b in zip(res[kind]["peft_lora"], v)) for k, v in res[kind].items()} for kind in med
+        kind: {k: statistics.median(a / b for a, b in zip(res[kind]["peft_lora"], v)) for k, v in res[kind].items()}
+        for kind in med
     }
     return res
 
@@ -276,16 +332,27 @@ def switching_bench(make_base: Callable[[], nn.Module], targets: list[str], r: i
 def _switch_md(title: str, res: dict[str, Any], goal: bool) -> str:
     med = res["median_s"]
     sp = res.get("speedup_vs_peft_lora_paired", res["speedup_vs_peft_lora"])
-    lines = [f"## {title}", "", f"budget: LoRA r={res['r']} vs SHiRA K = {res['r']} (m + n) per layer; targets {res['targets']}; "
-             "x vs LoRA = median of the per-round ratios (paired rounds)", "",
-             "| method | switch (ms) | x vs LoRA | load+fuse (ms) | x vs LoRA | adapter file (MB) |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"## {title}",
+        "",
+        f"budget: LoRA r={res['r']} vs SHiRA K = {res['r']} (m + n) per layer; targets {res['targets']}; "
+        "x vs LoRA = median of the per-round ratios (paired rounds)",
+        "",
+        "| method | switch (ms) | x vs LoRA | load+fuse (ms) | x vs LoRA | adapter file (MB) |",
+        "|---|---|---|---|---|---|",
+    ]
     for k in ("adapterlab_shira", "peft_lora", "peft_shira"):
-        lines.append(f"| {k} | {med['switch_s'][k] * 1e3:.2f} | {sp['switch_s'][k]:.1f} | {med['load_fuse_s'][k] * 1e3:.1f} | "
-                     f"{sp['load_fuse_s'][k]:.2f} | {res['adapter_file_bytes'][k] / 2**20:.2f} |")
+        lines.append(
+            f"| {k} | {med['switch_s'][k] * 1e3:.2f} | {sp['switch_s'][k]:.1f} | {med['load_fuse_s'][k] * 1e3:.1f} | "
+            f"{sp['load_fuse_s'][k]:.2f} | {res['adapter_file_bytes'][k] / 2**20:.2f} |"
+        )
     if goal:
-        lines += ["", f"goal switch >= 8x vs LoRA: {'met' if sp['switch_s']['adapterlab_shira'] >= 8 else 'NOT met'} "
-                  f"({sp['switch_s']['adapterlab_shira']:.1f}x); load+fuse faster than LoRA: "
-                  f"{'met' if sp['load_fuse_s']['adapterlab_shira'] > 1 else 'NOT met'} ({sp['load_fuse_s']['adapterlab_shira']:.2f}x)"]
+        lines += [
+            "",
+            f"goal switch >= 8x vs LoRA: {'met' if sp['switch_s']['adapterlab_shira'] >= 8 else 'NOT met'} "
+            f"({sp['switch_s']['adapterlab_shira']:.1f}x); load+fuse faster than LoRA: "
+            f"{'met' if sp['load_fuse_s']['adapterlab_shira'] > 1 else 'NOT met'} ({sp['load_fuse_s']['adapterlab_shira']:.2f}x)",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -300,16 +367,37 @@ def part_layers(args: argparse.Namespace) -> None:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     targets = [f"l{i}" for i in range(len(shapes))]
     machine = _machine(args.device)  # load average before the run
-    res = switching_bench(lambda: _Stack(shapes, dtype, args.device), targets, r, device=args.device,
-                          repeats=args.repeats, warmup=args.warmup, load_repeats=args.load_repeats, shira=shira)
+    res = switching_bench(
+        lambda: _Stack(shapes, dtype, args.device),
+        targets,
+        r,
+        device=args.device,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        load_repeats=args.load_repeats,
+        shira=shira,
+    )
     res["shapes"] = shapes
-    name = ("sparse_layers" + ("" if args.device == "cpu" else f"_{args.device.split(':')[0]}") + ("" if args.dtype == "fp32" else f"_{args.dtype}")
-            + (f"_{args.tag}" if args.tag else "") + ("_quick" if args.quick else ""))
-    payload = {"benchmark": "sparse.layers", "command": "python " + " ".join(sys.argv), "settings": vars(args) | {"dtype": args.dtype},
-               "machine": machine | {"loadavg_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None},
-               "versions": _versions(), "results": res}
-    md = (f"# SHiRA switching on LLM-sized layers ({args.device}, {args.dtype})\n\n"
-          f"{len(shapes)} layers {sorted(set(shapes))}; median of {args.repeats} interleaved rounds\n\n" + _switch_md("switching", res, True))
+    name = (
+        "sparse_layers"
+        + ("" if args.device == "cpu" else f"_{args.device.split(':')[0]}")
+        + ("" if args.dtype == "fp32" else f"_{args.dtype}")
+        + (f"_{args.tag}" if args.tag else "")
+        + ("_quick" if args.quick else "")
+    )
+    payload = {
+        "benchmark": "sparse.layers",
+        "command": "python " + " ".join(sys.argv),
+        "settings": vars(args) | {"dtype": args.dtype},
+        "machine": machine | {"loadavg_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None},
+        "versions": _versions(),
+        "results": res,
+    }
+    md = (
+        f"# SHiRA switching on LLM-sized layers ({args.device}, {args.dtype})\n\n"
+        f"{len(shapes)} layers {sorted(set(shapes))}; median of {args.repeats} interleaved rounds\n\n"
+        + _switch_md("switching", res, True)
+    )
     _write(Path(args.out_dir), name, payload, md)
 
 
@@ -319,11 +407,25 @@ def part_model(args: argparse.Namespace) -> None:
     from adapterlab.models import load_model, tiny_llama
 
     make = (lambda: tiny_llama(hidden_size=128, intermediate_size=256)) if args.quick else (lambda: load_model(None))
-    res = switching_bench(make, MODEL_TARGETS, 8, device="cpu", repeats=args.repeats, warmup=args.warmup,
-                          load_repeats=args.load_repeats, shira=shira)
-    payload = {"benchmark": "sparse.model", "command": "python " + " ".join(sys.argv), "settings": vars(args),
-               "model": "tiny_llama" if args.quick else "SmolLM2-135M-Instruct (embedded)",
-               "machine": _machine("cpu"), "versions": _versions(), "results": res}
+    res = switching_bench(
+        make,
+        MODEL_TARGETS,
+        8,
+        device="cpu",
+        repeats=args.repeats,
+        warmup=args.warmup,
+        load_repeats=args.load_repeats,
+        shira=shira,
+    )
+    payload = {
+        "benchmark": "sparse.model",
+        "command": "python " + " ".join(sys.argv),
+        "settings": vars(args),
+        "model": "tiny_llama" if args.quick else "SmolLM2-135M-Instruct (embedded)",
+        "machine": _machine("cpu"),
+        "versions": _versions(),
+        "results": res,
+    }
     md = "# SHiRA switching on the embedded model (CPU)\n\n" + _switch_md(payload["model"], res, False)
     _write(Path(args.out_dir), "sparse_model" + ("_quick" if args.quick else ""), payload, md)
 
@@ -341,9 +443,9 @@ def _vm_kib(field: str) -> int:
 
 def memory_arm(args: argparse.Namespace) -> dict[str, Any]:
     """One arm in this (fresh) process: build, reset the RSS peak, train, read the peak."""
-    import adapterlab  # noqa: F401
     from peft import LoraConfig, get_peft_model
 
+    import adapterlab  # noqa: F401
     from adapterlab.data import get_task, tokenize_for_training
     from adapterlab.models import load_default_model, tiny_llama, tiny_tokenizer
 
@@ -358,8 +460,14 @@ def memory_arm(args: argparse.Namespace) -> dict[str, Any]:
     else:
         cfg = adapterlab.ShiraConfig(r=args.rank, mask_type="random", target_modules=targets)
     pm = get_peft_model(model, cfg)
-    data = tokenize_for_training(tok, get_task("sentiment"), n=args.batch_size * args.mem_steps, seed=0,
-                                 max_length=args.max_length, return_tensors="pt")
+    data = tokenize_for_training(
+        tok,
+        get_task("sentiment"),
+        n=args.batch_size * args.mem_steps,
+        seed=0,
+        max_length=args.max_length,
+        return_tensors="pt",
+    )
     opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
     pm.train()
 
@@ -391,18 +499,39 @@ def memory_arm(args: argparse.Namespace) -> dict[str, Any]:
 
         peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     trainable = sum(p.numel() for p in pm.parameters() if p.requires_grad)
-    return {"arm": args.arm, "peak_above_baseline_mib": (peak_kib - base_kib) / 1024, "baseline_rss_mib": base_kib / 1024,
-            "peak_rss_mib": peak_kib / 1024, "trainable": trainable, "steps_measured": args.mem_steps - 1,
-            "s_per_step": secs / max(1, args.mem_steps - 1), "method": method}
+    return {
+        "arm": args.arm,
+        "peak_above_baseline_mib": (peak_kib - base_kib) / 1024,
+        "baseline_rss_mib": base_kib / 1024,
+        "peak_rss_mib": peak_kib / 1024,
+        "trainable": trainable,
+        "steps_measured": args.mem_steps - 1,
+        "s_per_step": secs / max(1, args.mem_steps - 1),
+        "method": method,
+    }
 
 
 def part_memory(args: argparse.Namespace) -> None:
     arms: dict[str, list[dict[str, Any]]] = {"lora": [], "shira": []}
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=str(ROOT))
     for rep in range(args.mem_repeats):
-        for arm in (("lora", "shira") if rep % 2 == 0 else ("shira", "lora")):
-            cmd = [sys.executable, __file__, "--memory-arm", arm, "--rank", str(args.rank), "--mem-steps", str(args.mem_steps),
-                   "--batch-size", str(args.batch_size), "--max-length", str(args.max_length), "--threads", str(args.threads)]
+        for arm in ("lora", "shira") if rep % 2 == 0 else ("shira", "lora"):
+            cmd = [
+                sys.executable,
+                __file__,
+                "--memory-arm",
+                arm,
+                "--rank",
+                str(args.rank),
+                "--mem-steps",
+                str(args.mem_steps),
+                "--batch-size",
+                str(args.batch_size),
+                "--max-length",
+                str(args.max_length),
+                "--threads",
+                str(args.threads),
+            ]
             if args.quick:
                 cmd.append("--quick")
             out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
@@ -411,18 +540,36 @@ def part_memory(args: argparse.Namespace) -> None:
             arms[arm].append(json.loads(out.stdout.strip().splitlines()[-1]))
             logger.info("memory %s: %.1f MiB", arm, arms[arm][-1]["peak_above_baseline_mib"])
     med = {a: statistics.median(x["peak_above_baseline_mib"] for x in v) for a, v in arms.items()}
-    res = {"raw": arms, "median_peak_above_baseline_mib": med, "shira_vs_lora": med["shira"] / med["lora"],
-           "trainable": {a: v[0]["trainable"] for a, v in arms.items()}}
-    payload = {"benchmark": "sparse.memory", "command": "python " + " ".join(sys.argv), "settings": vars(args),
-               "model": "tiny_llama" if args.quick else "SmolLM2-135M-Instruct (embedded)", "targets": MODEL_TARGETS,
-               "machine": _machine("cpu"), "versions": _versions(), "results": res}
-    md = ["# Peak training memory: SHiRA vs LoRA at equal trainable parameters", "",
-          f"{payload['model']}, targets {MODEL_TARGETS}, LoRA r={args.rank} vs SHiRA r={args.rank}-equivalent, batch "
-          f"{args.batch_size} x <= {args.max_length} tokens, AdamW, fp32, {args.mem_steps - 1} measured steps, "
-          f"median of {args.mem_repeats} fresh processes; peak RSS above the post-setup baseline (weights excluded)", "",
-          "| arm | trainable | peak above baseline (MiB) | s/step |", "|---|---|---|---|"]
+    res = {
+        "raw": arms,
+        "median_peak_above_baseline_mib": med,
+        "shira_vs_lora": med["shira"] / med["lora"],
+        "trainable": {a: v[0]["trainable"] for a, v in arms.items()},
+    }
+    payload = {
+        "benchmark": "sparse.memory",
+        "command": "python " + " ".join(sys.argv),
+        "settings": vars(args),
+        "model": "tiny_llama" if args.quick else "SmolLM2-135M-Instruct (embedded)",
+        "targets": MODEL_TARGETS,
+        "machine": _machine("cpu"),
+        "versions": _versions(),
+        "results": res,
+    }
+    md = [
+        "# Peak training memory: SHiRA vs LoRA at equal trainable parameters",
+        "",
+        f"{payload['model']}, targets {MODEL_TARGETS}, LoRA r={args.rank} vs SHiRA r={args.rank}-equivalent, batch "
+        f"{args.batch_size} x <= {args.max_length} tokens, AdamW, fp32, {args.mem_steps - 1} measured steps, "
+        f"median of {args.mem_repeats} fresh processes; peak RSS above the post-setup baseline (weights excluded)",
+        "",
+        "| arm | trainable | peak above baseline (MiB) | s/step |",
+        "|---|---|---|---|",
+    ]
     for a in ("lora", "shira"):
-        md.append(f"| {a} | {res['trainable'][a]:,} | {med[a]:.1f} | {statistics.median(x['s_per_step'] for x in arms[a]):.2f} |")
+        md.append(
+            f"| {a} | {res['trainable'][a]:,} | {med[a]:.1f} | {statistics.median(x['s_per_step'] for x in arms[a]):.2f} |"
+        )
     md += ["", f"SHiRA / LoRA peak: {res['shira_vs_lora']:.3f}"]
     _write(Path(args.out_dir), "sparse_memory" + ("_quick" if args.quick else ""), payload, "\n".join(md) + "\n")
 
@@ -433,9 +580,9 @@ def part_memory(args: argparse.Namespace) -> None:
 
 def part_accuracy(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(ROOT))
-    import adapterlab  # noqa: F401
     from peft import LoraConfig, get_peft_model
 
+    import adapterlab  # noqa: F401
     from adapterlab.data import get_task, tokenize_for_training
     from adapterlab.models import load_default_model, load_model
     from bench.lowrank import FastScorer, batches, train, trainable
@@ -456,14 +603,26 @@ def part_accuracy(args: argparse.Namespace) -> None:
         raise SystemExit(f"unknown arm(s) {bad}")
 
     def save() -> None:
-        payload = {"benchmark": "sparse.accuracy", "command": "python " + " ".join(sys.argv), "settings": vars(args) | {"targets": ACC_TARGETS},
-                   "model": "SmolLM2-135M-Instruct (embedded)", "task": "sentiment", "machine": _machine("cpu"),
-                   "versions": _versions(), "results": res}
-        md = ["# Sentiment accuracy: SHiRA mask strategies vs LoRA at equal trainable parameters", "",
-              f"SmolLM2-135M, targets {ACC_TARGETS}, {steps} AdamW steps x batch {args.batch_size}, LoRA r={args.rank} "
-              f"(alpha {2 * args.rank}, lr {args.lr}) vs SHiRA r={args.rank}-equivalent (lr {args.shira_lr}); "
-              f"eval n={eval_n}; grad/snip calibrated on {len(calib)} training batches", "",
-              "| arm | accuracy | trainable | train s |", "|---|---|---|---|"]
+        payload = {
+            "benchmark": "sparse.accuracy",
+            "command": "python " + " ".join(sys.argv),
+            "settings": vars(args) | {"targets": ACC_TARGETS},
+            "model": "SmolLM2-135M-Instruct (embedded)",
+            "task": "sentiment",
+            "machine": _machine("cpu"),
+            "versions": _versions(),
+            "results": res,
+        }
+        md = [
+            "# Sentiment accuracy: SHiRA mask strategies vs LoRA at equal trainable parameters",
+            "",
+            f"SmolLM2-135M, targets {ACC_TARGETS}, {steps} AdamW steps x batch {args.batch_size}, LoRA r={args.rank} "
+            f"(alpha {2 * args.rank}, lr {args.lr}) vs SHiRA r={args.rank}-equivalent (lr {args.shira_lr}); "
+            f"eval n={eval_n}; grad/snip calibrated on {len(calib)} training batches",
+            "",
+            "| arm | accuracy | trainable | train s |",
+            "|---|---|---|---|",
+        ]
         for k, v in res["arms"].items():
             md.append(f"| {k} | {v['accuracy']:.3f} | {v.get('trainable', 0):,} | {v.get('train_s', 0):.0f} |")
         _write(Path(args.out_dir), out_name, payload, "\n".join(md) + "\n")
@@ -477,16 +636,28 @@ def part_accuracy(args: argparse.Namespace) -> None:
             continue
         torch.manual_seed(args.seed)
         if arm == "lora":
-            pm = get_peft_model(load_model(None), LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=ACC_TARGETS, lora_dropout=0.0))
+            pm = get_peft_model(
+                load_model(None),
+                LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=ACC_TARGETS, lora_dropout=0.0),
+            )
             lr = args.lr
         else:
             mask = arm.removeprefix("shira_")
-            pm = get_peft_model(load_model(None), adapterlab.ShiraConfig(r=args.rank, mask_type=mask, target_modules=ACC_TARGETS, random_seed=args.seed))
+            pm = get_peft_model(
+                load_model(None),
+                adapterlab.ShiraConfig(r=args.rank, mask_type=mask, target_modules=ACC_TARGETS, random_seed=args.seed),
+            )
             if mask in ("grad", "snip"):
                 pm.calibrate_masks_(calib)
             lr = args.shira_lr
         secs = train(pm, train_batches, lr)
-        res["arms"][arm] = {"accuracy": scorer.accuracy(pm), "trainable": trainable(pm), "train_s": secs, "lr": lr, "steps": steps}
+        res["arms"][arm] = {
+            "accuracy": scorer.accuracy(pm),
+            "trainable": trainable(pm),
+            "train_s": secs,
+            "lr": lr,
+            "steps": steps,
+        }
         logger.info("%s: %s", arm, res["arms"][arm])
         save()
         del pm
@@ -515,7 +686,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-n", type=int, default=200)
     p.add_argument("--calib-batches", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3, help="LoRA learning rate (bench/lowrank.py's)")
-    p.add_argument("--shira-lr", type=float, default=3e-3, help="SHiRA learning rate (3x LoRA's, the ratio of peft's method comparison)")
+    p.add_argument(
+        "--shira-lr",
+        type=float,
+        default=3e-3,
+        help="SHiRA learning rate (3x LoRA's, the ratio of peft's method comparison)",
+    )
     p.add_argument("--arms", default="zero_shot,lora," + ",".join(f"shira_{m}" for m in MASKS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
@@ -538,7 +714,11 @@ def main(argv: list[str] | None = None) -> None:
         for part in parts:
             rest = [a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--parts")]
             rest = [a for i, a in enumerate(rest) if not (i > 0 and rest[i - 1] == "--parts")]
-            subprocess.run([sys.executable, __file__, "--parts", part, *rest], check=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+            subprocess.run(
+                [sys.executable, __file__, "--parts", part, *rest],
+                check=True,
+                env=dict(os.environ, PYTHONPATH=str(ROOT)),
+            )
         return
     {"layers": part_layers, "model": part_model, "memory": part_memory, "accuracy": part_accuracy}[parts[0]](args)
 

@@ -62,7 +62,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench._common import machine_info, write_json, write_markdown  # noqa: E402
+from bench._common import write_json, write_markdown  # noqa: E402
 
 logger = logging.getLogger("bench.sparsity_preserving")
 NAME = "sparsity_preserving"
@@ -133,7 +133,7 @@ class NaiveMaskedLoRA(nn.Module):
 def wrap_naive(model: nn.Module, r: int, alpha: float) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
-    for name, module in list(model.named_modules()):
+    for _name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if child_name in TARGETS and isinstance(child, nn.Linear):
                 setattr(module, child_name, NaiveMaskedLoRA(child, r, alpha))
@@ -148,14 +148,20 @@ def make_arm(arm: str, model: nn.Module, args: argparse.Namespace) -> nn.Module:
 
     r, alpha = args.rank, float(args.alpha)
     if arm == "lora":
-        return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, use_rslora=True, lora_dropout=0.0, target_modules=TARGETS))
+        return get_peft_model(
+            model, LoraConfig(r=r, lora_alpha=alpha, use_rslora=True, lora_dropout=0.0, target_modules=TARGETS)
+        )
     if arm == "naive_masked":
         return wrap_naive(model, r, alpha)
     if arm in ("lors", "lors_ste"):
         grad = "exact" if arm == "lors" else "low_rank_ste"
-        return get_peft_model(model, LorsConfig(r=r, lora_alpha=alpha, use_rslora=True, lors_grad=grad, target_modules=TARGETS))
+        return get_peft_model(
+            model, LorsConfig(r=r, lora_alpha=alpha, use_rslora=True, lors_grad=grad, target_modules=TARGETS)
+        )
     if arm == "spp":
-        return get_peft_model(model, SppConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, groups=16, target_modules=TARGETS))
+        return get_peft_model(
+            model, SppConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, groups=16, target_modules=TARGETS)
+        )
     raise ValueError(f"unknown arm {arm!r}; choose one of: {', '.join(ARMS)}")
 
 
@@ -205,7 +211,7 @@ def merged_sparsity(arm: str, model: nn.Module, base_masks: dict[str, torch.Tens
                 if isinstance(module, NaiveMaskedLoRA):
                     w = module.base.weight
                     w.copy_((w.float() + module.delta().float()).to(w.dtype))
-        for name, module in list(model.named_modules()):
+        for _name, module in list(model.named_modules()):
             for child_name, child in list(module.named_children()):
                 if isinstance(child, NaiveMaskedLoRA):
                     setattr(module, child_name, child.base)
@@ -356,7 +362,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--prune", default="magnitude", choices=["magnitude", "wanda"])
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--threads", type=int, default=1, help="torch threads per process (1: least sensitive to a busy machine)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch threads per process (1: least sensitive to a busy machine)"
+    )
     p.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of: " + ", ".join(ARMS))
     p.add_argument("--worker", choices=["memory", "timing"], help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)

@@ -44,8 +44,9 @@ def load(smoke: bool) -> tuple[torch.nn.Module, Any]:
     return models.load_default_model()
 
 
-def targets(model: torch.nn.Module, smoke: bool, names: Sequence[str] = ("q_proj", "v_proj"),
-            last: int | None = None) -> str:
+def targets(
+    model: torch.nn.Module, smoke: bool, names: Sequence[str] = ("q_proj", "v_proj"), last: int | None = None
+) -> str:
     """``target_modules`` regex: ``names`` in every decoder layer, or in the last ``last`` ones.
 
     Adapting only the last few layers makes a step cheaper, but with a few dozen steps such adapters
@@ -55,16 +56,37 @@ def targets(model: torch.nn.Module, smoke: bool, names: Sequence[str] = ("q_proj
     return target_regex(model, list(names), 1 if smoke else (last or 10**6))
 
 
-def train(model: torch.nn.Module, tok: Any, task: str, *, steps: int, lr: float = 2e-3, callbacks: Sequence[Any] = (),
-          batch_size: int = 8, n: int = 512, max_length: int = 64, seed: int = 0) -> Any:
+def train(
+    model: torch.nn.Module,
+    tok: Any,
+    task: str,
+    *,
+    steps: int,
+    lr: float = 2e-3,
+    callbacks: Sequence[Any] = (),
+    batch_size: int = 8,
+    n: int = 512,
+    max_length: int = 64,
+    seed: int = 0,
+) -> Any:
     """Train ``model`` (a PeftModel, or a model with trainable parameters) on ``task`` with ``transformers.Trainer``."""
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     ds = data.tokenize_for_training(tok, task, n=n, seed=seed, max_length=max_length)
     args = TrainingArguments(
-        output_dir=tempfile.mkdtemp(prefix="adapterlab-example-"), max_steps=steps, per_device_train_batch_size=batch_size,
-        learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, logging_steps=max(1, steps // 4),
-        save_strategy="no", report_to=[], disable_tqdm=True, use_cpu=True, seed=seed,
+        output_dir=tempfile.mkdtemp(prefix="adapterlab-example-"),
+        max_steps=steps,
+        per_device_train_batch_size=batch_size,
+        learning_rate=lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        logging_steps=max(1, steps // 4),
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=seed,
     )
     collator = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
     trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collator, callbacks=list(callbacks))

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 import peft
-
 from _common import elapsed, load, parse_args, targets, train
+
 from adapterlab import AdapterServer, Request, compress_adapters, data
 
 TASKS = ("sentiment", "domain", "compare")
@@ -38,8 +38,10 @@ def main() -> None:
     bundle = compress_adapters(dirs, rank=12, mode="full")
     bundle.save(out / "bundle")
     st = bundle.storage()
-    print(f"shared basis c=12 for {st['adapters']} adapters: {st['raw_params']:,d} -> {st['compressed_params']:,d} params "
-          f"({st['ratio']:.2f}x), mean relative error {bundle.errors.mean:.1%}")
+    print(
+        f"shared basis c=12 for {st['adapters']} adapters: {st['raw_params']:,d} -> {st['compressed_params']:,d} params "
+        f"({st['ratio']:.2f}x), mean relative error {bundle.errors.mean:.1%}"
+    )
 
     server = AdapterServer(base, tokenizer=tok)
     names = server.add_bundle(out / "bundle")

@@ -13,8 +13,8 @@ import tempfile
 from pathlib import Path
 
 import peft
-
 from _common import accuracy, elapsed, load, parse_args, targets, train
+
 from adapterlab import merge_adapters
 
 TASKS = ("sentiment", "domain")

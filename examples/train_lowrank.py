@@ -10,8 +10,8 @@ truncated to ranks 2, 4 and 8; LoRI keeps A frozen and random and trains only B.
 from __future__ import annotations
 
 import peft
-
 from _common import accuracy, elapsed, load, parse_args, targets, train, trainable
+
 from adapterlab import DyLoraConfig, LoriConfig
 from adapterlab.callbacks import DyLoraCallback
 

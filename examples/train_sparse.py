@@ -10,8 +10,8 @@ its largest entries per layer. Both adapt q_proj/v_proj of the last 8 decoder la
 from __future__ import annotations
 
 import peft
-
 from _common import accuracy, elapsed, load, parse_args, targets, train, trainable
+
 from adapterlab import ShiraConfig, SnellConfig
 
 
@@ -26,11 +26,16 @@ def main() -> None:
     }
     for label, (config, lr) in configs.items():
         model = peft.get_peft_model(base, config)
-        adapted = sum(m.weight.numel() for n, m in model.named_modules() if n.endswith(("q_proj.base_layer", "v_proj.base_layer")))
+        adapted = sum(
+            m.weight.numel() for n, m in model.named_modules() if n.endswith(("q_proj.base_layer", "v_proj.base_layer"))
+        )
         n = trainable(model)
         train(model, tok, "sentiment", steps=args.steps, lr=lr)
         acc = accuracy(model, tok, "sentiment", args.eval_n)
-        print(f"{label:22s} trainable {n:>8,d} ({n / max(adapted, 1):.2%} of the adapted weights)  accuracy {acc:.3f}", flush=True)
+        print(
+            f"{label:22s} trainable {n:>8,d} ({n / max(adapted, 1):.2%} of the adapted weights)  accuracy {acc:.3f}",
+            flush=True,
+        )
         base = model.unload()
     print(f"done in {elapsed()}")
 

@@ -10,8 +10,8 @@ decoder layers.
 from __future__ import annotations
 
 import peft
-
 from _common import accuracy, elapsed, load, parse_args, targets, train, trainable
+
 from adapterlab import LorsConfig, SppConfig, data, prune_, sparsity_report
 from adapterlab.demo import zeros_kept
 
@@ -21,8 +21,10 @@ def main() -> None:
     base, tok = load(args.smoke)
     calib = data.calibration_ids(tok, n_samples=4 if args.smoke else 16, seqlen=64 if args.smoke else 512)
     report = prune_(base, "wanda", 0.5, calibration=calib)
-    print(f"wanda: {report.global_sparsity:.2%} sparse in {report.seconds:.0f} s; "
-          f"sentiment accuracy {accuracy(base, tok, 'sentiment', args.eval_n):.3f}")
+    print(
+        f"wanda: {report.global_sparsity:.2%} sparse in {report.seconds:.0f} s; "
+        f"sentiment accuracy {accuracy(base, tok, 'sentiment', args.eval_n):.3f}"
+    )
     pruned = {k: v.clone() for k, v in base.state_dict().items()}
     rx = targets(base, args.smoke)
     configs = {
@@ -37,8 +39,11 @@ def main() -> None:
         acc = accuracy(model, tok, "sentiment", args.eval_n)
         merged = model.merge_and_unload()
         kept = zeros_kept(pruned, merged)
-        print(f"{label:8s} trainable {n:>8,d}  accuracy {acc:.3f}  merged sparsity {sparsity_report(merged).global_sparsity:.2%}"
-              f"  every pruned zero kept: {kept}", flush=True)
+        print(
+            f"{label:8s} trainable {n:>8,d}  accuracy {acc:.3f}  merged sparsity {sparsity_report(merged).global_sparsity:.2%}"
+            f"  every pruned zero kept: {kept}",
+            flush=True,
+        )
         base = merged
     print(f"done in {elapsed()}")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 from peft.config import PeftConfig
@@ -27,8 +27,8 @@ PREFIX = "aldummy_"
 class DummyConfig(PeftConfig):
     r: int = field(default=4)
     alpha: float = field(default=8.0)
-    target_modules: Optional[Union[list[str], str]] = field(default=None)
-    exclude_modules: Optional[Union[list[str], str]] = field(default=None)
+    target_modules: list[str] | str | None = field(default=None)
+    exclude_modules: list[str] | str | None = field(default=None)
     init_weights: bool = field(default=True)
 
     def __post_init__(self) -> None:
@@ -78,7 +78,7 @@ class DummyLinear(nn.Module, DummyLayer):
         a, b = self.aldummy_A[adapter], self.aldummy_B[adapter]
         return (b.float() @ a.float()) * self.scaling[adapter]  # (d_out, d_in)
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         for adapter in check_adapters_to_merge(self, adapter_names):
             if adapter not in self.aldummy_A:
                 continue
@@ -91,7 +91,7 @@ class DummyLinear(nn.Module, DummyLayer):
 
     def unmerge(self) -> None:
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         while self.merged_adapters:
             adapter = self.merged_adapters.pop()

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from adapterlab import data
-from adapterlab.data import Example, Task, strip_wiki_markup
-
+from adapterlab.data import Task, strip_wiki_markup
 
 # ---------------------------------------------------------------------------------------------
 # A tiny character-level tokenizer (no assets): same call conventions as a HF tokenizer.
@@ -54,7 +53,7 @@ class CharTokenizer:
         ("[[File:A.jpg|thumb|A caption with [[a link]].]]Start.", "Start."),
         ("Body.\n[[Category:Political culture]]\n[[de:Anarchismus]]", "Body."),
         ("== History ==\nOld times.\n=== Early ===\nEarlier.", "History\n\nOld times.\n\nEarly\n\nEarlier."),
-        ("Before.\n{| class=\"wikitable\"\n|-\n! a !! b\n|-\n| 1 || 2\n|}\nAfter.", "Before.\n\nAfter."),
+        ('Before.\n{| class="wikitable"\n|-\n! a !! b\n|-\n| 1 || 2\n|}\nAfter.', "Before.\n\nAfter."),
         ("Go [http://example.com the site] or [http://x.org].", "Go the site or."),
         ("5&nbsp;km &amp; more<br/>lines", "5 km & more lines"),
         ("* one\n* two\n# three", "one\ntwo\nthree"),

@@ -11,9 +11,23 @@ from adapterlab.demo import STAGES, DemoConfig, run_tour, target_regex, zeros_ke
 from adapterlab.models import tiny_llama, tiny_tokenizer
 
 TINY = dict(
-    methods=["magnitude"], train_n=16, nsamples=2, calib_seqlen=32, eval_seqlen=64, eval_windows=2, task_n=8,
-    rank=2, adapt_layers=1, steps=2, extra_steps=1, batch_size=2, max_length=48, compress_rank=3,
-    serve_requests=3, serve_tokens=2, extra_tasks=["domain"],
+    methods=["magnitude"],
+    train_n=16,
+    nsamples=2,
+    calib_seqlen=32,
+    eval_seqlen=64,
+    eval_windows=2,
+    task_n=8,
+    rank=2,
+    adapt_layers=1,
+    steps=2,
+    extra_steps=1,
+    batch_size=2,
+    max_length=48,
+    compress_rank=3,
+    serve_requests=3,
+    serve_tokens=2,
+    extra_tasks=["domain"],
 )
 
 
@@ -38,7 +52,9 @@ def test_tour_runs_every_stage_on_a_tiny_model(tmp_path, adapter):
 
 
 def test_prefix_of_the_tour_stops_early(tmp_path):
-    res = run_tour(DemoConfig(**{**TINY, "methods": ["magnitude"]}, stages=["dense", "prune"]), output=tmp_path, load=_load)
+    res = run_tour(
+        DemoConfig(**{**TINY, "methods": ["magnitude"]}, stages=["dense", "prune"]), output=tmp_path, load=_load
+    )
     assert [r.stage for r in res.rows] == ["dense", "prune"]
 
 
@@ -66,8 +82,14 @@ def test_target_regex_picks_the_last_layers():
 
 @pytest.mark.parametrize(
     "bad, word",
-    [({"adapter": "lora"}, "adapter"), ({"stages": ["dense", "fly"]}, "fly"), ({"rank": 0}, "rank"),
-     ({"methods": ["nope"]}, "nope"), ({"extra_tasks": ["nope"]}, "nope"), ({"targets": []}, "targets")],
+    [
+        ({"adapter": "lora"}, "adapter"),
+        ({"stages": ["dense", "fly"]}, "fly"),
+        ({"rank": 0}, "rank"),
+        ({"methods": ["nope"]}, "nope"),
+        ({"extra_tasks": ["nope"]}, "nope"),
+        ({"targets": []}, "targets"),
+    ],
 )
 def test_config_errors_name_the_bad_value(bad, word):
     with pytest.raises((ValueError, KeyError), match=word):

@@ -42,7 +42,6 @@ def test_perplexity_uniform_model_equals_vocab_size():
 
 def test_perplexity_known_distribution():
     # p(token 0) = 0.5, the rest share 0.5: a stream of only zeros has ppl exactly 2.
-    vocab = 5
     probs = torch.tensor([0.5, 0.125, 0.125, 0.125, 0.125])
     model = ConstantLM(probs.log())
     assert perplexity(model, torch.zeros(100, dtype=torch.long), seqlen=10) == pytest.approx(2.0, rel=1e-6)

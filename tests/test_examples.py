@@ -17,8 +17,15 @@ SCRIPTS = sorted(p for p in EXAMPLES.glob("*.py") if not p.name.startswith("_"))
 
 def test_there_is_one_example_per_capability():
     names = {p.stem for p in SCRIPTS}
-    assert {"train_lowrank", "train_sparse", "train_sparsity_preserving", "prune_perp", "merge_ties_rmm",
-            "extract_phlora", "compress_serve"} <= names
+    assert {
+        "train_lowrank",
+        "train_sparse",
+        "train_sparsity_preserving",
+        "prune_perp",
+        "merge_ties_rmm",
+        "extract_phlora",
+        "compress_serve",
+    } <= names
 
 
 @pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.name)
@@ -29,7 +36,7 @@ def test_example_compiles_with_docstring_and_main_guard(path):
     doc = ast.get_docstring(tree)
     assert doc and len(doc.splitlines()[0]) > 20, f"{path.name}: needs a module docstring saying what it shows"
     guards = [n for n in tree.body if isinstance(n, ast.If) and "__main__" in ast.unparse(n.test)]
-    assert guards, f"{path.name}: needs an `if __name__ == \"__main__\":` guard"
+    assert guards, f'{path.name}: needs an `if __name__ == "__main__":` guard'
     assert "print(" in source, f"{path.name}: should print its result"
 
 

@@ -27,7 +27,11 @@ def run_fresh(script: str, timeout: int = 300) -> subprocess.CompletedProcess[st
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.pop("PYTHONWARNINGS", None)
     return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script)], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+        [sys.executable, "-c", textwrap.dedent(script)],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=timeout,
     )
 
@@ -75,7 +79,10 @@ def test_star_import_and_from_import_in_a_fresh_process() -> None:
         """
     )
     assert last_json(proc) == {
-        "missing": [], "shira": "adapterlab.tuners.shira.config", "merge": "adapterlab.merging.into_base"}
+        "missing": [],
+        "shira": "adapterlab.tuners.shira.config",
+        "merge": "adapterlab.merging.into_base",
+    }
 
 
 def test_unknown_attribute_names_the_value_and_submodules_resolve() -> None:
@@ -119,8 +126,14 @@ print(json.dumps({
     )
     got = last_json(proc)
     assert got["registered_on_import"] is True
-    assert {"adapterlab_dylora", "adapterlab_lori", "adapterlab_lors", "adapterlab_shira", "adapterlab_snell",
-            "adapterlab_spp"} <= set(got["names"])
+    assert {
+        "adapterlab_dylora",
+        "adapterlab_lori",
+        "adapterlab_lors",
+        "adapterlab_shira",
+        "adapterlab_snell",
+        "adapterlab_spp",
+    } <= set(got["names"])
     assert got["in_peft"] is True and got["hook_left"] is False
 
 

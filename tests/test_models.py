@@ -17,8 +17,13 @@ def test_tiny_llama_is_deterministic_and_runs():
     assert out.shape == (2, 9, 128)
     assert len(models.decoder_layers(a)) == 2
     assert set(models.block_linears(models.decoder_layers(a)[0])) == {
-        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
     }
 
 

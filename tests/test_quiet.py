@@ -13,7 +13,9 @@ from tests.test_lazy_import import run_fresh
 
 KERNELS_NEEDLE = "kernels-community"
 GC_NEEDLE = "is_gradient_checkpointing"
-GC_MESSAGE = "`is_gradient_checkpointing` is deprecated and will be removed in v6. Use `is_activation_checkpointing` instead."
+GC_MESSAGE = (
+    "`is_gradient_checkpointing` is deprecated and will be removed in v6. Use `is_activation_checkpointing` instead."
+)
 
 
 def _record(msg: str, exc: BaseException | None, name: str = _quiet.BNB_CPU_OPS_LOGGER) -> logging.LogRecord:
@@ -45,7 +47,10 @@ def test_kernels_notice_is_demoted_to_debug_and_dropped_unless_debug_is_on() -> 
     [
         # kernels installed but its download / load failed: a real problem, keeps its WARNING
         (_quiet.BNB_KERNELS_MESSAGE + ": %s.", RuntimeError("hub offline")),
-        (_quiet.BNB_KERNELS_MESSAGE + ": %s.", ModuleNotFoundError("No module named 'huggingface_hub'", name="huggingface_hub")),
+        (
+            _quiet.BNB_KERNELS_MESSAGE + ": %s.",
+            ModuleNotFoundError("No module named 'huggingface_hub'", name="huggingface_hub"),
+        ),
         # any other bitsandbytes warning on that logger
         ("Something else: %s", ModuleNotFoundError("No module named 'kernels'", name="kernels")),
     ],
@@ -81,8 +86,11 @@ def test_warning_filter_drops_only_that_message_from_transformers() -> None:
         _warn(GC_MESSAGE, "my_code")
         _warn(GC_MESSAGE, "transformers.modeling_utils", DeprecationWarning)
     got = [(str(w.message), w.category) for w in caught]
-    assert got == [("`other_attr` is deprecated", FutureWarning), (GC_MESSAGE, FutureWarning),
-                   (GC_MESSAGE, DeprecationWarning)]
+    assert got == [
+        ("`other_attr` is deprecated", FutureWarning),
+        (GC_MESSAGE, FutureWarning),
+        (GC_MESSAGE, DeprecationWarning),
+    ]
 
 
 def test_a_user_filter_wins_over_ours() -> None:

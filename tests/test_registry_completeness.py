@@ -19,10 +19,14 @@ def test_every_tuner_package_is_registered_with_peft_and_exported() -> None:
     packages = {p.name for p in (PKG / "tuners").iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
     registered = registered_tuners()
     for pkg in packages:
-        assert any(info.config_cls.__module__.startswith(f"adapterlab.tuners.{pkg}.") for info in registered.values()), (
-            f"adapterlab/tuners/{pkg}/ is not registered with peft (import it in adapterlab/tuners/__init__.py)")
-        exported = [n for n in adapterlab.__all__ if n.endswith("Config")
-                    and getattr(adapterlab, n).__module__.startswith(f"adapterlab.tuners.{pkg}.")]
+        assert any(
+            info.config_cls.__module__.startswith(f"adapterlab.tuners.{pkg}.") for info in registered.values()
+        ), f"adapterlab/tuners/{pkg}/ is not registered with peft (import it in adapterlab/tuners/__init__.py)"
+        exported = [
+            n
+            for n in adapterlab.__all__
+            if n.endswith("Config") and getattr(adapterlab, n).__module__.startswith(f"adapterlab.tuners.{pkg}.")
+        ]
         assert exported, f"the config of adapterlab/tuners/{pkg}/ is not exported from adapterlab"
 
 
@@ -35,7 +39,8 @@ def test_every_pruning_and_merging_method_file_is_registered() -> None:
     names = set(MERGERS.names())
     for f in merge_files:
         assert any(n == f or n.startswith(f"{f}_") or n.endswith(f"_{f}") for n in names), (
-            f"adapterlab/merging/{f}.py registers no merge method (have: {sorted(names)})")
+            f"adapterlab/merging/{f}.py registers no merge method (have: {sorted(names)})"
+        )
 
 
 def test_every_callback_file_is_exported() -> None:

@@ -57,17 +57,28 @@ class DyLoraCallback(TrainerCallback, ExportableState):
     def state(self) -> dict[str, Any]:
         return {"args": {"adapter_name": self.adapter_name}, "attributes": {"last_rank": self.last_rank}}
 
-    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         tuner: DyLoraModel = find_tuner(kwargs.get("model"), DyLoraModel)
         self.last_rank = tuner.sample_rank(state.global_step, self.adapter_name)
         self.history.append((state.global_step, self.last_rank))
 
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         model = kwargs.get("model")
         if model is not None:
             find_tuner(model, DyLoraModel).set_train_rank(None, self.adapter_name)
 
-    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs: dict | None = None, **kwargs: Any) -> None:
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict | None = None,
+        **kwargs: Any,
+    ) -> None:
         if logs is not None and self.last_rank is not None:
             logs["dylora_rank"] = self.last_rank
             if state.log_history and state.log_history[-1].get("step") == state.global_step:

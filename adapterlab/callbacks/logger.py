@@ -40,7 +40,7 @@ def adapter_rank(model: nn.Module) -> int | None:
     if not isinstance(configs, dict):
         return None
     active = getattr(model, "active_adapters", None) or list(configs)
-    ranks = [int(getattr(configs[a], "r")) for a in active if a in configs and isinstance(getattr(configs[a], "r", None), int)]
+    ranks = [int(configs[a].r) for a in active if a in configs and isinstance(getattr(configs[a], "r", None), int)]
     return max(ranks) if ranks else None
 
 
@@ -103,7 +103,12 @@ class SparsityRankLogger(TrainerCallback):
         return out
 
     def on_log(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs: dict | None = None, **kwargs: Any
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict | None = None,
+        **kwargs: Any,
     ) -> None:
         model = kwargs.get("model")
         if model is None or logs is None:

@@ -143,7 +143,9 @@ class LoriCallback(TrainerCallback, ExportableState):
             tuner.peft_config[name].variant = "S"
         return sparse
 
-    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         if state.global_step < self.switch_step:
             return
         tuner: LoriModel = find_tuner(kwargs.get("model"), LoriModel)
@@ -152,9 +154,19 @@ class LoriCallback(TrainerCallback, ExportableState):
         self.report = tuner.sparsify_(self.sparsity, keep_values=self.keep_values, adapter_name=self.adapter_name)
         optimizer = kwargs.get("optimizer")
         if optimizer is not None:
-            n = swap_optimizer_params_(optimizer, self.report.swapped, lr=self.lr_s, scheduler=kwargs.get("lr_scheduler"))
+            n = swap_optimizer_params_(
+                optimizer, self.report.swapped, lr=self.lr_s, scheduler=kwargs.get("lr_scheduler")
+            )
             if n != len(self.report.swapped):
-                logger.warning("LoriCallback: %d of %d B parameters were not in the optimizer", len(self.report.swapped) - n, len(self.report.swapped))
+                logger.warning(
+                    "LoriCallback: %d of %d B parameters were not in the optimizer",
+                    len(self.report.swapped) - n,
+                    len(self.report.swapped),
+                )
         self.report.swapped.clear()  # do not keep the old dense tensors alive
         self.switched_at = state.global_step
-        logger.info("LoriCallback: LoRI-S from step %d (%.1f%% of B masked)", state.global_step, 100 * self.report.achieved_sparsity)
+        logger.info(
+            "LoriCallback: LoRI-S from step %d (%.1f%% of B masked)",
+            state.global_step,
+            100 * self.report.achieved_sparsity,
+        )

@@ -79,7 +79,9 @@ class MaskKeeperCallback(TrainerCallback):
                     )
                 w = module.weight
                 if tuple(keep.shape) != tuple(w.shape):
-                    raise ValueError(f"MaskKeeperCallback: mask {name!r} has shape {tuple(keep.shape)}, the weight has {tuple(w.shape)}")
+                    raise ValueError(
+                        f"MaskKeeperCallback: mask {name!r} has shape {tuple(keep.shape)}, the weight has {tuple(w.shape)}"
+                    )
                 self._kept.append((name, w, ~keep.to(device=w.device, dtype=torch.bool)))
         else:
             from adapterlab.pruning.base import prunable_linears
@@ -119,7 +121,12 @@ class MaskKeeperCallback(TrainerCallback):
 
     # -- TrainerCallback -------------------------------------------------------------------------
     def on_train_begin(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module | None = None, **kwargs: Any
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module | None = None,
+        **kwargs: Any,
     ) -> None:
         if model is None:
             raise ValueError("MaskKeeperCallback needs the model (the Trainer passes it as `model`)")
@@ -128,10 +135,14 @@ class MaskKeeperCallback(TrainerCallback):
         self._register_hooks()
         logger.info("MaskKeeperCallback: keeping %d pruned weight tensor(s) at zero", len(self._kept))
 
-    def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         self.apply_()
 
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         self._remove_hooks()
         bad = self.violations()
         if bad:

@@ -60,7 +60,9 @@ class ShiraMaskCallback(TrainerCallback):
         adapter_name: str | None = None,
         grad_accum: str | None = None,
     ) -> None:
-        if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1):
+        if num_batches is not None and (
+            isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1
+        ):
             raise ValueError(f"num_batches must be an integer >= 1, got {num_batches!r}")
         self.batches = batches
         self.num_batches = num_batches
@@ -82,7 +84,9 @@ class ShiraMaskCallback(TrainerCallback):
             return
         source = self.batches if self.batches is not None else kwargs.get("train_dataloader")
         if source is None:
-            raise ValueError("ShiraMaskCallback needs calibration batches: pass batches=... or train with a Trainer dataloader")
+            raise ValueError(
+                "ShiraMaskCallback needs calibration batches: pass batches=... or train with a Trainer dataloader"
+            )
         for name in pending:
             report = calibrate_masks_(
                 model, source, adapter_name=name, max_batches=self.num_batches, grad_accum=self.grad_accum

@@ -169,8 +169,14 @@ class SnellCallback(TrainerCallback, ExportableState):
         layers = tuner.snell_layers(name)
         keys = [k for k, _ in layers]
         caps = torch.tensor([layer.numel for _, layer in layers], dtype=torch.int64)  # (L,)
-        budget = budget_schedule(step, self._total, self._v_init, self._v_target,
-                                 init_warmup=self.init_warmup, final_warmup=self.final_warmup)
+        budget = budget_schedule(
+            step,
+            self._total,
+            self._v_init,
+            self._v_target,
+            init_warmup=self.init_warmup,
+            final_warmup=self.final_warmup,
+        )
         raw = self.layer_scores(tuner) if self.allocation_mode == "importance" else {}
         scores = torch.tensor([raw.get(k, 0.0) for k in keys], dtype=torch.float64)  # (L,)
         if float(scores.sum()) <= 0:
@@ -183,7 +189,9 @@ class SnellCallback(TrainerCallback, ExportableState):
         return result
 
     # -- events ----------------------------------------------------------------------------------
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         tuner = self._tuner(kwargs)
         name = tuner._adapter(self.adapter_name)
         target = self.target_sparsity if self.target_sparsity is not None else float(tuner.peft_config[name].sparsity)
@@ -206,11 +214,15 @@ class SnellCallback(TrainerCallback, ExportableState):
             else:
                 logger.warning("SnellCallback: %s is missing; importance EMAs restart from zero", self.ema_path)
 
-    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         if state.global_step % self.mask_interval == 0:
             self.allocate_(self._tuner(kwargs), state.global_step)
 
-    def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         if self.allocation_mode != "importance":
             return
         tuner = self._tuner(kwargs)
@@ -239,7 +251,9 @@ class SnellCallback(TrainerCallback, ExportableState):
         if os.path.isdir(folder):
             save_tensors(os.path.join(folder, STATE_FILE), {k: v.contiguous() for k, v in self._ema.items()})
 
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         model = kwargs.get("model")
         if model is None:
             return
@@ -254,7 +268,14 @@ class SnellCallback(TrainerCallback, ExportableState):
         total = sum(layer.numel for _, layer in layers)
         return 1.0 - sum(layer.keep(name) for _, layer in layers) / total if total else 0.0
 
-    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs: dict | None = None, **kwargs: Any) -> None:
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict | None = None,
+        **kwargs: Any,
+    ) -> None:
         if logs is None or kwargs.get("model") is None or not self.budget_history:
             return
         value = self.overall_sparsity(self._tuner(kwargs))

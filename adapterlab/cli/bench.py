@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.table import Table
@@ -25,7 +24,7 @@ HELP = (
 )
 
 
-def find_bench_dir(explicit: Optional[Path] = None) -> Path:
+def find_bench_dir(explicit: Path | None = None) -> Path:
     """The bench/ folder: ``--dir``, ``$ADAPTERLAB_BENCH_DIR``, ./bench, or the checkout next to the package."""
     if explicit is not None:
         candidates: list[Path] = [explicit]
@@ -69,7 +68,9 @@ def summarise(bench_dir: Path) -> list[tuple[str, str, str]]:
             rows.append((path.name, "", f"unreadable: {exc}"))
             continue
         env = data.get("env") or data.get("machine") or {}
-        versions = ", ".join(f"{k} {env[k]}" for k in ("torch", "peft", "transformers") if isinstance(env, dict) and k in env)
+        versions = ", ".join(
+            f"{k} {env[k]}" for k in ("torch", "peft", "transformers") if isinstance(env, dict) and k in env
+        )
         rows.append((path.name, str(data.get("command", "")), versions))
     return rows
 
@@ -77,10 +78,14 @@ def summarise(bench_dir: Path) -> list[tuple[str, str, str]]:
 @user_errors
 def command(
     ctx: typer.Context,
-    name: Optional[str] = typer.Argument(None, help="Benchmark to run (a bench/NAME.py); the remaining arguments go to it."),
+    name: str | None = typer.Argument(
+        None, help="Benchmark to run (a bench/NAME.py); the remaining arguments go to it."
+    ),
     list_: bool = typer.Option(False, "--list", "-l", help="List the benchmarks and exit."),
     summary: bool = typer.Option(False, "--summary", help="Summarise bench/results/*.json and exit."),
-    bench_dir: Optional[Path] = typer.Option(None, "--dir", help="The bench/ folder (default: ./bench or the checkout's)."),
+    bench_dir: Path | None = typer.Option(
+        None, "--dir", help="The bench/ folder (default: ./bench or the checkout's)."
+    ),
 ) -> None:
     folder = find_bench_dir(bench_dir)
     found = list_benchmarks(folder)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.table import Table
@@ -38,8 +38,14 @@ def adapter_table(bundle: Any, output: Path, limit: int = 40) -> Table:
         table.add_column(col, justify="left" if col == "adapter" else "right", overflow="fold")
     mean, worst = bundle.errors.per_adapter(), bundle.errors.max_per_adapter()
     for i, name in enumerate(bundle.names[:limit]):
-        table.add_row(name, str(int(bundle.group[i])), f"{mean[name]:.3e}", f"{worst[name]:.3e}",
-                      _size(bundle.raw_params[i]), _size(st["core_params_per_adapter"]))
+        table.add_row(
+            name,
+            str(int(bundle.group[i])),
+            f"{mean[name]:.3e}",
+            f"{worst[name]:.3e}",
+            _size(bundle.raw_params[i]),
+            _size(st["core_params_per_adapter"]),
+        )
     if len(bundle.names) > limit:
         table.add_row(f"... {len(bundle.names) - limit} more", "", "", "", "", "")
     table.caption = (
@@ -60,8 +66,9 @@ def layer_table(bundle: Any, limit: int = 40) -> Table:
     G = bundle.n_clusters
     for j, mod in enumerate(bundle.module_names[:limit]):
         d_out, d_in = bundle.shapes[mod]
-        table.add_row(mod, f"{d_out}x{d_in}", f"{per[mod]:.3e}", f"{float(worst[j]):.3e}",
-                      _size(G * bundle.rank * (d_out + d_in)))
+        table.add_row(
+            mod, f"{d_out}x{d_in}", f"{per[mod]:.3e}", f"{float(worst[j]):.3e}", _size(G * bundle.rank * (d_out + d_in))
+        )
     if len(bundle.module_names) > limit:
         table.add_row(f"... {len(bundle.module_names) - limit} more", "", "", "", "")
     return table
@@ -73,16 +80,20 @@ def command(
     output: Path = typer.Option(..., "--output", "-o", help="Folder to write the bundle to."),
     rank: int = typer.Option(..., "--rank", "-r", help="Shared rank c (n*r is exact)."),
     mode: str = typer.Option("full", "--mode", "-m", help="full (c x c core per adapter) or diagonal (c numbers)."),
-    clusters: Optional[int] = typer.Option(None, "--clusters", "-k", help="Number of clusters, each with its own bases."),
-    niter: Optional[int] = typer.Option(None, "--niter", help="Iterations (default 10 full, 100 diagonal)."),
+    clusters: int | None = typer.Option(None, "--clusters", "-k", help="Number of clusters, each with its own bases."),
+    niter: int | None = typer.Option(None, "--niter", help="Iterations (default 10 full, 100 diagonal)."),
     init: str = typer.Option("spectral", "--init", help="spectral, random, or block (diagonal only)."),
     normalization: str = typer.Option("normalize_BA", "--normalization", help="normalize_BA, normalize or none."),
     seed: int = typer.Option(0, "--seed"),
-    allow_mixed_ranks: bool = typer.Option(False, "--allow-mixed-ranks", help="Accept adapters of different ranks / target modules."),
-    no_check_base: bool = typer.Option(False, "--no-check-base", help="Do not compare base_model_name_or_path (shapes are still checked)."),
+    allow_mixed_ranks: bool = typer.Option(
+        False, "--allow-mixed-ranks", help="Accept adapters of different ranks / target modules."
+    ),
+    no_check_base: bool = typer.Option(
+        False, "--no-check-base", help="Do not compare base_model_name_or_path (shapes are still checked)."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder."),
-    put: Optional[str] = typer.Option(None, "--put", help="Also store the bundle in the registry under this name."),
-    hub: Optional[Path] = typer.Option(None, "--hub", help="Registry root for --put (default $ADAPTERLAB_HUB or ./hub)."),
+    put: str | None = typer.Option(None, "--put", help="Also store the bundle in the registry under this name."),
+    hub: Path | None = typer.Option(None, "--hub", help="Registry root for --put (default $ADAPTERLAB_HUB or ./hub)."),
     rows: int = typer.Option(40, "--rows", help="Rows shown per table."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
@@ -112,8 +123,17 @@ def command(
         registry = AdapterRegistry(hub)
     with progress() as prog:
         bundle = compress_adapters(
-            adapters, rank=rank, mode=mode, clusters=clusters, niter=niter, init=init, normalization=normalization,
-            seed=seed, allow_mixed_ranks=allow_mixed_ranks, check_base=not no_check_base, progress=rich_factory(prog),
+            adapters,
+            rank=rank,
+            mode=mode,
+            clusters=clusters,
+            niter=niter,
+            init=init,
+            normalization=normalization,
+            seed=seed,
+            allow_mixed_ranks=allow_mixed_ranks,
+            check_base=not no_check_base,
+            progress=rich_factory(prog),
             registry=registry,
         )
     bundle.save(output, overwrite=overwrite)
@@ -122,6 +142,13 @@ def command(
     console.print(f"wrote {output}")
     if registry is not None and put is not None:
         parents = [s.get("sha256") or s.get("path") or s.get("name") for s in bundle.sources]
-        digest = registry.put_bundle(output, put, provenance={"kind": "compressed", "parents": [p for p in parents if p],
-                                                              "recipe": {"rank": rank, "mode": mode, "clusters": clusters}})
+        digest = registry.put_bundle(
+            output,
+            put,
+            provenance={
+                "kind": "compressed",
+                "parents": [p for p in parents if p],
+                "recipe": {"rank": rank, "mode": mode, "clusters": clusters},
+            },
+        )
         console.print(f"registry {registry.root}: {put} -> {digest[:12]}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.table import Table
@@ -39,9 +38,10 @@ def _num(x: float | None, fmt: str) -> str:
 def command(
     methods: str = typer.Option("magnitude,wanda,sparsegpt", "--methods", help="Comma-separated pruning methods."),
     sparsity: float = typer.Option(0.5, "--sparsity", help="Unstructured sparsity in [0, 1)."),
-    pattern: Optional[str] = typer.Option(None, "--pattern", help="N:M pattern instead (e.g. 2:4)."),
+    pattern: str | None = typer.Option(None, "--pattern", help="N:M pattern instead (e.g. 2:4)."),
     stages: str = typer.Option(
-        "dense,prune,adapt,merge,extract,compress,serve", "--stages",
+        "dense,prune,adapt,merge,extract,compress,serve",
+        "--stages",
         help="Stages to run, in tour order (dense and prune always run; each later stage needs the ones before it).",
     ),
     adapter: str = typer.Option("lors", "--adapter", help="Sparsity-preserving adapter: lors or spp."),
@@ -50,13 +50,16 @@ def command(
     extra_steps: int = typer.Option(30, "--extra-steps", help="Training steps of each extra LoRA."),
     lr: float = typer.Option(2e-3, "--lr", help="AdamW learning rate of every adapter."),
     adapt_layers: int = typer.Option(
-        30, "--adapt-layers", help="Adapt the last N decoder layers (30 = all layers of the embedded model)."),
+        30, "--adapt-layers", help="Adapt the last N decoder layers (30 = all layers of the embedded model)."
+    ),
     compress_rank: int = typer.Option(12, "--compress-rank", help="Shared-basis rank c."),
     nsamples: int = typer.Option(16, "--nsamples", help="Calibration windows for Wanda/SparseGPT."),
     eval_windows: int = typer.Option(10, "--eval-windows", help="512-token wiki windows for perplexity (0 = all)."),
     task_n: int = typer.Option(200, "--task-n", help="Test examples scored per task (0 = all)."),
     seed: int = typer.Option(0, "--seed"),
-    output: Path = typer.Option(Path("out/demo"), "--output", "-o", help="Folder for adapters, bundle and results.json."),
+    output: Path = typer.Option(
+        Path("out/demo"), "--output", "-o", help="Folder for adapters, bundle and results.json."
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     from adapterlab.demo import DemoConfig, run_tour
@@ -90,8 +93,15 @@ def command(
         table.add_column(col, justify="left" if col in ("stage", "model", "note") else "right")
     for r in result.rows:
         table.add_row(
-            r.stage, r.name, _num(r.perplexity, ".2f"), _num(r.accuracy, ".3f"), _num(r.sparsity, ".2%"),
-            _size(r.size_bytes), _num(r.tokens_per_s, ".0f"), f"{r.seconds:.1f}", r.note,
+            r.stage,
+            r.name,
+            _num(r.perplexity, ".2f"),
+            _num(r.accuracy, ".3f"),
+            _num(r.sparsity, ".2%"),
+            _size(r.size_bytes),
+            _num(r.tokens_per_s, ".0f"),
+            f"{r.seconds:.1f}",
+            r.note,
         )
     console.print(table)
     output.mkdir(parents=True, exist_ok=True)

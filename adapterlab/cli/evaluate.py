@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.table import Table
@@ -21,13 +20,17 @@ HELP = (
 @user_errors
 def command(
     model: str = typer.Option("default", "--model", "-m", help="Model folder, or 'default'."),
-    corpus: list[str] = typer.Option(["wiki"], "--corpus", help="Held-out corpus for perplexity: wiki or lee (repeatable)."),
-    task: list[str] = typer.Option([], "--task", help="Task to score (repeatable): see `adapterlab.data.task_names()`."),
-    n: Optional[int] = typer.Option(None, "--n", help="Score only the first N test examples of each task."),
+    corpus: list[str] = typer.Option(
+        ["wiki"], "--corpus", help="Held-out corpus for perplexity: wiki or lee (repeatable)."
+    ),
+    task: list[str] = typer.Option(
+        [], "--task", help="Task to score (repeatable): see `adapterlab.data.task_names()`."
+    ),
+    n: int | None = typer.Option(None, "--n", help="Score only the first N test examples of each task."),
     seqlen: int = typer.Option(512, "--seqlen", help="Perplexity window length in tokens."),
-    max_windows: Optional[int] = typer.Option(None, "--max-windows", help="Evaluate only the first K windows."),
-    bits: Optional[int] = typer.Option(None, "--bits", help="Load the model quantized with bitsandbytes (4 or 8)."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the results as JSON here."),
+    max_windows: int | None = typer.Option(None, "--max-windows", help="Evaluate only the first K windows."),
+    bits: int | None = typer.Option(None, "--bits", help="Load the model quantized with bitsandbytes (4 or 8)."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Write the results as JSON here."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     from adapterlab import data, evaluate, models

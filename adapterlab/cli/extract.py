@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.table import Table
@@ -28,10 +28,13 @@ def _summary(result: Any, output: Path, limit: int = 40) -> Table:
     rows = [m for m in result.modules if m.stored_as != "unchanged"]
     for m in rows[:limit]:
         table.add_row(
-            m.name, "x".join(map(str, m.shape)), m.stored_as,
+            m.name,
+            "x".join(map(str, m.shape)),
+            m.stored_as,
             "-" if m.rank is None else str(m.rank),
             "-" if m.energy is None else f"{m.energy:.4f}",
-            f"{m.delta_rel:.2e}", f"{m.seconds * 1000:.1f} ms",
+            f"{m.delta_rel:.2e}",
+            f"{m.seconds * 1000:.1f} ms",
         )
     if len(rows) > limit:
         table.add_row(f"... {len(rows) - limit} more", "", "", "", "", "", "")
@@ -46,26 +49,46 @@ def _summary(result: Any, output: Path, limit: int = 40) -> Table:
 
 @user_errors
 def command(
-    base: str = typer.Option(..., "--base", "-b", help="Base model folder, or 'default' (embedded SmolLM2-135M-Instruct)."),
+    base: str = typer.Option(
+        ..., "--base", "-b", help="Base model folder, or 'default' (embedded SmolLM2-135M-Instruct)."
+    ),
     tuned: str = typer.Option(..., "--tuned", "-t", help="Fully fine-tuned model folder of the same architecture."),
     output: Path = typer.Option(..., "--output", "-o", help="Folder to write the PEFT LoRA adapter to."),
-    rank: Optional[int] = typer.Option(None, "--rank", "-r", help="Fixed rank for every layer."),
-    energy: Optional[float] = typer.Option(None, "--energy", "-e", help="Per-layer rank: smallest k keeping this energy fraction, in (0, 1]."),
+    rank: int | None = typer.Option(None, "--rank", "-r", help="Fixed rank for every layer."),
+    energy: float | None = typer.Option(
+        None, "--energy", "-e", help="Per-layer rank: smallest k keeping this energy fraction, in (0, 1]."
+    ),
     energy_scope: str = typer.Option(
-        "module", "--energy-scope",
+        "module",
+        "--energy-scope",
         help="module: each layer keeps --energy of its own delta (PHLoRA); global: the fewest parameters that keep "
-             "--energy of the whole model's delta (ranks go where σ²/(d_out+d_in) is largest)."),
+        "--energy of the whole model's delta (ranks go where σ²/(d_out+d_in) is largest).",
+    ),
     min_rank: int = typer.Option(1, "--min-rank", help="Lower clip of the energy rank."),
-    max_rank: Optional[int] = typer.Option(None, "--max-rank", help="Upper clip of the energy rank."),
+    max_rank: int | None = typer.Option(None, "--max-rank", help="Upper clip of the energy rank."),
     randomized: bool = typer.Option(False, "--randomized", help="Randomized SVD (needs --rank)."),
-    solver: str = typer.Option("svd", "--solver", help="svd (LAPACK, exact) or gram (eigh of the Gram matrix: "
-                               "same truncation, ~3x faster on CPU; tiny singular values lose precision)."),
-    skip_extras: bool = typer.Option(False, "--skip-extras", help="Do not store changed embeddings / LM head / norms (still reported)."),
-    threshold: float = typer.Option(1e-4, "--threshold", help="Relative change above which a non-linear parameter counts as changed."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="Saved dtype: float32, float16 or bfloat16 (default: the tuned model's)."),
+    solver: str = typer.Option(
+        "svd",
+        "--solver",
+        help="svd (LAPACK, exact) or gram (eigh of the Gram matrix: "
+        "same truncation, ~3x faster on CPU; tiny singular values lose precision).",
+    ),
+    skip_extras: bool = typer.Option(
+        False, "--skip-extras", help="Do not store changed embeddings / LM head / norms (still reported)."
+    ),
+    threshold: float = typer.Option(
+        1e-4, "--threshold", help="Relative change above which a non-linear parameter counts as changed."
+    ),
+    dtype: str | None = typer.Option(
+        None, "--dtype", help="Saved dtype: float32, float16 or bfloat16 (default: the tuned model's)."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder."),
-    put: Optional[str] = typer.Option(None, "--put", help="Also put the extracted LoRA into the registry under this name."),
-    hub: Optional[Path] = typer.Option(None, "--hub", envvar="ADAPTERLAB_HUB", help="Registry root for --put (default ./hub)."),
+    put: str | None = typer.Option(
+        None, "--put", help="Also put the extracted LoRA into the registry under this name."
+    ),
+    hub: Path | None = typer.Option(
+        None, "--hub", envvar="ADAPTERLAB_HUB", help="Registry root for --put (default ./hub)."
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     import torch
@@ -90,9 +113,19 @@ def command(
         check_name(put, "--put")
     with progress() as prog:
         result = extract_lora(
-            base, tuned, rank=rank, energy=energy, energy_scope=energy_scope, randomized=randomized, solver=solver,
-            min_rank=min_rank, max_rank=max_rank, extras="skip" if skip_extras else "save", threshold=threshold,
-            dtype=getattr(torch, dtype) if dtype else None, progress=rich_factory(prog),
+            base,
+            tuned,
+            rank=rank,
+            energy=energy,
+            energy_scope=energy_scope,
+            randomized=randomized,
+            solver=solver,
+            min_rank=min_rank,
+            max_rank=max_rank,
+            extras="skip" if skip_extras else "save",
+            threshold=threshold,
+            dtype=getattr(torch, dtype) if dtype else None,
+            progress=rich_factory(prog),
         )
     result.save(output, overwrite=overwrite)
     console.print(_summary(result, output))
@@ -102,8 +135,21 @@ def command(
         from adapterlab.io import base_fingerprint
         from adapterlab.models import load_model
 
-        settings = {"rank": rank, "energy": energy, "energy_scope": energy_scope, "min_rank": min_rank, "max_rank": max_rank, "randomized": randomized,
-                    "skip_extras": skip_extras, "threshold": threshold, "dtype": dtype}
-        provenance = {"kind": "extracted", "parents": [tuned], "base": base,
-                      "recipe": {"command": "adapterlab extract", "settings": settings}}
+        settings = {
+            "rank": rank,
+            "energy": energy,
+            "energy_scope": energy_scope,
+            "min_rank": min_rank,
+            "max_rank": max_rank,
+            "randomized": randomized,
+            "skip_extras": skip_extras,
+            "threshold": threshold,
+            "dtype": dtype,
+        }
+        provenance = {
+            "kind": "extracted",
+            "parents": [tuned],
+            "base": base,
+            "recipe": {"command": "adapterlab extract", "settings": settings},
+        }
         put_output(hub, output, put, provenance, base=base_fingerprint(load_model(base)))

@@ -6,7 +6,7 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.table import Table
@@ -27,7 +27,9 @@ app = typer.Typer(name="hub", help=HELP, no_args_is_help=True, add_completion=Fa
 @app.callback()
 def _root(
     ctx: typer.Context,
-    hub: Optional[Path] = typer.Option(None, "--hub", envvar="ADAPTERLAB_HUB", help="Registry root folder (default ./hub)."),
+    hub: Path | None = typer.Option(
+        None, "--hub", envvar="ADAPTERLAB_HUB", help="Registry root folder (default ./hub)."
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     setup_logging(verbose)
@@ -55,12 +57,16 @@ def _size(n: Any) -> str:
 def put(
     ctx: typer.Context,
     src: Path = typer.Argument(..., help="PEFT adapter folder (or a shared-basis bundle folder with --bundle)."),
-    name: Optional[str] = typer.Option(None, "--name", "-n", help="Name to point at it (default: the folder name)."),
-    tag: Optional[list[str]] = typer.Option(None, "--tag", "-t", help="Extra names (repeatable)."),
-    base: Optional[str] = typer.Option(None, "--base", "-b", help="Base model folder or 'default': record its fingerprint."),
-    kind: Optional[str] = typer.Option(None, "--kind", help="Provenance: trained, extracted, merged, compressed or imported (default: inferred)."),
-    parent: Optional[list[str]] = typer.Option(None, "--parent", help="Parent adapter ref or path (repeatable)."),
-    recipe: Optional[Path] = typer.Option(None, "--recipe", help="Recipe file to record in the provenance."),
+    name: str | None = typer.Option(None, "--name", "-n", help="Name to point at it (default: the folder name)."),
+    tag: list[str] | None = typer.Option(None, "--tag", "-t", help="Extra names (repeatable)."),
+    base: str | None = typer.Option(
+        None, "--base", "-b", help="Base model folder or 'default': record its fingerprint."
+    ),
+    kind: str | None = typer.Option(
+        None, "--kind", help="Provenance: trained, extracted, merged, compressed or imported (default: inferred)."
+    ),
+    parent: list[str] | None = typer.Option(None, "--parent", help="Parent adapter ref or path (repeatable)."),
+    recipe: Path | None = typer.Option(None, "--recipe", help="Recipe file to record in the provenance."),
     bundle: bool = typer.Option(False, "--bundle", help="SRC is a shared-basis bundle (stored under compressed/)."),
 ) -> None:
     """Store an adapter folder; prints its sha256 digest."""
@@ -95,7 +101,9 @@ def put(
 def get(
     ctx: typer.Context,
     ref: str = typer.Argument(..., help="Name, hub:NAME, digest or digest prefix (>= 8 hex)."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Copy the verified adapter folder here (without manifest.json)."),
+    output: Path | None = typer.Option(
+        None, "--output", "-o", help="Copy the verified adapter folder here (without manifest.json)."
+    ),
     bundle: bool = typer.Option(False, "--bundle", help="REF is a shared-basis bundle."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder."),
 ) -> None:
@@ -136,16 +144,24 @@ def ls(
         return
     table = Table(title=f"adapterlab hub: {reg.root}")
     for col in ("name", "digest", "method", "rank", "size", "base", "provenance"):
-        table.add_column(col, justify="right" if col in ("rank", "size") else "left",
-                         no_wrap=col in ("name", "digest"), overflow="fold")
+        table.add_column(
+            col,
+            justify="right" if col in ("rank", "size") else "left",
+            no_wrap=col in ("name", "digest"),
+            overflow="fold",
+        )
     for r in rows:
         if "problem" in r:
             table.add_row(r["name"] or "-", (r.get("digest") or "-")[:12], f"[red]{r['problem']}[/]", "", "", "", "")
             continue
         table.add_row(
-            r["name"] or "-", r["digest"][:12], str(r.get("method")),
-            "-" if r.get("rank") is None else str(r["rank"]), _size(r.get("bytes")),
-            str(r.get("base") or "-"), str(r.get("provenance") or "-"),
+            r["name"] or "-",
+            r["digest"][:12],
+            str(r.get("method")),
+            "-" if r.get("rank") is None else str(r["rank"]),
+            _size(r.get("bytes")),
+            str(r.get("base") or "-"),
+            str(r.get("provenance") or "-"),
         )
     table.caption = f"{len(rows)} entr{'y' if len(rows) == 1 else 'ies'}"
     console.print(table)
@@ -173,7 +189,9 @@ def tag(
 
 @app.command("verify")
 @user_errors
-def verify(ctx: typer.Context, ref: Optional[str] = typer.Argument(None, help="One adapter (default: everything).")) -> None:
+def verify(
+    ctx: typer.Context, ref: str | None = typer.Argument(None, help="One adapter (default: everything).")
+) -> None:
     """Re-hash stored files; exit 1 and list the problems if any."""
     reg = _registry(ctx)
     problems = reg.verify(ref)
@@ -186,7 +204,9 @@ def verify(ctx: typer.Context, ref: Optional[str] = typer.Argument(None, help="O
 
 @app.command("rm")
 @user_errors
-def rm(ctx: typer.Context, name: str = typer.Argument(..., help="The name to remove (objects go at the next gc).")) -> None:
+def rm(
+    ctx: typer.Context, name: str = typer.Argument(..., help="The name to remove (objects go at the next gc).")
+) -> None:
     """Remove a name; `hub gc` deletes objects no name points to."""
     digest = _registry(ctx).rm(name)
     console.print(f"removed {name} (was {digest[:12]})", highlight=False)
@@ -194,7 +214,9 @@ def rm(ctx: typer.Context, name: str = typer.Argument(..., help="The name to rem
 
 @app.command("gc")
 @user_errors
-def gc(ctx: typer.Context, dry_run: bool = typer.Option(False, "--dry-run", help="List what would go, delete nothing.")) -> None:
+def gc(
+    ctx: typer.Context, dry_run: bool = typer.Option(False, "--dry-run", help="List what would go, delete nothing.")
+) -> None:
     """Delete objects no name points to and leftovers of interrupted writes."""
     removed = _registry(ctx).gc(dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"
@@ -203,7 +225,7 @@ def gc(ctx: typer.Context, dry_run: bool = typer.Option(False, "--dry-run", help
     console.print(f"{verb} {len(removed)} object(s)", highlight=False)
 
 
-def put_output(hub: Optional[Path], folder: Path, name: str, provenance: dict[str, Any], base: Any = None) -> str:
+def put_output(hub: Path | None, folder: Path, name: str, provenance: dict[str, Any], base: Any = None) -> str:
     """Put a CLI output folder into the registry (used by `merge --put` / `extract --put`)."""
     from adapterlab.registry import AdapterRegistry
 

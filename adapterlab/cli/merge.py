@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import typer
 from pydantic import (
@@ -40,8 +40,8 @@ class AdapterEntry(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     path: str
-    weight: Optional[float] = None
-    name: Optional[str] = None
+    weight: float | None = None
+    name: str | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -53,10 +53,10 @@ class OutputSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     #: None: chosen from the inputs (``shira`` for SHiRA adapters, ``lori`` for LoRI adapters merged
     #: with linear / task_arithmetic, ``lora`` otherwise).
-    format: Optional[Literal["lora", "sparse", "full", "shira", "lori"]] = None
-    rank: Optional[int] = Field(default=None, ge=1)
-    energy: Optional[float] = Field(default=None, gt=0.0, le=1.0)
-    dtype: Optional[Literal["float32", "float16", "bfloat16"]] = None
+    format: Literal["lora", "sparse", "full", "shira", "lori"] | None = None
+    rank: int | None = Field(default=None, ge=1)
+    energy: float | None = Field(default=None, gt=0.0, le=1.0)
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None
     #: ``format: full`` only: mask the merge by the base's zeros (a pruned base stays pruned, verified).
     keep_sparsity: StrictBool = False
 
@@ -75,7 +75,7 @@ class MergeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     method: str
     adapters: list[AdapterEntry] = Field(min_length=1)
-    base: Optional[str] = None
+    base: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
     output: OutputSpec = Field(default_factory=OutputSpec)
     factorwise: bool = False
@@ -189,9 +189,11 @@ def _summary(result: Any, output: Path, limit: int = 40) -> Table:
     if len(result.modules) > limit:
         table.add_row(f"... {len(result.modules) - limit} more", "", "", "", "", "", "")
     energies = [m.energy for m in result.modules if m.energy is not None]
-    table.caption = f"{len(result.modules)} modules, {result.seconds:.2f} s" + (
-        f", min energy {min(energies):.4f}" if energies else ""
-    ) + ("" if result.base_zeros_hit is None else f", {result.base_zeros_hit} zero weights of the base filled")
+    table.caption = (
+        f"{len(result.modules)} modules, {result.seconds:.2f} s"
+        + (f", min energy {min(energies):.4f}" if energies else "")
+        + ("" if result.base_zeros_hit is None else f", {result.base_zeros_hit} zero weights of the base filled")
+    )
     return table
 
 
@@ -199,11 +201,17 @@ def _summary(result: Any, output: Path, limit: int = 40) -> Table:
 def command(
     config: Path = typer.Argument(..., help="Merge YAML (see recipes/merge/)."),
     output: Path = typer.Option(..., "--output", "-o", help="Folder to write the merged adapter / model to."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Validate the config and adapters, show the plan, write nothing."),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a config key: --set params.density=0.3 (repeatable)."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Validate the config and adapters, show the plan, write nothing."
+    ),
+    set_: list[str] | None = typer.Option(
+        None, "--set", help="Override a config key: --set params.density=0.3 (repeatable)."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder."),
-    put: Optional[str] = typer.Option(None, "--put", help="Also put the merged LoRA into the registry under this name."),
-    hub: Optional[Path] = typer.Option(None, "--hub", envvar="ADAPTERLAB_HUB", help="Registry root for --put and hub: refs (default ./hub)."),
+    put: str | None = typer.Option(None, "--put", help="Also put the merged LoRA into the registry under this name."),
+    hub: Path | None = typer.Option(
+        None, "--hub", envvar="ADAPTERLAB_HUB", help="Registry root for --put and hub: refs (default ./hub)."
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     import torch
@@ -234,14 +242,17 @@ def command(
     if put is not None:
         check_name(put, "--put")
         if cfg.method == "rmm" or cfg.output.format not in (None, "lora", "shira", "lori"):
-            raise ValueError(f"--put {put}: only an adapter output (output.format: lora, shira or lori; not sparse, "
-                             f"full or rmm) can go into the registry")
+            raise ValueError(
+                f"--put {put}: only an adapter output (output.format: lora, shira or lori; not sparse, "
+                f"full or rmm) can go into the registry"
+            )
     sources = []
     weights: list[float] | None = []
     seen: set[str] = set()
     for i, entry in enumerate(cfg.adapters):
-        src = resolve_adapter(_adapter_ref(entry, config.parent), name=entry.name, where=f"{config}: adapters.{i}",
-                              registry=registry)
+        src = resolve_adapter(
+            _adapter_ref(entry, config.parent), name=entry.name, where=f"{config}: adapters.{i}", registry=registry
+        )
         if src.name in seen:
             src.name = f"{src.name}_{i}"
         seen.add(src.name)
@@ -261,7 +272,9 @@ def command(
         table.add_column("rank(s)", justify="right")
         for i, s in enumerate(sources):
             ranks = sorted({m.rank for m in s.modules.values()})
-            table.add_row(s.name, "-" if weights is None else f"{weights[i]:g}", str(len(s.modules)), ",".join(map(str, ranks)))
+            table.add_row(
+                s.name, "-" if weights is None else f"{weights[i]:g}", str(len(s.modules)), ",".join(map(str, ranks))
+            )
         table.caption = f"{len(shapes)} modules in the union; params {cfg.params or '{}'}; nothing written"
         console.print(table)
         return
@@ -272,11 +285,22 @@ def command(
     with progress() as prog:
         kwargs: dict[str, Any] = dict(cfg.params)
         if cfg.method != "rmm":
-            kwargs.update(output=cfg.output.format, rank=cfg.output.rank, energy=cfg.output.energy,
-                          factorwise=cfg.factorwise, keep_sparsity=cfg.output.keep_sparsity)
+            kwargs.update(
+                output=cfg.output.format,
+                rank=cfg.output.rank,
+                energy=cfg.output.energy,
+                factorwise=cfg.factorwise,
+                keep_sparsity=cfg.output.keep_sparsity,
+            )
         result = merge_adapters(
-            sources, cfg.method, weights=weights, base=cfg.base, dtype=dtype, check_base=cfg.check_base,
-            progress=rich_factory(prog), **kwargs,
+            sources,
+            cfg.method,
+            weights=weights,
+            base=cfg.base,
+            dtype=dtype,
+            check_base=cfg.check_base,
+            progress=rich_factory(prog),
+            **kwargs,
         )
     tokenizer = None
     if cfg.output.format == "full" and cfg.base is not None:

@@ -10,7 +10,7 @@ import shutil
 import tempfile
 from collections import defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import typer
 from rich.table import Table
@@ -35,9 +35,7 @@ def _validate_output(output: Path, overwrite: bool) -> None:
     if output.exists() and not output.is_dir():
         raise FileExistsError(f"output {str(output)!r} exists and is not a folder")
     if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"output folder {str(output)!r} exists and is not empty (pass --overwrite to replace it)"
-        )
+        raise FileExistsError(f"output folder {str(output)!r} exists and is not empty (pass --overwrite to replace it)")
 
 
 def _validate_model_config(path: Path, nm: tuple[int, int] | None, seqlen: int | None) -> None:
@@ -90,7 +88,9 @@ def _summary(report: PruneReport, output: Path) -> Table:
     table.add_column("sparsity", justify="right")
     for name, (count, zeros, numel) in kinds.items():
         table.add_row(name, str(count), f"{zeros:,}", f"{zeros / numel:.2%}")
-    table.add_row("[bold]total[/]", str(len(report.layers)), f"{report.zeros:,}", f"[bold]{report.global_sparsity:.2%}[/]")
+    table.add_row(
+        "[bold]total[/]", str(len(report.layers)), f"{report.zeros:,}", f"[bold]{report.global_sparsity:.2%}[/]"
+    )
     if report.nm_valid is not None:
         table.caption = f"{pattern} pattern valid in every group: {report.nm_valid}"
     return table
@@ -98,13 +98,17 @@ def _summary(report: PruneReport, output: Path) -> Table:
 
 @user_errors
 def command(
-    model: str = typer.Option("default", "--model", "-m", help="Model folder, or 'default' (embedded SmolLM2-135M-Instruct)."),
+    model: str = typer.Option(
+        "default", "--model", "-m", help="Model folder, or 'default' (embedded SmolLM2-135M-Instruct)."
+    ),
     method: str = typer.Option("wanda", "--method", help="Pruning method: magnitude, wanda or sparsegpt."),
-    sparsity: Optional[float] = typer.Option(
+    sparsity: float | None = typer.Option(
         None, "--sparsity", help="Fraction pruned, in [0, 1) (unstructured; default 0.5). Ignored with --pattern."
     ),
-    pattern: Optional[str] = typer.Option(None, "--pattern", help="N:M semi-structured pattern, e.g. 2:4 or 4:8 (omit for unstructured)."),
-    scope: Optional[str] = typer.Option(None, "--scope", help="Magnitude comparison scope: matrix (default) or row."),
+    pattern: str | None = typer.Option(
+        None, "--pattern", help="N:M semi-structured pattern, e.g. 2:4 or 4:8 (omit for unstructured)."
+    ),
+    scope: str | None = typer.Option(None, "--scope", help="Magnitude comparison scope: matrix (default) or row."),
     nsamples: int = typer.Option(128, "--nsamples", help="Calibration windows (wanda, sparsegpt)."),
     seqlen: int = typer.Option(512, "--seqlen", help="Tokens per calibration window."),
     seed: int = typer.Option(0, "--seed", help="Seed of the calibration windows."),
@@ -173,7 +177,12 @@ def command(
         )
         info = report.to_dict()
         info.update(
-            {"model": str(model), "mask_sha256": digest, "seed": seed, "seqlen": seqlen if calibration is not None else None}
+            {
+                "model": str(model),
+                "mask_sha256": digest,
+                "seed": seed,
+                "seqlen": seqlen if calibration is not None else None,
+            }
         )
         (staging / "sparsity_report.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         _default_permissions(staging)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.table import Table
@@ -25,7 +24,9 @@ HELP = (
 @user_errors
 def command(
     recipe: Path = typer.Argument(..., help="Pipeline YAML (see recipes/pipelines/)."),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a key: --set steps.1.train.trainer.max_steps=20 (repeatable)."),
+    set_: list[str] | None = typer.Option(
+        None, "--set", help="Override a key: --set steps.1.train.trainer.max_steps=20 (repeatable)."
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Check the pipeline and print the plan; run nothing."),
     no_put: bool = typer.Option(False, "--no-put", help="Skip registry writes of train and put steps."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
@@ -54,6 +55,8 @@ def command(
     for col in ("step", "outputs", "time"):
         done.add_column(col)
     for name, outs in result.outputs.items():
-        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in outs.items() if v is not None)
+        shown = ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in outs.items() if v is not None
+        )
         done.add_row(name, shown, f"{result.seconds[name]:.1f} s")
     console.print(done)

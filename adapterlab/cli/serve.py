@@ -6,7 +6,6 @@ import ipaddress
 import logging
 import os
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.table import Table
@@ -42,9 +41,14 @@ def _table(server: object, url: str | None) -> Table:
     for col in ("adapter", "kind", "loaded", "pinned", "rank", "source"):
         table.add_column(col, justify="left")
     for row in server.adapters():  # type: ignore[attr-defined]
-        table.add_row(row["name"], str(row["kind"] or "-"), "yes" if row["loaded"] else "no",
-                      "yes" if row["pinned"] else "no", str(row["rank"] if row["rank"] is not None else "-"),
-                      str(row["source"]))
+        table.add_row(
+            row["name"],
+            str(row["kind"] or "-"),
+            "yes" if row["loaded"] else "no",
+            "yes" if row["pinned"] else "no",
+            str(row["rank"] if row["rank"] is not None else "-"),
+            str(row["source"]),
+        )
     return table
 
 
@@ -54,15 +58,17 @@ def command(
     adapter: list[str] = typer.Option([], "--adapter", "-a", help="NAME=FOLDER or NAME=hub:REF (repeatable)."),
     bundle: list[str] = typer.Option([], "--bundle", "-b", help="Shared-basis bundle folder or hub:REF (repeatable)."),
     pin: list[str] = typer.Option([], "--pin", help="Adapter names to load now and never evict (repeatable)."),
-    hub: Optional[Path] = typer.Option(None, "--hub", help="Registry root (default: $ADAPTERLAB_HUB, else none)."),
+    hub: Path | None = typer.Option(None, "--hub", help="Registry root (default: $ADAPTERLAB_HUB, else none)."),
     capacity: int = typer.Option(32, "--capacity", help="LoRA/SHiRA adapters kept in memory (LRU)."),
     max_batch: int = typer.Option(16, "--max-batch", help="Requests per batched forward."),
     queue: int = typer.Option(64, "--queue", help="Queued requests before answering 503."),
     max_new_tokens: int = typer.Option(512, "--max-new-tokens", help="Largest max_tokens a request may ask for."),
-    read_timeout: float = typer.Option(30.0, "--read-timeout", help="Seconds a connection may stall or idle before 408 / close."),
+    read_timeout: float = typer.Option(
+        30.0, "--read-timeout", help="Seconds a connection may stall or idle before 408 / close."
+    ),
     host: str = typer.Option("127.0.0.1", "--host", help="Bind address (loopback only)."),
     port: int = typer.Option(8000, "--port", "-p", help="TCP port (0 = any free port)."),
-    port_file: Optional[Path] = typer.Option(None, "--port-file", help="Write the bound port to this file."),
+    port_file: Path | None = typer.Option(None, "--port-file", help="Write the bound port to this file."),
     check: bool = typer.Option(False, "--check", help="Load the base, adapters and bundles, print them, exit."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
@@ -71,8 +77,13 @@ def command(
     from adapterlab.serving.http import ServingHTTP
 
     setup_logging(verbose)
-    for opt, value, low in (("--capacity", capacity, 1), ("--max-batch", max_batch, 1), ("--queue", queue, 1),
-                            ("--max-new-tokens", max_new_tokens, 1), ("--port", port, 0)):
+    for opt, value, low in (
+        ("--capacity", capacity, 1),
+        ("--max-batch", max_batch, 1),
+        ("--queue", queue, 1),
+        ("--max-new-tokens", max_new_tokens, 1),
+        ("--port", port, 0),
+    ):
         if value < low:
             raise ValueError(f"{opt} must be >= {low}, got {value}")
     if not read_timeout > 0:
@@ -81,7 +92,9 @@ def command(
         raise ValueError(f"--port must be <= 65535, got {port}")
     try:
         if not ipaddress.ip_address(host).is_loopback:
-            raise ValueError(f"--host {host!r} is not a loopback address; adapterlab serve binds to 127.0.0.1 / ::1 only")
+            raise ValueError(
+                f"--host {host!r} is not a loopback address; adapterlab serve binds to 127.0.0.1 / ::1 only"
+            )
     except ValueError as exc:
         if "loopback" in str(exc):
             raise
@@ -89,7 +102,9 @@ def command(
     specs = _parse_adapters(adapter)
     for name, source in specs.items():
         if not source.startswith("hub:") and not (Path(source).expanduser() / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"--adapter {name}: {source!r} is not a PEFT adapter folder (no adapter_config.json)")
+            raise FileNotFoundError(
+                f"--adapter {name}: {source!r} is not a PEFT adapter folder (no adapter_config.json)"
+            )
     registry = None
     root = hub or os.environ.get("ADAPTERLAB_HUB")
     if root is not None:
@@ -114,8 +129,15 @@ def command(
         console.print("check passed: base, adapters and bundles load")
         return
     try:
-        app = ServingHTTP(server, host=host, port=port, max_queue=queue, max_batch=max_batch,
-                          max_new_tokens=max_new_tokens, read_timeout_s=read_timeout)
+        app = ServingHTTP(
+            server,
+            host=host,
+            port=port,
+            max_queue=queue,
+            max_batch=max_batch,
+            max_new_tokens=max_new_tokens,
+            read_timeout_s=read_timeout,
+        )
     except OSError as exc:
         raise ValueError(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
     if port_file is not None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.table import Table
@@ -26,8 +25,12 @@ HELP = (
 @user_errors
 def command(
     recipe: Path = typer.Argument(..., help="Train recipe YAML (see recipes/train/)."),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a key: --set trainer.max_steps=50 (repeatable; value parsed as YAML)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Validate the recipe and show the plan; load no weights, write nothing."),
+    set_: list[str] | None = typer.Option(
+        None, "--set", help="Override a key: --set trainer.max_steps=50 (repeatable; value parsed as YAML)."
+    ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Validate the recipe and show the plan; load no weights, write nothing."
+    ),
     no_put: bool = typer.Option(False, "--no-put", help="Do not put the trained adapter into the registry."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
@@ -50,9 +53,13 @@ def command(
         table.add_row("base", base)
         table.add_row("adapter", f"{cfg.adapter.method} {type(checked[0]).__name__}({cfg.adapter.params})")
         table.add_row("callbacks", ", ".join(type(c).__name__ for c in checked[1]) or "-")
-        table.add_row("data", f"{cfg.data.task}: {cfg.data.max_examples or 'all'} examples, max_length {cfg.data.max_length}")
+        table.add_row(
+            "data", f"{cfg.data.task}: {cfg.data.max_examples or 'all'} examples, max_length {cfg.data.max_length}"
+        )
         table.add_row("trainer", f"{cfg.backend}: {cfg.trainer}")
-        table.add_row("eval", "-" if cfg.eval is None else f"{cfg.eval.split} n={cfg.eval.n}, zero-shot {cfg.eval.zero_shot}")
+        table.add_row(
+            "eval", "-" if cfg.eval is None else f"{cfg.eval.split} n={cfg.eval.n}, zero-shot {cfg.eval.zero_shot}"
+        )
         table.add_row("output", cfg.output)
         table.add_row("put", "no" if (no_put or cfg.put is None) else f"hub:{cfg.put.name or Path(cfg.output).name}")
         console.print(table)
@@ -62,12 +69,20 @@ def command(
 
     hf_logging.disable_progress_bar()
     with progress() as prog:
-        result = train_adapter(cfg, put=not no_put, progress=rich_factory(prog), provenance={"recipe_file": str(recipe)}, checked=checked)
+        result = train_adapter(
+            cfg, put=not no_put, progress=rich_factory(prog), provenance={"recipe_file": str(recipe)}, checked=checked
+        )
     table = Table(title=f"adapterlab train: {cfg.adapter.method} on {cfg.data.task} -> {result.output}")
     for col in ("zero-shot", "accuracy", "steps", "trainable", "time", "hub"):
         table.add_column(col, justify="right")
     fmt = lambda v: "-" if v is None else f"{v:.2%}"  # noqa: E731
-    table.add_row(fmt(result.zero_shot), fmt(result.accuracy), str(result.steps), f"{result.trainable_params:,}",
-                  f"{result.seconds:.1f} s", result.ref or "-")
+    table.add_row(
+        fmt(result.zero_shot),
+        fmt(result.accuracy),
+        str(result.steps),
+        f"{result.trainable_params:,}",
+        f"{result.seconds:.1f} s",
+        result.ref or "-",
+    )
     console.print(table)
     console.print(f"wrote {result.output}" + (f" (sha256 {result.digest[:12]})" if result.digest else ""))

@@ -206,7 +206,9 @@ def _check_rank(c: int, n_r: int, init: str) -> None:
 SOLVERS = ("auto", "eigh", "ritz")
 
 
-def _sym_top(Fm: Tensor, H: Tensor, k: int, prev: Tensor | None, solver: str, generator: torch.Generator | None) -> Tensor:
+def _sym_top(
+    Fm: Tensor, H: Tensor, k: int, prev: Tensor | None, solver: str, generator: torch.Generator | None
+) -> Tensor:
     """Leading ``k`` eigenvectors of ``S = Σ_i F_i H_i F_iᵀ`` (``F [n, m, r]``, ``H [n, r, r]`` PSD).
 
     ``eigh`` builds S (``O(m² n r)``) and diagonalises it exactly; ``ritz`` never builds it: a block
@@ -239,8 +241,10 @@ def _spectral(
     """Leading eigenvectors of ``Σ ΔW_i ΔW_iᵀ`` and ``Σ ΔW_iᵀ ΔW_i`` (factor form, reduced coordinates)."""
     aat = At @ At.transpose(1, 2)  # [n, r, r]
     btb = Bt.transpose(1, 2) @ Bt  # [n, r, r]
-    return (_sym_top(Bt, aat, ku, None, solver, generator),
-            _sym_top(At.transpose(1, 2), btb, kv, None, solver, generator))
+    return (
+        _sym_top(Bt, aat, ku, None, solver, generator),
+        _sym_top(At.transpose(1, 2), btb, kv, None, solver, generator),
+    )
 
 
 def fit_full(
@@ -281,7 +285,9 @@ def fit_full(
     n, d_out, r = B.shape
     _check_rank(c, n * r, init)
     if init == "block":
-        raise ValueError("init='block' is for mode='diagonal'; the full mode reaches the exact solution from 'spectral' or 'random'")
+        raise ValueError(
+            "init='block' is for mode='diagonal'; the full mode reaches the exact solution from 'spectral' or 'random'"
+        )
     if solver not in SOLVERS:
         raise ValueError(f"solver={solver!r}: choose one of {', '.join(SOLVERS)}")
     generator = generator if generator is not None else torch.Generator().manual_seed(0)  # reproducible by default
@@ -363,8 +369,12 @@ def fit_diagonal(
     elif init == "spectral":
         ku, kv = min(c, m1), min(c, m2)
         ut, vt = _spectral(Bt, At, ku, kv, "auto", generator)  # orthonormal; extra columns (c > m) random
-        ut = torch.cat([ut, torch.randn(m1, c - ku, generator=generator, dtype=torch.float64).to(dt) / math.sqrt(m1)], 1)
-        vt = torch.cat([vt, torch.randn(m2, c - kv, generator=generator, dtype=torch.float64).to(dt) / math.sqrt(m2)], 1)
+        ut = torch.cat(
+            [ut, torch.randn(m1, c - ku, generator=generator, dtype=torch.float64).to(dt) / math.sqrt(m1)], 1
+        )
+        vt = torch.cat(
+            [vt, torch.randn(m2, c - kv, generator=generator, dtype=torch.float64).to(dt) / math.sqrt(m2)], 1
+        )
     else:
         ut = torch.randn(m1, c, generator=generator, dtype=torch.float64).to(dt)
         vt = torch.randn(m2, c, generator=generator, dtype=torch.float64).to(dt)
@@ -392,7 +402,9 @@ def fit_diagonal(
         P = ut.T @ Bt
         history.append(objective(sigma))
         # V-step
-        num = At.permute(2, 0, 1).reshape(m2, n * r) @ (P.transpose(1, 2) * sigma[:, None, :]).reshape(n * r, c)  # [m2, c]
+        num = At.permute(2, 0, 1).reshape(m2, n * r) @ (P.transpose(1, 2) * sigma[:, None, :]).reshape(
+            n * r, c
+        )  # [m2, c]
         den = (ut.T @ ut) * (sigma.T @ sigma)
         vt = spd_solve(den, num.T, ridge).T  # [m2, c]
         Q = At @ vt

@@ -151,7 +151,9 @@ class SharedBasisBundle:
 
     def _module(self, module: str) -> str:
         if module not in self.bases:
-            raise KeyError(f"module {module!r} is not in the bundle; modules: {self.module_names[:4]}... ({len(self.module_names)})")
+            raise KeyError(
+                f"module {module!r} is not in the bundle; modules: {self.module_names[:4]}... ({len(self.module_names)})"
+            )
         return module
 
     def factors(self, module: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -184,9 +186,16 @@ class SharedBasisBundle:
         raw = int(sum(self.raw_params))
         total = bases + cores
         return {
-            "adapters": n, "clusters": G, "rank": c, "mode": self.mode,
-            "bases_params": bases, "cores_params": cores, "compressed_params": total, "raw_params": raw,
-            "compressed_bytes": 4 * total, "raw_bytes": 4 * raw,
+            "adapters": n,
+            "clusters": G,
+            "rank": c,
+            "mode": self.mode,
+            "bases_params": bases,
+            "cores_params": cores,
+            "compressed_params": total,
+            "raw_params": raw,
+            "compressed_bytes": 4 * total,
+            "raw_bytes": 4 * raw,
             "core_params_per_adapter": len(self.module_names) * per_core,
             "raw_params_per_adapter": raw / n if n else 0.0,
             "ratio": raw / total if total else math.inf,
@@ -243,7 +252,11 @@ class SharedBasisBundle:
             U, V = self.bases[mod]
             per_group = []
             for g in range(G):
-                core = F.project_full(U[g], V[g], B, A) if self.mode == "full" else F.project_diagonal(U[g], V[g], B, A, ridge)
+                core = (
+                    F.project_full(U[g], V[g], B, A)
+                    if self.mode == "full"
+                    else F.project_diagonal(U[g], V[g], B, A, ridge)
+                )
                 errs[g, j] = F.relative_errors(U[g], V[g], core, B, A)[0]
                 per_group.append(core)
             cand[mod] = torch.stack(per_group)  # [G, 1, c(, c)]
@@ -266,7 +279,9 @@ class SharedBasisBundle:
         for mod in self.module_names:
             target = model.get_submodule(mod).weight
             if tuple(target.shape) != self.shapes[mod]:
-                raise ValueError(f"model module {mod!r} has weight shape {list(target.shape)}, the bundle {list(self.shapes[mod])}")
+                raise ValueError(
+                    f"model module {mod!r} has weight shape {list(target.shape)}, the bundle {list(self.shapes[mod])}"
+                )
             target.copy_((target.float() + weight * self.delta(name, mod)).to(target.dtype))
 
     def export(
@@ -279,27 +294,50 @@ class SharedBasisBundle:
         """
         i = self.index(name)
         factors = {mod: self.reconstruct(name, mod) for mod in self.module_names}
-        meta = {"provenance": "compressed", "method": "shared_basis", "mode": self.mode, "rank_c": self.rank,
-                "cluster": int(self.group[i]), "adapter": name, "source": self.sources[i] if i < len(self.sources) else None,
-                "error_mean": float(self.errors.values[i].mean())}
+        meta = {
+            "provenance": "compressed",
+            "method": "shared_basis",
+            "mode": self.mode,
+            "rank_c": self.rank,
+            "cluster": int(self.group[i]),
+            "adapter": name,
+            "source": self.sources[i] if i < len(self.sources) else None,
+            "error_mean": float(self.errors.values[i].mean()),
+        }
         with staged_dir(out_dir, overwrite) as stage:
-            write_lora_dir(stage, factors, embeddings=set(self.embeddings), fan_in_fan_out=self.fan_in_fan_out,
-                           base_model_name_or_path=self.base_model, dtype=dtype, metadata=meta)
+            write_lora_dir(
+                stage,
+                factors,
+                embeddings=set(self.embeddings),
+                fan_in_fan_out=self.fan_in_fan_out,
+                base_model_name_or_path=self.base_model,
+                dtype=dtype,
+                metadata=meta,
+            )
         return Path(out_dir)
 
     # -- persistence --------------------------------------------------------------------------
 
     def config(self) -> dict[str, Any]:
         return {
-            "type": "shared_basis", "format": FORMAT, "mode": self.mode, "rank_c": self.rank,
-            "n_loras": len(self.names), "names": list(self.names),
+            "type": "shared_basis",
+            "format": FORMAT,
+            "mode": self.mode,
+            "rank_c": self.rank,
+            "n_loras": len(self.names),
+            "names": list(self.names),
             "clusters": {str(g): [self.names.index(n) for n in names] for g, names in self.clusters.items()},
             "normalization": self.settings.get("normalization"),
             "per_lora_norms": f"{SIGMAS_FILE}: <module>.norm [n]",
-            "module_names": list(self.module_names), "shapes": {m: list(s) for m, s in self.shapes.items()},
-            "module_ranks": dict(self.module_ranks), "embeddings": list(self.embeddings),
-            "fan_in_fan_out": self.fan_in_fan_out, "base_model_name_or_path": self.base_model,
-            "raw_params": list(self.raw_params), "settings": dict(self.settings), "sources": list(self.sources),
+            "module_names": list(self.module_names),
+            "shapes": {m: list(s) for m, s in self.shapes.items()},
+            "module_ranks": dict(self.module_ranks),
+            "embeddings": list(self.embeddings),
+            "fan_in_fan_out": self.fan_in_fan_out,
+            "base_model_name_or_path": self.base_model,
+            "raw_params": list(self.raw_params),
+            "settings": dict(self.settings),
+            "sources": list(self.sources),
             "errors": {"mean": self.errors.mean, "per_adapter": self.errors.per_adapter()},
             "storage": self.storage(),
             # objective (residual) at the start and end of each module's fit, per cluster
@@ -373,19 +411,37 @@ class SharedBasisBundle:
             V = torch.stack([need(bases_t, f"{mod}.{g}.V", BASES_FILE).T for g in range(G)]).float()
             core = need(sig_t, f"{mod}.sigma", SIGMAS_FILE).float()
             want = (n, c, c) if cfg["mode"] == "full" else (n, c)
-            if tuple(U.shape) != (G, *shapes[mod][:1], c) or tuple(V.shape) != (G, c, shapes[mod][1]) or tuple(core.shape) != want:
-                raise ValueError(f"{root}: tensors of module {mod!r} have inconsistent shapes (truncated or edited bundle?)")
+            if (
+                tuple(U.shape) != (G, *shapes[mod][:1], c)
+                or tuple(V.shape) != (G, c, shapes[mod][1])
+                or tuple(core.shape) != want
+            ):
+                raise ValueError(
+                    f"{root}: tensors of module {mod!r} have inconsistent shapes (truncated or edited bundle?)"
+                )
             bases[mod], cores[mod] = (U.contiguous(), V.contiguous()), core
             norms[mod] = need(sig_t, f"{mod}.norm", SIGMAS_FILE).float()
         group = need(sig_t, "group", SIGMAS_FILE).long()
         errors = CompressionErrors(names, modules, need(sig_t, "errors", SIGMAS_FILE).double())
         return cls(
-            names=names, mode=cfg["mode"], rank=c, module_names=modules, shapes=shapes, bases=bases, cores=cores,
-            group=group, norms=norms, errors=errors, embeddings=list(cfg.get("embeddings", [])),
-            fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)), base_model=cfg.get("base_model_name_or_path"),
+            names=names,
+            mode=cfg["mode"],
+            rank=c,
+            module_names=modules,
+            shapes=shapes,
+            bases=bases,
+            cores=cores,
+            group=group,
+            norms=norms,
+            errors=errors,
+            embeddings=list(cfg.get("embeddings", [])),
+            fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)),
+            base_model=cfg.get("base_model_name_or_path"),
             module_ranks={k: int(v) for k, v in cfg.get("module_ranks", {}).items()},
-            raw_params=[int(x) for x in cfg.get("raw_params", [])], settings=dict(cfg.get("settings", {})),
-            sources=list(cfg.get("sources", [])), history=dict(cfg.get("history", {})),
+            raw_params=[int(x) for x in cfg.get("raw_params", [])],
+            settings=dict(cfg.get("settings", {})),
+            sources=list(cfg.get("sources", [])),
+            history=dict(cfg.get("history", {})),
         )
 
 
@@ -424,7 +480,7 @@ def _check_same_ranks(
     sources: Sequence[LoraSource], modules: Sequence[str], ranks: Mapping[str, int], first: str | None
 ) -> None:
     """Every adapter targets every module with the recorded rank, else one clear error."""
-    for i, src in enumerate(sources):
+    for _i, src in enumerate(sources):
         missing = [m for m in modules if m not in src.modules]
         if missing:
             raise ValueError(
@@ -451,11 +507,25 @@ class _ModuleFit:
 
 
 def _fit_module(
-    B: Tensor, A: Tensor, group: Tensor, G: int, *, mode: str, c: int, niter: int, init: str, solver: str, normalization: str,
-    ridge: float, seed: int, module: str, device: torch.device, want_cost: bool,
+    B: Tensor,
+    A: Tensor,
+    group: Tensor,
+    G: int,
+    *,
+    mode: str,
+    c: int,
+    niter: int,
+    init: str,
+    solver: str,
+    normalization: str,
+    ridge: float,
+    seed: int,
+    module: str,
+    device: torch.device,
+    want_cost: bool,
 ) -> tuple[_ModuleFit, Tensor | None]:
     n, d_out, _ = B.shape
-    d_in = A.shape[2]
+    A.shape[2]
     Bd, Ad = B.to(device), A.to(device)
     Us, Vs, hist = [], [], []
     per_core = (c, c) if mode == "full" else (c,)
@@ -506,7 +576,11 @@ def _enforce_min_size(labels: Tensor, cost: Tensor, G: int, min_size: int) -> Te
 
 
 def _sketch_labels(
-    sources: Sequence[LoraSource], modules: Sequence[str], shapes: Mapping[str, tuple[int, int]], k: int, seed: int,
+    sources: Sequence[LoraSource],
+    modules: Sequence[str],
+    shapes: Mapping[str, tuple[int, int]],
+    k: int,
+    seed: int,
     progress: ProgressFactory | None,
 ) -> Tensor:
     """Initial clusters: spherical k-means on random sketches of ``ΔWΔWᵀ`` and ``ΔWᵀΔW`` (column / row
@@ -612,7 +686,9 @@ def compress_adapters(
     n = len(sources)
     G = 1 if clusters is None else _check_int("clusters", clusters, 1)
     if G > n or G * min_cluster_size > n:
-        raise ValueError(f"clusters={G} with min_cluster_size={min_cluster_size} needs at least {G * min_cluster_size} adapters, got {n}")
+        raise ValueError(
+            f"clusters={G} with min_cluster_size={min_cluster_size} needs at least {G * min_cluster_size} adapters, got {n}"
+        )
     shapes = check_compatible(sources, check_base=check_base)
     modules = list(shapes)
     ranks = {mod: m.rank for mod, m in sources[0].modules.items()}
@@ -628,11 +704,23 @@ def compress_adapters(
         ranks = {mod: max((s.modules[mod].rank for s in sources if mod in s.modules), default=0) for mod in modules}
     for mod, (d_out, d_in) in shapes.items():
         if c > min(d_out, d_in):
-            raise ValueError(f"rank={c} exceeds min(d_out, d_in) = {min(d_out, d_in)} of module {mod!r}; choose rank <= {min(d_out, d_in)}")
+            raise ValueError(
+                f"rank={c} exceeds min(d_out, d_in) = {min(d_out, d_in)} of module {mod!r}; choose rank <= {min(d_out, d_in)}"
+            )
     dev = torch.device(device) if device is not None else torch.device("cpu")
     embeddings = sorted({mod for s in sources for mod, m in s.modules.items() if m.embedding})
     fan = any(bool(s.config.get("fan_in_fan_out", False)) for s in sources)
-    kw = dict(mode=mode, c=c, niter=niter, init=init, solver=solver, normalization=normalization, ridge=float(ridge), seed=seed, device=dev)
+    kw = dict(
+        mode=mode,
+        c=c,
+        niter=niter,
+        init=init,
+        solver=solver,
+        normalization=normalization,
+        ridge=float(ridge),
+        seed=seed,
+        device=dev,
+    )
 
     def run_pass(labels: Tensor, want_cost: bool, what: str) -> tuple[dict[str, _ModuleFit], Tensor | None]:
         fits: dict[str, _ModuleFit] = {}
@@ -650,8 +738,12 @@ def compress_adapters(
         labels = torch.zeros(n, dtype=torch.long)
         fits, _ = run_pass(labels, False, "compress: fit")
     else:
-        labels = _enforce_min_size(_sketch_labels(sources, modules, shapes, G, seed, progress),
-                                   torch.zeros(n, G, dtype=torch.float64), G, min_cluster_size)
+        labels = _enforce_min_size(
+            _sketch_labels(sources, modules, shapes, G, seed, progress),
+            torch.zeros(n, G, dtype=torch.float64),
+            G,
+            min_cluster_size,
+        )
         converged = False
         for rounds in range(1, max_rounds + 1):
             fits, cost = run_pass(labels, True, f"compress: clustering round {rounds}")
@@ -663,20 +755,55 @@ def compress_adapters(
             labels = new
         if not converged:
             fits, _ = run_pass(labels, False, "compress: final fit")
-        logger.info("clustering: %d rounds, converged=%s, sizes %s", rounds, converged, torch.bincount(labels, minlength=G).tolist())
+        logger.info(
+            "clustering: %d rounds, converged=%s, sizes %s",
+            rounds,
+            converged,
+            torch.bincount(labels, minlength=G).tolist(),
+        )
     names = [s.name for s in sources]
     errors = CompressionErrors(names, modules, torch.stack([fits[m].errors for m in modules], 1))
-    settings = {"niter": niter, "init": init, "solver": solver, "normalization": normalization, "seed": seed, "ridge": float(ridge),
-                "clusters": G, "clustering_rounds": rounds, "min_cluster_size": min_cluster_size,
-                "allow_mixed_ranks": allow_mixed_ranks, "seconds": round(time.perf_counter() - t0, 3)}
+    settings = {
+        "niter": niter,
+        "init": init,
+        "solver": solver,
+        "normalization": normalization,
+        "seed": seed,
+        "ridge": float(ridge),
+        "clusters": G,
+        "clustering_rounds": rounds,
+        "min_cluster_size": min_cluster_size,
+        "allow_mixed_ranks": allow_mixed_ranks,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
     bundle = SharedBasisBundle(
-        names=names, mode=mode, rank=c, module_names=modules, shapes=dict(shapes),
-        bases={m: (fits[m].U, fits[m].V) for m in modules}, cores={m: fits[m].cores for m in modules},
-        group=labels.clone(), norms={m: fits[m].norms for m in modules}, errors=errors, embeddings=embeddings,
-        fan_in_fan_out=fan, base_model=sources[0].base_model, module_ranks=ranks,
-        raw_params=[_raw_params(s, shapes) for s in sources], settings=settings,
-        sources=[s.info() for s in sources], history={m: fits[m].history for m in modules},
+        names=names,
+        mode=mode,
+        rank=c,
+        module_names=modules,
+        shapes=dict(shapes),
+        bases={m: (fits[m].U, fits[m].V) for m in modules},
+        cores={m: fits[m].cores for m in modules},
+        group=labels.clone(),
+        norms={m: fits[m].norms for m in modules},
+        errors=errors,
+        embeddings=embeddings,
+        fan_in_fan_out=fan,
+        base_model=sources[0].base_model,
+        module_ranks=ranks,
+        raw_params=[_raw_params(s, shapes) for s in sources],
+        settings=settings,
+        sources=[s.info() for s in sources],
+        history={m: fits[m].history for m in modules},
     )
-    logger.info("compressed %d adapters x %d modules to rank %d (%s): mean error %.4g, %.1fx smaller, %.1f s",
-                n, len(modules), c, mode, errors.mean, bundle.storage()["ratio"], settings["seconds"])
+    logger.info(
+        "compressed %d adapters x %d modules to rank %d (%s): mean error %.4g, %.1fx smaller, %.1f s",
+        n,
+        len(modules),
+        c,
+        mode,
+        errors.mean,
+        bundle.storage()["ratio"],
+        settings["seconds"],
+    )
     return bundle

@@ -12,7 +12,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["LowRankFactors", "energy_rank", "global_energy_ranks", "low_rank_factors", "retained_energy", "singular_values"]
+__all__ = [
+    "LowRankFactors",
+    "energy_rank",
+    "global_energy_ranks",
+    "low_rank_factors",
+    "retained_energy",
+    "singular_values",
+]
 
 
 @dataclass

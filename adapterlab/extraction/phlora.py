@@ -253,7 +253,9 @@ def _check_settings(rank: Any, energy: Any, min_rank: int, max_rank: int | None,
         raise ValueError("rank/energy: give exactly one of rank (fixed k) and energy (retained-energy threshold)")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
-    if energy is not None and (isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0.0 < energy <= 1.0):
+    if energy is not None and (
+        isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0.0 < energy <= 1.0
+    ):
         raise ValueError(f"energy must be in (0, 1], got {energy!r}")
     if randomized and rank is None:
         raise ValueError("randomized: the randomized SVD needs a fixed rank (the energy rule needs the whole spectrum)")
@@ -356,8 +358,14 @@ def extract_lora(
             totals[key] = float(delta.double().square().sum())
             if totals[key] > 0.0:
                 spectra[key] = singular_values(delta, solver)
-        global_ranks = global_energy_ranks(spectra, {k: sum(wb.shapes[k]) for k in spectra}, float(energy),
-                                           totals=totals, min_rank=min_rank, max_rank=max_rank)
+        global_ranks = global_energy_ranks(
+            spectra,
+            {k: sum(wb.shapes[k]) for k in spectra},
+            float(energy),
+            totals=totals,
+            min_rank=min_rank,
+            max_rank=max_rank,
+        )
     for key in track(sorted(target_keys), "phlora: SVD per layer", progress=progress):
         t0 = time.perf_counter()
         name = key[: -len(".weight")]
@@ -371,16 +379,32 @@ def extract_lora(
         if global_ranks is not None:
             lr = low_rank_factors(delta, rank=global_ranks[key], solver=solver)
         else:
-            lr = low_rank_factors(delta, rank=rank, energy=energy, min_rank=min_rank, max_rank=max_rank,
-                                  randomized=randomized, seed=seed, solver=solver)
+            lr = low_rank_factors(
+                delta,
+                rank=rank,
+                energy=energy,
+                min_rank=min_rank,
+                max_rank=max_rank,
+                randomized=randomized,
+                seed=seed,
+                solver=solver,
+            )
         factors[name] = (lr.B, lr.A)
         kept += lr.energy * lr.total_energy
         total += lr.total_energy
-        rows.append(ModuleExtraction(
-            name, tuple(delta.shape), "lora", rank=lr.rank, energy=lr.energy, delta_norm=dn, delta_rel=rel,
-            spectrum_head=[float(s) for s in lr.spectrum[: max(2 * lr.rank, SPECTRUM_HEAD)]],
-            seconds=time.perf_counter() - t0,
-        ))
+        rows.append(
+            ModuleExtraction(
+                name,
+                tuple(delta.shape),
+                "lora",
+                rank=lr.rank,
+                energy=lr.energy,
+                delta_norm=dn,
+                delta_rel=rel,
+                spectrum_head=[float(s) for s in lr.spectrum[: max(2 * lr.rank, SPECTRUM_HEAD)]],
+                seconds=time.perf_counter() - t0,
+            )
+        )
     extras_out: dict[str, dict[str, Tensor]] = {}
     target_mods = {k[: -len(".weight")] for k in target_keys}
     for mod, params in _groups([k for k in keys if k not in target_keys]):
@@ -396,8 +420,11 @@ def extract_lora(
                 worst, worst_norm = rel, dn
         shape = wb.shapes[params[0]]
         if not changed:
-            rows.append(ModuleExtraction(mod, shape, "unchanged", delta_norm=worst_norm, delta_rel=worst,
-                                         seconds=time.perf_counter() - t0))
+            rows.append(
+                ModuleExtraction(
+                    mod, shape, "unchanged", delta_norm=worst_norm, delta_rel=worst, seconds=time.perf_counter() - t0
+                )
+            )
             continue
         note = ""
         stored = "modules_to_save" if extras == "save" else "skipped"
@@ -406,8 +433,11 @@ def extract_lora(
             warnings.warn(f"phlora: {mod}: {note} (dropped)", UserWarning, stacklevel=2)
         if stored == "modules_to_save":
             extras_out[mod] = {k.rpartition(".")[2]: wt.get(k).clone() for k in params}
-        rows.append(ModuleExtraction(mod, shape, stored, delta_norm=worst_norm, delta_rel=worst, note=note,
-                                     seconds=time.perf_counter() - t0))
+        rows.append(
+            ModuleExtraction(
+                mod, shape, stored, delta_norm=worst_norm, delta_rel=worst, note=note, seconds=time.perf_counter() - t0
+            )
+        )
     if tied_key is not None:  # tied LM head: stored under both names so that peft keeps them equal on load
         emb = wt.skeleton.get_input_embeddings()
         emb_name = next((n for n, m in wt.skeleton.named_modules() if m is emb), None)
@@ -418,11 +448,22 @@ def extract_lora(
     skipped = [r.name for r in rows if r.stored_as == "skipped"]
     if skipped:
         logger.info("phlora: changed but not stored: %s", ", ".join(skipped))
-    settings = {"rank": rank, "energy": energy, "energy_scope": energy_scope, "randomized": randomized, "min_rank": min_rank,
-                "max_rank": max_rank, "extras": extras, "threshold": threshold, "seed": seed,
-                "split": "sqrt(S) both sides"}
-    sources = {"base": {"path": wb.name_or_path, "sha256": wb.hashes()},
-               "tuned": {"path": wt.name_or_path, "sha256": wt.hashes()}}
+    settings = {
+        "rank": rank,
+        "energy": energy,
+        "energy_scope": energy_scope,
+        "randomized": randomized,
+        "min_rank": min_rank,
+        "max_rank": max_rank,
+        "extras": extras,
+        "threshold": threshold,
+        "seed": seed,
+        "split": "sqrt(S) both sides",
+    }
+    sources = {
+        "base": {"path": wb.name_or_path, "sha256": wb.hashes()},
+        "tuned": {"path": wt.name_or_path, "sha256": wt.hashes()},
+    }
     return ExtractResult(
         factors=factors,
         extras=extras_out,

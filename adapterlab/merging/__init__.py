@@ -12,8 +12,8 @@ from adapterlab.merging.adapters import LoraSource, LoriSource, ShiraSource, res
 from adapterlab.merging.base import (
     MERGERS,
     MergeContext,
-    MergeResult,
     Merger,
+    MergeResult,
     ModuleReport,
     merge_adapters,
     register_merger,

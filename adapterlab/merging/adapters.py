@@ -144,7 +144,7 @@ _LORI_KEY = re.compile(r"^(?P<mod>.+)\.(?P<kind>lori_A\.weight|lori_B\.(?:weight
 
 
 def _strip(key: str) -> str:
-    return key[len(_PREFIX):] if key.startswith(_PREFIX) else key
+    return key[len(_PREFIX) :] if key.startswith(_PREFIX) else key
 
 
 def _no_modules_to_save(config: dict[str, Any], where: str) -> None:
@@ -241,8 +241,9 @@ class ShiraSource(LoraSource):
             dims = tuple(int(d) for d in get(kinds["dims"]).flatten().tolist())
             if len(dims) != 2 or min(dims) < 1:
                 raise ValueError(f"{where}: SHiRA module {mod!r} records dims {list(dims)}; expected (d_out, d_in)")
-            modules[mod] = ShiraModule(mod, kinds["values"], kinds["indices"], int(v_shape[0]), scales.get(mod, 1.0),
-                                       (dims[0], dims[1]))
+            modules[mod] = ShiraModule(
+                mod, kinds["values"], kinds["indices"], int(v_shape[0]), scales.get(mod, 1.0), (dims[0], dims[1])
+            )
         if not modules:
             raise ValueError(f"{where}: the adapter holds no SHiRA tensors")
         return cls(name, config, modules, get, path, sha256)
@@ -334,17 +335,23 @@ class LoriSource(LoraSource):
                 )
             sparse = "lori_B.values" in kinds
             if not sparse and "lori_B.weight" not in kinds or sparse and "lori_B.indices" not in kinds:
-                raise ValueError(
-                    f"{where}: LoRI module {mod!r} has no complete B (lori_B.weight, or values + indices)"
-                )
+                raise ValueError(f"{where}: LoRI module {mod!r} has no complete B (lori_B.weight, or values + indices)")
             a_key = kinds.get("lori_A.weight", "")
             if not a_key and a_seed is None:
                 raise ValueError(
                     f"{where}: LoRI module {mod!r} stores no A and the config has no a_seed to regenerate it"
                 )
             modules[mod] = LoriModule(
-                mod, a_key, kinds.get("lori_B.weight", ""), r, scale, False, False, (dims[0], dims[2]),
-                b_values_key=kinds.get("lori_B.values", ""), b_indices_key=kinds.get("lori_B.indices", ""),
+                mod,
+                a_key,
+                kinds.get("lori_B.weight", ""),
+                r,
+                scale,
+                False,
+                False,
+                (dims[0], dims[2]),
+                b_values_key=kinds.get("lori_B.values", ""),
+                b_indices_key=kinds.get("lori_B.indices", ""),
                 a_seed=int(a_seed or 0),
             )
         if not modules:
@@ -408,6 +415,7 @@ SOURCE_TYPES: dict[str, Callable[..., LoraSource]] = {
 # ------------------------------------------------------------------------------------------------
 # parsing and resolving
 
+
 def _parse(
     name: str,
     config: Mapping[str, Any],
@@ -419,7 +427,9 @@ def _parse(
     if peft_type != "LORA":
         hint = (
             "; peft's own SHiRA format stores no layer shapes: load it with adapterlab.tuners.shira.load_shira(base, "
-            "path) and pass the model" if peft_type == "SHIRA" else ""
+            "path) and pass the model"
+            if peft_type == "SHIRA"
+            else ""
         )
         raise ValueError(
             f"{where}: peft_type {config.get('peft_type')!r} is not supported by merge_adapters; supported: LORA, "
@@ -439,7 +449,7 @@ def _parse(
     alpha_pat = config.get("alpha_pattern") or {}  # the rank comes from the tensors themselves
     parts: dict[str, dict[str, str]] = {}
     for key in keys:
-        k = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
+        k = key[len(_PREFIX) :] if key.startswith(_PREFIX) else key
         what = "DoRA (use_dora=True)" if "lora_magnitude_vector" in k else None
         if k.endswith(".bias") and ".lora_" in k:
             what = "a LoRA bias (lora_bias=True)"
@@ -553,11 +563,21 @@ def _from_peft_model(model: Any, name: str, where: str, adapter_name: str | None
     config["peft_type"] = str(getattr(config.get("peft_type"), "value", config.get("peft_type")))
     state = get_peft_model_state_dict(model, adapter_name=adapter, save_embedding_layers=False)
     state = {k: v.detach() for k, v in state.items()}
-    return _build(name, config, list(state), lambda k: tuple(state[k].shape), state.__getitem__, where,
-                  model=model, adapter=adapter)
+    return _build(
+        name,
+        config,
+        list(state),
+        lambda k: tuple(state[k].shape),
+        state.__getitem__,
+        where,
+        model=model,
+        adapter=adapter,
+    )
 
 
-def resolve_adapter(ref: AdapterLike, *, name: str | None = None, where: str = "adapter", registry: Any = None) -> LoraSource:
+def resolve_adapter(
+    ref: AdapterLike, *, name: str | None = None, where: str = "adapter", registry: Any = None
+) -> LoraSource:
     """Turn one adapter reference into a :class:`LoraSource`.
 
     Args:

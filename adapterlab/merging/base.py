@@ -364,7 +364,11 @@ class _Sink:
         else:
             delta = got["delta"]
             if self.output == "lora":
-                k = self.rank if self.rank is not None else (None if self.energy is not None else self._default_rank(name))
+                k = (
+                    self.rank
+                    if self.rank is not None
+                    else (None if self.energy is not None else self._default_rank(name))
+                )
                 lr = low_rank_factors(delta, rank=k, energy=self.energy, solver="gram")
                 self.factors[name] = (lr.B, lr.A)
                 rep.rank, rep.energy = lr.rank, lr.energy
@@ -432,7 +436,9 @@ class MergeResult:
     def delta(self, name: str) -> Tensor:
         """The merged dense fp32 delta of one module (weight layout)."""
         if name not in self.shapes:
-            raise KeyError(f"no module {name!r} in this merge; modules: {len(self.shapes)} (e.g. {next(iter(self.shapes), '')!r})")
+            raise KeyError(
+                f"no module {name!r} in this merge; modules: {len(self.shapes)} (e.g. {next(iter(self.shapes), '')!r})"
+            )
         if self.factors is not None:
             if name not in self.factors:
                 return torch.zeros(self.shapes[name])
@@ -536,15 +542,29 @@ class MergeResult:
                 assert self.sparse is not None
                 from adapterlab.merging.sparse import write_shira_dir
 
-                write_shira_dir(stage, self.sparse, self.shapes, base_model_name_or_path=self.base_model_name_or_path,
-                                dtype=self.dtype, metadata=meta)
+                write_shira_dir(
+                    stage,
+                    self.sparse,
+                    self.shapes,
+                    base_model_name_or_path=self.base_model_name_or_path,
+                    dtype=self.dtype,
+                    metadata=meta,
+                )
             elif self.output == "lori":
                 assert self.factors is not None and self.b_masks is not None
                 from adapterlab.merging.sparse import write_lori_dir
 
-                write_lori_dir(stage, self.factors, self.b_masks, base_model_name_or_path=self.base_model_name_or_path,
-                               dtype=self.dtype, metadata=meta)
-            (stage / "merge_report.json").write_text(json.dumps(self.report(), indent=2, default=str) + "\n", encoding="utf-8")
+                write_lori_dir(
+                    stage,
+                    self.factors,
+                    self.b_masks,
+                    base_model_name_or_path=self.base_model_name_or_path,
+                    dtype=self.dtype,
+                    metadata=meta,
+                )
+            (stage / "merge_report.json").write_text(
+                json.dumps(self.report(), indent=2, default=str) + "\n", encoding="utf-8"
+            )
         return Path(path)
 
 
@@ -718,7 +738,9 @@ def merge_adapters(
             ranks = {s.modules[n].rank for s in sources for n in shapes if n in s.modules}
             missing = [n for n in shapes if any(n not in s.modules for s in sources)]
             if len(ranks) > 1 or missing:
-                raise ValueError("factorwise: merging factors needs every adapter to target the same modules at one rank")
+                raise ValueError(
+                    "factorwise: merging factors needs every adapter to target the same modules at one rank"
+                )
             msg = (
                 f"factorwise=True merges LoRA A and B factors separately with {method!r}: the factors of "
                 f"different adapters are not aligned and the product gains cross terms; this is not "
@@ -760,8 +782,18 @@ def merge_adapters(
         warnings=notes,
     )
     if route == "sparse":
-        result = merge_sparse_form(sources, shapes, merger, w, output=output, model=model, drop_zeros=drop_zeros,
-                                   keep_sparsity=keep_sparsity, progress=progress, common=common)
+        result = merge_sparse_form(
+            sources,
+            shapes,
+            merger,
+            w,
+            output=output,
+            model=model,
+            drop_zeros=drop_zeros,
+            keep_sparsity=keep_sparsity,
+            progress=progress,
+            common=common,
+        )
         result.seconds = time.perf_counter() - t0
         return result
     if route == "concat":

@@ -156,7 +156,9 @@ def _sites(model: nn.Module, adapter: str) -> list[_Site]:
             if adapter not in module.lora_A:
                 continue
             if module.use_dora.get(adapter, False):
-                raise ValueError(f"layer {key!r}: DoRA adapters are not supported by merge; supported: {SUPPORTED_ADAPTERS}")
+                raise ValueError(
+                    f"layer {key!r}: DoRA adapters are not supported by merge; supported: {SUPPORTED_ADAPTERS}"
+                )
             if not isinstance(module.lora_A[adapter], nn.Linear) or getattr(module, "fan_in_fan_out", False):
                 raise ValueError(
                     f"layer {key!r}: merge supports LoRA on nn.Linear layers (no fan_in_fan_out); "
@@ -165,7 +167,9 @@ def _sites(model: nn.Module, adapter: str) -> list[_Site]:
             sites.append(_Site(key, module, "lora"))
             continue
         adapters = getattr(module, "active_adapters", [])
-        if adapter in adapters or any(adapter in getattr(module, n, {}) for n in getattr(module, "adapter_layer_names", ())):
+        if adapter in adapters or any(
+            adapter in getattr(module, n, {}) for n in getattr(module, "adapter_layer_names", ())
+        ):
             raise ValueError(
                 f"layer {key!r} is a {type(module).__name__}; merge supports {SUPPORTED_ADAPTERS} "
                 f"(use the tuner's own merge_and_unload for other methods)"
@@ -213,7 +217,9 @@ def _probe_ids(model: nn.Module, probe: bool | torch.Tensor) -> torch.Tensor | N
         return None
     if isinstance(probe, torch.Tensor):
         if probe.dim() != 2 or probe.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"probe must be a (batch, seqlen) tensor of token ids, got {tuple(probe.shape)} {probe.dtype}")
+            raise ValueError(
+                f"probe must be a (batch, seqlen) tensor of token ids, got {tuple(probe.shape)} {probe.dtype}"
+            )
         return probe.long()
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if not vocab:
@@ -323,7 +329,9 @@ def merge(
         active = getattr(model, "active_adapter", None)
         adapter_name = active if isinstance(active, str) else (active[0] if active else None)
     if adapter_name not in adapters:
-        raise ValueError(f"adapter_name={adapter_name!r} is not an adapter of this model; choose one of: {', '.join(adapters)}")
+        raise ValueError(
+            f"adapter_name={adapter_name!r} is not an adapter of this model; choose one of: {', '.join(adapters)}"
+        )
     sites = _sites(model, adapter_name)
     if not sites:
         raise ValueError(f"adapter {adapter_name!r} has no layers in this model")
@@ -418,8 +426,12 @@ def merge(
         report.output_max_abs_change = float((out - before).abs().max())
     logger.info(
         "merged adapter %r into %d layer(s)%s%s: sparsity %.4f -> %.4f, output change %s",
-        adapter_name, len(sites), " (quantized base)" if quantized else "", " keeping sparsity" if keep_sparsity else "",
-        report.sparsity_before, report.sparsity_after,
+        adapter_name,
+        len(sites),
+        " (quantized base)" if quantized else "",
+        " keeping sparsity" if keep_sparsity else "",
+        report.sparsity_before,
+        report.sparsity_after,
         "n/a" if report.output_rel_change is None else f"{report.output_rel_change:.3g} (relative)",
     )
     return (merged_model, report) if return_report else merged_model

@@ -114,7 +114,9 @@ def write_lora_dir(
     r = max(ranks.values())
     pattern = {n: k for n, k in ranks.items() if k != r}
     if lora_alpha is not None and pattern:
-        raise ValueError(f"lora_alpha={lora_alpha} needs one rank for every module, got ranks {sorted(set(ranks.values()))}")
+        raise ValueError(
+            f"lora_alpha={lora_alpha} needs one rank for every module, got ranks {sorted(set(ranks.values()))}"
+        )
     mts = dict(modules_to_save or {})
     cfg = LoraConfig(
         r=r,

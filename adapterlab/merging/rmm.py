@@ -127,7 +127,10 @@ class RMMBundle:
             weights=[],
             sources=self.sources,
             output="lora",
-            modules=[ModuleReport(n, self.shapes[n], rank=int(a.shape[0]), norm=float((b @ a).norm())) for n, (b, a) in factors.items()],
+            modules=[
+                ModuleReport(n, self.shapes[n], rank=int(a.shape[0]), norm=float((b @ a).norm()))
+                for n, (b, a) in factors.items()
+            ],
             shapes=dict(self.shapes),
             factors=factors,
             embeddings=self.embeddings,
@@ -151,8 +154,16 @@ class RMMBundle:
             B, A = self.factors(None, n)
             err = self.errors.get(n, {})
             worst = max(err.get("delta", [0.0]) or [0.0])
-            out.append(ModuleReport(n, self.shapes[n], rank=int(A.shape[0]), error=worst,
-                                    norm=float((B @ A).norm()), seconds=self.seconds.get(n, 0.0)))
+            out.append(
+                ModuleReport(
+                    n,
+                    self.shapes[n],
+                    rank=int(A.shape[0]),
+                    error=worst,
+                    norm=float((B @ A).norm()),
+                    seconds=self.seconds.get(n, 0.0),
+                )
+            )
         return out
 
     def storage(self) -> dict[str, int]:

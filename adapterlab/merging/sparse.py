@@ -191,8 +191,15 @@ class SparseMergeContext:
 class _SparseSink:
     """Turns each merged ``[U]`` value vector into the output (entries, or a scatter into the base)."""
 
-    def __init__(self, output: str, ctx: SparseMergeContext, *, model: nn.Module | None, drop_zeros: bool,
-                 keep_sparsity: bool = False) -> None:
+    def __init__(
+        self,
+        output: str,
+        ctx: SparseMergeContext,
+        *,
+        model: nn.Module | None,
+        drop_zeros: bool,
+        keep_sparsity: bool = False,
+    ) -> None:
         self.output, self.ctx, self.model, self.drop_zeros = output, ctx, model, drop_zeros
         self.keep_sparsity = keep_sparsity
         self.sparse: dict[str, tuple[Tensor, Tensor]] = {}

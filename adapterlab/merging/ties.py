@@ -93,7 +93,9 @@ class TiesMerger(Merger):
     sparse_form: ClassVar[bool] = True
     kappa: dict[int, float] = field(default_factory=dict, init=False, repr=False)
     _vote: int = field(default=0, init=False, repr=False)
-    _deferred: dict[tuple[str, str], tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict, init=False, repr=False)
+    _deferred: dict[tuple[str, str], tuple[Tensor, Tensor, Tensor]] = field(
+        default_factory=dict, init=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         self.density = _check_fraction("params.density", self.density)
@@ -102,8 +104,14 @@ class TiesMerger(Merger):
         self.trim_scope = _check_choice("params.trim_scope", self.trim_scope, TRIM_SCOPES)
 
     def describe(self) -> dict:
-        return {"density": self.density, "lambda": self.lambda_, "elect": self.elect, "trim_scope": self.trim_scope,
-                "agg": "dis-mean", "kappa": [self.kappa[t] for t in sorted(self.kappa)] or None}
+        return {
+            "density": self.density,
+            "lambda": self.lambda_,
+            "elect": self.elect,
+            "trim_scope": self.trim_scope,
+            "agg": "dis-mean",
+            "kappa": [self.kappa[t] for t in sorted(self.kappa)] or None,
+        }
 
     # -- whole-model thresholds -----------------------------------------------------------------
     def prepare(self, ctx: MergeContext) -> None:

@@ -10,8 +10,8 @@ from adapterlab.pruning import magnitude, sparsegpt, wanda  # noqa: F401  (regis
 from adapterlab.pruning.base import (
     PRUNERS,
     LayerSparsity,
-    PruneReport,
     Pruner,
+    PruneReport,
     apply_masks_,
     get_masks,
     load_masks,

@@ -90,9 +90,7 @@ class Pruner(ABC):
     needs_calibration: ClassVar[bool] = False
     scopes: ClassVar[tuple[str, ...]] = ("matrix",)
 
-    def __init__(
-        self, sparsity: float, nm: tuple[int, int] | None = None, scope: str | None = None
-    ) -> None:
+    def __init__(self, sparsity: float, nm: tuple[int, int] | None = None, scope: str | None = None) -> None:
         """Validate and store the pattern.
 
         Args:
@@ -107,8 +105,7 @@ class Pruner(ABC):
             scope = self.scopes[0]
         if scope not in self.scopes:
             raise ValueError(
-                f"unknown scope {scope!r} for pruning method {self.name!r}; "
-                f"choose one of: {', '.join(self.scopes)}"
+                f"unknown scope {scope!r} for pruning method {self.name!r}; choose one of: {', '.join(self.scopes)}"
             )
         self.sparsity = float(sparsity)
         self.nm = nm
@@ -298,9 +295,7 @@ def apply_masks_(model: nn.Module, masks: dict[str, Tensor]) -> None:
             choices = ", ".join(list(prunable_linears(model))[:8])
             raise ValueError(f"mask {name!r} names no weighted module of the model (e.g. {choices}, ...)")
         if tuple(mask.shape) != tuple(weight.shape):
-            raise ValueError(
-                f"mask {name!r} has shape {tuple(mask.shape)}, the weight has {tuple(weight.shape)}"
-            )
+            raise ValueError(f"mask {name!r} has shape {tuple(mask.shape)}, the weight has {tuple(weight.shape)}")
     with torch.no_grad():
         for name, mask in masks.items():
             weight = modules[name].weight
@@ -320,9 +315,7 @@ def mask_hash(masks: dict[str, Tensor]) -> str:
     return digest.hexdigest()
 
 
-def save_masks(
-    path: str | os.PathLike[str], masks: dict[str, Tensor], metadata: dict[str, str] | None = None
-) -> str:
+def save_masks(path: str | os.PathLike[str], masks: dict[str, Tensor], metadata: dict[str, str] | None = None) -> str:
     """Save boolean masks to safetensors with their :func:`mask_hash` in the metadata; return it."""
     from safetensors.torch import save_file
 
@@ -424,9 +417,7 @@ def _device_of(module: nn.Module) -> torch.device:
 _Call = tuple[Tensor, tuple[Any, ...], dict[str, Any]]
 
 
-def _capture_block0_inputs(
-    model: nn.Module, block0: nn.Module, calibration: Tensor, batch_size: int
-) -> list[_Call]:
+def _capture_block0_inputs(model: nn.Module, block0: nn.Module, calibration: Tensor, batch_size: int) -> list[_Call]:
     """Run the model on the calibration ids and record what block 0 receives, per batch."""
     calls: list[_Call] = []
 
@@ -592,9 +583,7 @@ def prune_(
 
     blocks = decoder_layers(model)
     names = {id(m): n for n, m in model.named_modules()}
-    per_block = [
-        {names[id(lin)]: lin for lin in block_linears(block).values()} for block in blocks
-    ]
+    per_block = [{names[id(lin)]: lin for lin in block_linears(block).values()} for block in blocks]
     if not any(per_block):
         raise ValueError(
             f"{type(model).__name__} has no nn.Linear layers inside its decoder blocks "
@@ -659,6 +648,9 @@ def prune_(
         n_calibration=int(calib.shape[0]) if calib is not None else 0,
     )
     logger.info(
-        "pruned %d layers to %.2f%% global sparsity in %.1f s", len(layers), 100 * report.global_sparsity, report.seconds
+        "pruned %d layers to %.2f%% global sparsity in %.1f s",
+        len(layers),
+        100 * report.global_sparsity,
+        report.seconds,
     )
     return report

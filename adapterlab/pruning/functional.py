@@ -71,8 +71,7 @@ def parse_pattern(pattern: str | None) -> tuple[int, int] | None:
     n, m = int(match.group(1)), int(match.group(2))
     if m < 1 or n < 1 or n > m:
         raise ValueError(
-            f"invalid N:M pattern {pattern!r} (N={n}, M={m}): need 1 <= N <= M; "
-            f"choose one of: {PATTERN_CHOICES}"
+            f"invalid N:M pattern {pattern!r} (N={n}, M={m}): need 1 <= N <= M; choose one of: {PATTERN_CHOICES}"
         )
     return n, m
 
@@ -92,9 +91,7 @@ def resolve_sparsity(sparsity: float | None, nm: tuple[int, int] | None) -> floa
         )
     value = float(sparsity)
     if not (0.0 <= value < 1.0) or math.isnan(value):
-        raise ValueError(
-            f"sparsity must be in [0, 1) for unstructured pruning, got {sparsity!r}"
-        )
+        raise ValueError(f"sparsity must be in [0, 1) for unstructured pruning, got {sparsity!r}")
     return value
 
 

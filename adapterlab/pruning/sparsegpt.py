@@ -106,6 +106,10 @@ class SparseGPTPruner(Pruner):
             logger.warning(
                 "SparseGPT layer %r: the damped Hessian was not positive definite; raised the dampening %d time(s) "
                 "by 10x to %.6g (= percdamp %g * mean(diag H) * 10^%d)",
-                name, out.retries, out.damping, self.percdamp, out.retries,
+                name,
+                out.retries,
+                out.damping,
+                self.percdamp,
+                out.retries,
             )
         return out.weight, {"damping": out.damping}

@@ -36,12 +36,20 @@ def run_perp(body: Any, progress: ProgressFactory) -> dict[str, Any]:
     ppl = {"seqlen": body.seqlen, "max_windows": body.eval_windows, "progress": progress}
     before = perplexity(model, ids, **ppl)
     sparsity = base_sparsity(model)
-    report = perp_(model, scope=body.scope, r=body.r, alpha=body.alpha, target_modules=body.target_modules, seed=body.seed)
+    report = perp_(
+        model, scope=body.scope, r=body.r, alpha=body.alpha, target_modules=body.target_modules, seed=body.seed
+    )
     # training windows: the corpus's train split, drawn with seed + 1 (disjoint in seed from pruning's calibration)
     windows = calibration_ids(tok, n_samples=body.nsamples, seqlen=body.seqlen, seed=body.seed + 1, corpus=body.corpus)
     trained = retrain_(
-        model, windows, steps=body.steps, lr=body.lr, batch_size=body.batch_size, grad_accum=body.grad_accum,
-        seed=body.seed, callbacks=[SparsityRankLogger(), ProgressBarCallback(progress)],
+        model,
+        windows,
+        steps=body.steps,
+        lr=body.lr,
+        batch_size=body.batch_size,
+        grad_accum=body.grad_accum,
+        seed=body.seed,
+        callbacks=[SparsityRankLogger(), ProgressBarCallback(progress)],
     )
     merged = merge_perp_(model) if has_perp_layers(model) else None
     after = perplexity(model, ids, **ppl)
@@ -49,8 +57,14 @@ def run_perp(body: Any, progress: ProgressFactory) -> dict[str, Any]:
     if kept + 1e-12 < sparsity:
         raise RuntimeError(f"PERP lost base sparsity: {sparsity:.4%} before, {kept:.4%} after")
     info = {
-        "model": body.model, "scope": body.scope, "corpus": body.corpus, "steps": trained.steps,
-        "losses": trained.losses, "perplexity_before": before, "perplexity_after": after, "sparsity": kept,
+        "model": body.model,
+        "scope": body.scope,
+        "corpus": body.corpus,
+        "steps": trained.steps,
+        "losses": trained.losses,
+        "perplexity_before": before,
+        "perplexity_after": after,
+        "sparsity": kept,
         "seconds": time.perf_counter() - t0,
         "perp": report.to_dict() if hasattr(report, "to_dict") else None,
         "merge": merged.to_dict() if merged is not None and hasattr(merged, "to_dict") else None,

@@ -19,9 +19,10 @@ import json
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from adapterlab._registry import Registry
 from adapterlab.progress import ProgressFactory, _silent
@@ -174,7 +175,9 @@ def resolve_input(value: str, source: Path, where: str) -> str:
     alt = source.parent / value
     if not p.is_absolute() and alt.exists():
         return str(alt)
-    raise FileNotFoundError(f"{where}: {value!r} does not exist (looked in the current folder and next to {source.name})")
+    raise FileNotFoundError(
+        f"{where}: {value!r} does not exist (looked in the current folder and next to {source.name})"
+    )
 
 
 def _check_hub(value: str, where: str) -> None:
@@ -372,9 +375,19 @@ class PruneRunner(StepRunner):
         from adapterlab.cli import prune as verb
 
         call_verb(
-            verb.command, model=body.model, method=body.method, sparsity=body.sparsity, pattern=body.pattern, scope=body.scope,
-            nsamples=body.nsamples, seqlen=body.seqlen, seed=body.seed, batch_size=body.batch_size,
-            output=Path(body.output), overwrite=body.overwrite, verbose=False,
+            verb.command,
+            model=body.model,
+            method=body.method,
+            sparsity=body.sparsity,
+            pattern=body.pattern,
+            scope=body.scope,
+            nsamples=body.nsamples,
+            seqlen=body.seqlen,
+            seed=body.seed,
+            batch_size=body.batch_size,
+            output=Path(body.output),
+            overwrite=body.overwrite,
+            verbose=False,
         )
         report = json.loads((Path(body.output) / "sparsity_report.json").read_text(encoding="utf-8"))
         return {"output": body.output, "sparsity": report.get("global_sparsity")}
@@ -451,8 +464,14 @@ class ExtractRunner(StepRunner):
         from adapterlab.merging.lora_dir import check_output_dir
 
         try:
-            _check_settings(body.rank, body.energy, body.min_rank, body.max_rank, body.randomized,
-                            "skip" if body.skip_extras else "save")
+            _check_settings(
+                body.rank,
+                body.energy,
+                body.min_rank,
+                body.max_rank,
+                body.randomized,
+                "skip" if body.skip_extras else "save",
+            )
         except ValueError as exc:
             raise ValueError(f"{where}{exc}") from None
         check_output_dir(body.output, body.overwrite)
@@ -465,9 +484,20 @@ class ExtractRunner(StepRunner):
         from adapterlab.cli import extract as verb
 
         call_verb(
-            verb.command, base=body.base, tuned=body.tuned, output=Path(body.output), rank=body.rank, energy=body.energy,
-            min_rank=body.min_rank, max_rank=body.max_rank, randomized=body.randomized, skip_extras=body.skip_extras,
-            threshold=body.threshold, dtype=body.dtype, overwrite=body.overwrite, verbose=False,
+            verb.command,
+            base=body.base,
+            tuned=body.tuned,
+            output=Path(body.output),
+            rank=body.rank,
+            energy=body.energy,
+            min_rank=body.min_rank,
+            max_rank=body.max_rank,
+            randomized=body.randomized,
+            skip_extras=body.skip_extras,
+            threshold=body.threshold,
+            dtype=body.dtype,
+            overwrite=body.overwrite,
+            verbose=False,
         )
         return {"output": body.output}
 
@@ -588,7 +618,9 @@ class EvaluateRunner(StepRunner):
             raise ValueError(f"{where}corpus: unknown corpus {body.corpus!r}; choose one of: {', '.join(CORPORA)}")
 
     def describe(self, body: Any) -> str:
-        what = " + ".join(x for x in (body.task and f"accuracy[{body.task}]", body.corpus and f"perplexity[{body.corpus}]") if x)
+        what = " + ".join(
+            x for x in (body.task and f"accuracy[{body.task}]", body.corpus and f"perplexity[{body.corpus}]") if x
+        )
         return f"{what} of {body.model}" + (f" + {body.adapter}" if body.adapter else "")
 
     def run(self, body: Any, ctx: Context) -> dict[str, Any]:
@@ -598,10 +630,16 @@ class EvaluateRunner(StepRunner):
         model, tok = _load_with_adapter(body.model, body.adapter)
         out: dict[str, Any] = {"accuracy": None, "perplexity": None}
         if body.task is not None:
-            out["accuracy"] = task_accuracy(model, tok, body.task, split=body.split, n=body.n, progress=ctx.progress).accuracy
+            out["accuracy"] = task_accuracy(
+                model, tok, body.task, split=body.split, n=body.n, progress=ctx.progress
+            ).accuracy
         if body.corpus is not None:
             out["perplexity"] = perplexity(
-                model, eval_ids(tok, body.corpus), seqlen=body.seqlen, max_windows=body.max_windows, progress=ctx.progress
+                model,
+                eval_ids(tok, body.corpus),
+                seqlen=body.seqlen,
+                max_windows=body.max_windows,
+                progress=ctx.progress,
             )
         logger.info("evaluate: %s", ", ".join(f"{k} {v:.4f}" for k, v in out.items() if v is not None))
         return out

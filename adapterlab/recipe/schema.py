@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -92,14 +92,14 @@ class PruneSpec(_Strict):
     """Prune the base in memory before training (``adapterlab prune`` options, no model/output)."""
 
     method: str = "wanda"
-    sparsity: Optional[float] = Field(default=None, ge=0.0, lt=1.0)
-    pattern: Optional[str] = None
-    scope: Optional[str] = None
+    sparsity: float | None = Field(default=None, ge=0.0, lt=1.0)
+    pattern: str | None = None
+    scope: str | None = None
     nsamples: int = Field(default=32, ge=1)
     seqlen: int = Field(default=256, ge=2)
     seed: int = Field(default=0, ge=0)
     batch_size: int = Field(default=8, ge=1)
-    output: Optional[str] = None  # also save the pruned base (model folder + masks) here
+    output: str | None = None  # also save the pruned base (model folder + masks) here
 
 
 class AdapterSpec(_Strict):
@@ -118,7 +118,7 @@ class DataSpec(_Strict):
     """Training data: a packaged task (``adapterlab.data.task_names()``) and how much of it."""
 
     task: str
-    max_examples: Optional[int] = Field(default=256, ge=1)
+    max_examples: int | None = Field(default=256, ge=1)
     max_length: int = Field(default=256, ge=4)
     seed: int = Field(default=0, ge=0)
 
@@ -126,7 +126,7 @@ class DataSpec(_Strict):
 class EvalSpec(_Strict):
     """Evaluation after training (and before, with ``zero_shot``): task accuracy on ``split``."""
 
-    n: Optional[int] = Field(default=200, ge=1)
+    n: int | None = Field(default=200, ge=1)
     split: Literal["train", "test"] = "test"
     zero_shot: bool = True
     batch_size: int = Field(default=16, ge=1)
@@ -135,26 +135,26 @@ class EvalSpec(_Strict):
 class HubSpec(_Strict):
     """Where the trained adapter goes in the registry (``AdapterRegistry(root).put``)."""
 
-    name: Optional[str] = None  # default: the output folder's name
+    name: str | None = None  # default: the output folder's name
     tags: list[str] = Field(default_factory=list)
-    root: Optional[str] = None  # default: $ADAPTERLAB_HUB, else ./hub
+    root: str | None = None  # default: $ADAPTERLAB_HUB, else ./hub
 
 
 class TrainRecipe(_Strict):
     """``adapterlab train RECIPE.yaml``: base (+ optional prune), adapter, data, trainer, eval, output."""
 
     base: str = "default"
-    quantize: Optional[Literal[4, 8]] = None
-    prune: Optional[PruneSpec] = None
+    quantize: Literal[4, 8] | None = None
+    prune: PruneSpec | None = None
     adapter: AdapterSpec
     data: DataSpec
     backend: Literal["trainer", "sft"] = "trainer"
     trainer: dict[str, Any] = Field(default_factory=dict)
-    eval: Optional[EvalSpec] = Field(default_factory=EvalSpec)
+    eval: EvalSpec | None = Field(default_factory=EvalSpec)
     output: str
     overwrite: bool = False
-    resume: Union[bool, str, None] = None
-    put: Optional[HubSpec] = Field(default_factory=HubSpec)
+    resume: bool | str | None = None
+    put: HubSpec | None = Field(default_factory=HubSpec)
     seed: int = Field(default=0, ge=0)
 
     @field_validator("trainer")
@@ -172,9 +172,9 @@ class PruneStep(_Strict):
 
     model: str = "default"
     method: str = "wanda"
-    sparsity: Optional[float] = Field(default=None, ge=0.0, lt=1.0)
-    pattern: Optional[str] = None
-    scope: Optional[str] = None
+    sparsity: float | None = Field(default=None, ge=0.0, lt=1.0)
+    pattern: str | None = None
+    scope: str | None = None
     nsamples: int = Field(default=128, ge=1)
     seqlen: int = Field(default=512, ge=2)
     seed: int = Field(default=0, ge=0)
@@ -188,10 +188,10 @@ class PerpStep(_Strict):
     ``adapterlab.retrain.retrain_``) on windows of a packaged corpus, then merge it keeping sparsity."""
 
     model: str
-    scope: Union[str, list[str]] = "default"  # preset (default, bias_norm, mask_lora, scale_lora, full) or subsets
+    scope: str | list[str] = "default"  # preset (default, bias_norm, mask_lora, scale_lora, full) or subsets
     r: int = Field(default=4, ge=1)
     alpha: float = Field(default=8.0, gt=0.0)
-    target_modules: Optional[list[str]] = None
+    target_modules: list[str] | None = None
     corpus: Literal["wiki", "lee"] = "wiki"
     nsamples: int = Field(default=64, ge=1)
     seqlen: int = Field(default=256, ge=2)
@@ -200,7 +200,7 @@ class PerpStep(_Strict):
     batch_size: int = Field(default=2, ge=1)
     grad_accum: int = Field(default=1, ge=1)
     seed: int = Field(default=0, ge=0)
-    eval_windows: Optional[int] = Field(default=16, ge=1)
+    eval_windows: int | None = Field(default=16, ge=1)
     output: str
     overwrite: bool = False
 
@@ -219,18 +219,18 @@ class ExtractStep(_Strict):
     base: str = "default"
     tuned: str
     output: str
-    rank: Optional[int] = Field(default=None, ge=1)
-    energy: Optional[float] = Field(default=None, gt=0.0, le=1.0)
+    rank: int | None = Field(default=None, ge=1)
+    energy: float | None = Field(default=None, gt=0.0, le=1.0)
     min_rank: int = Field(default=1, ge=1)
-    max_rank: Optional[int] = Field(default=None, ge=1)
+    max_rank: int | None = Field(default=None, ge=1)
     randomized: bool = False
     skip_extras: bool = False
     threshold: float = Field(default=1e-4, ge=0.0)
-    dtype: Optional[Literal["float32", "float16", "bfloat16"]] = None
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None
     overwrite: bool = False
 
     @model_validator(mode="after")
-    def _one_of_rank_energy(self) -> "ExtractStep":
+    def _one_of_rank_energy(self) -> ExtractStep:
         if (self.rank is None) == (self.energy is None):
             raise ValueError("give exactly one of rank and energy")
         return self
@@ -239,40 +239,40 @@ class ExtractStep(_Strict):
 class CompressStep(_Strict):
     """``adapterlab compress`` as a step: a shared basis for many LoRA adapters."""
 
-    adapters: Union[list[str], dict[str, str]] = Field(min_length=1)
+    adapters: list[str] | dict[str, str] = Field(min_length=1)
     rank: int = Field(ge=1)
     mode: Literal["full", "diagonal"] = "full"
-    clusters: Optional[int] = Field(default=None, ge=1)
+    clusters: int | None = Field(default=None, ge=1)
     seed: int = Field(default=0, ge=0)
     output: str
     overwrite: bool = False
-    put: Optional[str] = None  # also put the bundle into the registry under this name
+    put: str | None = None  # also put the bundle into the registry under this name
 
 
 class PutStep(_Strict):
     """Put a PEFT adapter folder into the registry."""
 
     src: str
-    name: Optional[str] = None
+    name: str | None = None
     tags: list[str] = Field(default_factory=list)
-    base: Optional[str] = None  # model folder (or "default") whose fingerprint is recorded
-    root: Optional[str] = None
+    base: str | None = None  # model folder (or "default") whose fingerprint is recorded
+    root: str | None = None
 
 
 class EvaluateStep(_Strict):
     """Task accuracy and / or perplexity of a model folder, optionally with an adapter on it."""
 
     model: str = "default"
-    adapter: Optional[str] = None
-    task: Optional[str] = None
-    n: Optional[int] = Field(default=200, ge=1)
+    adapter: str | None = None
+    task: str | None = None
+    n: int | None = Field(default=200, ge=1)
     split: Literal["train", "test"] = "test"
-    corpus: Optional[str] = None
+    corpus: str | None = None
     seqlen: int = Field(default=512, ge=2)
-    max_windows: Optional[int] = Field(default=20, ge=1)
+    max_windows: int | None = Field(default=20, ge=1)
 
     @model_validator(mode="after")
-    def _something(self) -> "EvaluateStep":
+    def _something(self) -> EvaluateStep:
         if self.task is None and self.corpus is None:
             raise ValueError("give a task (accuracy) and / or a corpus (perplexity)")
         return self
@@ -305,18 +305,18 @@ STEP_OUTPUTS: dict[str, tuple[str, ...]] = {
 class StepEntry(_Strict):
     """One pipeline step: an optional ``name`` and exactly one verb key."""
 
-    name: Optional[str] = None
-    prune: Optional[PruneStep] = None
-    train: Optional[TrainRecipe] = None
-    perp: Optional[PerpStep] = None
-    merge: Optional[MergeStep] = None
-    extract: Optional[ExtractStep] = None
-    compress: Optional[CompressStep] = None
-    put: Optional[PutStep] = None
-    evaluate: Optional[EvaluateStep] = None
+    name: str | None = None
+    prune: PruneStep | None = None
+    train: TrainRecipe | None = None
+    perp: PerpStep | None = None
+    merge: MergeStep | None = None
+    extract: ExtractStep | None = None
+    compress: CompressStep | None = None
+    put: PutStep | None = None
+    evaluate: EvaluateStep | None = None
 
     @model_validator(mode="after")
-    def _one_verb(self) -> "StepEntry":
+    def _one_verb(self) -> StepEntry:
         given = [v for v in VERBS if getattr(self, v) is not None]
         if len(given) != 1:
             raise ValueError(
@@ -338,11 +338,11 @@ class StepEntry(_Strict):
 class PipelineRecipe(_Strict):
     """``adapterlab run RECIPE.yaml``: steps run in order; names default to the verb."""
 
-    description: Optional[str] = None
+    description: str | None = None
     steps: list[StepEntry] = Field(min_length=1)
 
     @model_validator(mode="after")
-    def _unique_names(self) -> "PipelineRecipe":
+    def _unique_names(self) -> PipelineRecipe:
         seen: set[str] = set()
         for i, step in enumerate(self.steps):
             if step.name is None:

@@ -317,8 +317,14 @@ def _prune(model: nn.Module, tok: Any, recipe: TrainRecipe, progress: ProgressFa
         calibration = calibration_ids(tok, n_samples=spec.nsamples, seqlen=spec.seqlen, seed=spec.seed, corpus="wiki")
     sparsity = 0.5 if spec.sparsity is None and spec.pattern is None else spec.sparsity
     report = prune_(
-        model, spec.method, sparsity, pattern=spec.pattern, calibration=calibration, scope=spec.scope,
-        progress=progress, batch_size=spec.batch_size,
+        model,
+        spec.method,
+        sparsity,
+        pattern=spec.pattern,
+        calibration=calibration,
+        scope=spec.scope,
+        progress=progress,
+        batch_size=spec.batch_size,
     )
     info = report.to_dict()
     info.pop("layers", None)
@@ -347,7 +353,9 @@ def _restore_fp32_(model: nn.Module) -> int:
     return n
 
 
-def _make_trainer(recipe: TrainRecipe, model: nn.Module, config: Any, tok: Any, dataset: Any, callbacks: list[Any], args: Any) -> Any:
+def _make_trainer(
+    recipe: TrainRecipe, model: nn.Module, config: Any, tok: Any, dataset: Any, callbacks: list[Any], args: Any
+) -> Any:
     trainer = _new_trainer(recipe, model, config, tok, dataset, callbacks, args)
     from transformers.trainer_callback import PrinterCallback
 
@@ -355,7 +363,9 @@ def _make_trainer(recipe: TrainRecipe, model: nn.Module, config: Any, tok: Any, 
     return trainer
 
 
-def _new_trainer(recipe: TrainRecipe, model: nn.Module, config: Any, tok: Any, dataset: Any, callbacks: list[Any], args: Any) -> Any:
+def _new_trainer(
+    recipe: TrainRecipe, model: nn.Module, config: Any, tok: Any, dataset: Any, callbacks: list[Any], args: Any
+) -> Any:
     from transformers import DataCollatorForSeq2Seq
 
     collator = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
@@ -363,8 +373,13 @@ def _new_trainer(recipe: TrainRecipe, model: nn.Module, config: Any, tok: Any, d
         from trl import SFTTrainer
 
         trainer = SFTTrainer(
-            model=model, args=args, train_dataset=dataset, processing_class=tok, peft_config=config,
-            callbacks=callbacks, data_collator=collator,
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tok,
+            peft_config=config,
+            callbacks=callbacks,
+            data_collator=collator,
         )
         if recipe.quantize is not None and _restore_fp32_(trainer.model):
             logger.info("restored fp32 adapter parameters after SFTTrainer's bf16 cast")
@@ -397,11 +412,11 @@ def train_adapter(
         A :class:`TrainResult`; ``output`` holds ``adapter_config.json``,
         ``adapter_model.safetensors`` and ``train_report.json``.
     """
+    from adapterlab.callbacks.logger import SparsityRankLogger
     from adapterlab.data import tokenize_for_training
     from adapterlab.evaluate import task_accuracy
     from adapterlab.merging.lora_dir import staged_dir
     from adapterlab.models import load_tokenizer
-    from adapterlab.callbacks.logger import SparsityRankLogger
 
     t0 = time.perf_counter()
     progress = progress or _silent
@@ -423,7 +438,9 @@ def train_adapter(
     )
     ev = recipe.eval
     if ev is not None and ev.zero_shot:
-        result.zero_shot = task_accuracy(model, tok, recipe.data.task, split=ev.split, n=ev.n, batch_size=ev.batch_size, progress=progress).accuracy
+        result.zero_shot = task_accuracy(
+            model, tok, recipe.data.task, split=ev.split, n=ev.n, batch_size=ev.batch_size, progress=progress
+        ).accuracy
     scratch = Path(tempfile.mkdtemp(prefix="adapterlab-train-"))
     try:
         args = _training_args(recipe, scratch)
@@ -437,7 +454,9 @@ def train_adapter(
     result.log_history = list(trainer.state.log_history)
     result.trainable_params = sum(p.numel() for p in pm.parameters() if p.requires_grad)
     if ev is not None:
-        result.accuracy = task_accuracy(pm, tok, recipe.data.task, split=ev.split, n=ev.n, batch_size=ev.batch_size, progress=progress).accuracy
+        result.accuracy = task_accuracy(
+            pm, tok, recipe.data.task, split=ev.split, n=ev.n, batch_size=ev.batch_size, progress=progress
+        ).accuracy
     result.seconds = time.perf_counter() - t0
     with staged_dir(recipe.output, recipe.overwrite) as stage:
         pm.save_pretrained(str(stage))
@@ -452,10 +471,26 @@ def train_adapter(
             from adapterlab.io import base_fingerprint
 
             name = recipe.put.name or Path(recipe.output).name
-            prov = {"kind": "trained", "recipe": recipe.model_dump(mode="json"), "accuracy": result.accuracy, "zero_shot": result.zero_shot,
-                    "task": recipe.data.task, "method": recipe.adapter.method, "steps": result.steps, **(provenance or {})}
-            result.digest = registry.put(recipe.output, name, provenance=prov, base=base_fingerprint(pm), tags=tuple(recipe.put.tags))
+            prov = {
+                "kind": "trained",
+                "recipe": recipe.model_dump(mode="json"),
+                "accuracy": result.accuracy,
+                "zero_shot": result.zero_shot,
+                "task": recipe.data.task,
+                "method": recipe.adapter.method,
+                "steps": result.steps,
+                **(provenance or {}),
+            }
+            result.digest = registry.put(
+                recipe.output, name, provenance=prov, base=base_fingerprint(pm), tags=tuple(recipe.put.tags)
+            )
             result.ref = f"hub:{name}"
-    logger.info("trained %s on %s: accuracy %s (zero-shot %s) -> %s", recipe.adapter.method, recipe.data.task,
-                result.accuracy, result.zero_shot, recipe.output)
+    logger.info(
+        "trained %s on %s: accuracy %s (zero-shot %s) -> %s",
+        recipe.adapter.method,
+        recipe.data.task,
+        result.accuracy,
+        result.zero_shot,
+        recipe.output,
+    )
     return result

@@ -133,7 +133,9 @@ def scan_source(src: Path, kind: str = "adapter") -> list[Path]:
                 f"stores safetensors only; re-save with safe_serialization=True and remove the file"
             )
         if entry.suffix == ".safetensors" and not _looks_like_safetensors(entry):
-            raise ValueError(f"put: {entry.name!r} in {str(src)!r} is not a valid safetensors file (truncated or corrupted?)")
+            raise ValueError(
+                f"put: {entry.name!r} in {str(src)!r} is not a valid safetensors file (truncated or corrupted?)"
+            )
         if entry.suffix == ".json":
             try:
                 json.loads(entry.read_text(encoding="utf-8"))
@@ -324,23 +326,27 @@ def build_manifest(
         manifest.update(_adapter_fields(config, keys))
     else:
         config = json.loads((stage / "compressed_config.json").read_text(encoding="utf-8"))
-        manifest.update({
-            "method": str(config.get("type", "shared_basis")),
-            "mode": config.get("mode"),
-            "rank": config.get("rank"),
-            "adapters": list(config.get("names", [])),
-            "modules": list(config.get("module_names", [])),
-            "base_model_name_or_path": config.get("base_model_name_or_path"),
-        })
-    manifest.update({
-        "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
-        "n_params": sum(int(info["n_params"]) for info in tensor_info.values()),
-        "bytes": sum(int(f["bytes"]) for f in files.values()),
-        "files": {n: dict(files[n]) for n in sorted(files)},
-        "base": dict(fingerprint) if fingerprint is not None else None,
-        "base_digest": fingerprint_digest(fingerprint) if fingerprint is not None else None,
-        "provenance": dict(provenance),
-    })
+        manifest.update(
+            {
+                "method": str(config.get("type", "shared_basis")),
+                "mode": config.get("mode"),
+                "rank": config.get("rank"),
+                "adapters": list(config.get("names", [])),
+                "modules": list(config.get("module_names", [])),
+                "base_model_name_or_path": config.get("base_model_name_or_path"),
+            }
+        )
+    manifest.update(
+        {
+            "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
+            "n_params": sum(int(info["n_params"]) for info in tensor_info.values()),
+            "bytes": sum(int(f["bytes"]) for f in files.values()),
+            "files": {n: dict(files[n]) for n in sorted(files)},
+            "base": dict(fingerprint) if fingerprint is not None else None,
+            "base_digest": fingerprint_digest(fingerprint) if fingerprint is not None else None,
+            "provenance": dict(provenance),
+        }
+    )
     manifest["checksum"] = manifest_checksum(manifest)
     return manifest
 

@@ -245,7 +245,9 @@ class AdapterRegistry:
     def _read_ref(self, name: str) -> str:
         text = (self.refs / name).read_text(encoding="utf-8").strip()
         if not _DIGEST.fullmatch(text):
-            raise ValueError(f"registry {str(self.root)!r}: ref {name!r} is corrupted (holds {text[:80]!r}, not a sha256 digest)")
+            raise ValueError(
+                f"registry {str(self.root)!r}: ref {name!r} is corrupted (holds {text[:80]!r}, not a sha256 digest)"
+            )
         return text
 
     def _write_ref(self, name: str, digest: str) -> None:
@@ -352,6 +354,7 @@ class AdapterRegistry:
             raise ValueError(
                 f"name {name[:40]!r}... is {len(name)} characters long; registry names are at most {MAX_NAME_CHARS}"
             )
+
         def missing() -> RefNotFoundError:
             names = self._ref_names()
             return RefNotFoundError(
@@ -427,7 +430,9 @@ class AdapterRegistry:
         if not isinstance(src, (str, os.PathLike)):
             raise ValueError(f"put: src must be a PEFT adapter folder or a peft model, got {type(src).__name__}")
         folder = Path(src).expanduser()
-        return self._put_folder(folder, folder.resolve().name if name is None else name, provenance, base, tags, "adapter")
+        return self._put_folder(
+            folder, folder.resolve().name if name is None else name, provenance, base, tags, "adapter"
+        )
 
     def put_bundle(
         self,
@@ -467,9 +472,7 @@ class AdapterRegistry:
                 sha, size = _copy_hashed(f, stage / f.name)
                 records[f.name] = {"sha256": sha, "bytes": size}
                 _fault(stage, step)
-            tensor_info = {
-                f.name: check_finite(stage / f.name, str(src)) for f in files if f.suffix == ".safetensors"
-            }
+            tensor_info = {f.name: check_finite(stage / f.name, str(src)) for f in files if f.suffix == ".safetensors"}
             digest = object_digest(records)
             manifest = build_manifest(digest, kind, name or None, records, stage, tensor_info, prov, fingerprint)
             _write_text_durable(stage / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")  # last
@@ -565,13 +568,14 @@ class AdapterRegistry:
         have, path = found
         if have != kind:
             other = "get_bundle / `hub get --bundle`" if have == "bundle" else "get"
-            raise ValueError(f"ref {ref!r} is a {'shared-basis bundle' if have == 'bundle' else 'adapter'}; use {other}")
+            raise ValueError(
+                f"ref {ref!r} is a {'shared-basis bundle' if have == 'bundle' else 'adapter'}; use {other}"
+            )
         problems = self._check_object(path, digest, kind)
         if problems:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
             raise ValueError(
-                f"ref {ref!r} ({digest[:12]}) failed verification: {problems[0]}{more}; "
-                f"re-put the adapter to repair it"
+                f"ref {ref!r} ({digest[:12]}) failed verification: {problems[0]}{more}; re-put the adapter to repair it"
             )
         return digest, path
 
@@ -594,7 +598,9 @@ class AdapterRegistry:
         try:
             return json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{_KIND_DIRS[found[0]]}/{digest[:12]}: unreadable {MANIFEST} ({exc}); run verify") from None
+            raise ValueError(
+                f"{_KIND_DIRS[found[0]]}/{digest[:12]}: unreadable {MANIFEST} ({exc}); run verify"
+            ) from None
 
     def show(self, ref: str | os.PathLike[str]) -> dict[str, Any]:
         """The manifest of ``ref`` plus ``names`` (refs pointing to it) and ``path``."""
@@ -632,16 +638,18 @@ class AdapterRegistry:
                 rows.append(row)
                 continue
             base = m.get("base") or {}
-            row.update({
-                "kind": m.get("kind"),
-                "method": m.get("method"),
-                "rank": m.get("rank"),
-                "bytes": m.get("bytes"),
-                "dtype": m.get("dtype"),
-                "base": base.get("model_id") or base.get("architecture") or m.get("base_model_name_or_path"),
-                "provenance": (m.get("provenance") or {}).get("kind"),
-                "created": m.get("created"),
-            })
+            row.update(
+                {
+                    "kind": m.get("kind"),
+                    "method": m.get("method"),
+                    "rank": m.get("rank"),
+                    "bytes": m.get("bytes"),
+                    "dtype": m.get("dtype"),
+                    "base": base.get("model_id") or base.get("architecture") or m.get("base_model_name_or_path"),
+                    "provenance": (m.get("provenance") or {}).get("kind"),
+                    "created": m.get("created"),
+                }
+            )
             rows.append(row)
         return rows
 
@@ -658,8 +666,11 @@ class AdapterRegistry:
         for sub in _KIND_DIRS.values():
             d = self.root / sub
             if d.is_dir():
-                problems += [f"{sub}/{p.name}: not a sha256-named object folder" for p in sorted(d.iterdir())
-                             if not _DIGEST.fullmatch(p.name)]
+                problems += [
+                    f"{sub}/{p.name}: not a sha256-named object folder"
+                    for p in sorted(d.iterdir())
+                    if not _DIGEST.fullmatch(p.name)
+                ]
         for digest, kind in sorted(self._all_digests().items()):
             problems += self._check_object(self.root / _KIND_DIRS[kind] / digest, digest, kind)
         for name in self._ref_names():
@@ -707,7 +718,7 @@ class AdapterRegistry:
             used = set()
             for digest in self._all_digests():
                 with contextlib.suppress(KeyError, ValueError):
-                    if (bd := self._manifest(digest).get("base_digest")):
+                    if bd := self._manifest(digest).get("base_digest"):
                         used.add(bd)
             for rec in self.bases.glob("*.json"):
                 if rec.stem not in used:
@@ -719,7 +730,11 @@ class AdapterRegistry:
     # ---- loading onto a model ------------------------------------------------------------------
 
     def check_base(
-        self, ref: str | os.PathLike[str], model: nn.Module | None = None, *, fingerprint: Mapping[str, Any] | None = None
+        self,
+        ref: str | os.PathLike[str],
+        model: nn.Module | None = None,
+        *,
+        fingerprint: Mapping[str, Any] | None = None,
     ) -> None:
         """Raise :class:`BaseMismatchError` if ``ref``'s recorded base is not ``model`` (or ``fingerprint``).
 
@@ -779,4 +794,6 @@ class AdapterRegistry:
             return model
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(model, str(folder), adapter_name=adapter_name or "default", is_trainable=is_trainable)
+        return PeftModel.from_pretrained(
+            model, str(folder), adapter_name=adapter_name or "default", is_trainable=is_trainable
+        )

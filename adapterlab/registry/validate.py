@@ -62,7 +62,9 @@ METHOD_TENSORS: dict[str, _Rule] = {
     "ADAPTERLAB_LORS": _Rule(("lors_A", "lors_B", "lors_pattern"), (("lors_A", "lors_B"),), (("lors_A", "lors_B"),)),
     "ADAPTERLAB_LORI": _Rule(("lori_A", "lori_B"), (("lori_B",),), (("lori_A", "lori_B"),)),
     "ADAPTERLAB_SPP": _Rule(("spp_alpha", "spp_beta", "spp_pattern"), (("spp_alpha", "spp_beta"),), rank_key=None),
-    "ADAPTERLAB_SNELL": _Rule(("snell_P", "snell_Q", "snell_mix", "snell_keep"), (("snell_P", "snell_Q"),), rank_key=None),
+    "ADAPTERLAB_SNELL": _Rule(
+        ("snell_P", "snell_Q", "snell_mix", "snell_keep"), (("snell_P", "snell_Q"),), rank_key=None
+    ),
     "ADAPTERLAB_SHIRA": _Rule(
         ("adapterlab_shira_values", "adapterlab_shira_indices", "adapterlab_shira_dims"),
         (("adapterlab_shira_values", "adapterlab_shira_indices", "adapterlab_shira_dims"),),
@@ -81,8 +83,9 @@ def _short(value: Any, limit: int = 60) -> str:
 
 
 def _known_peft_types() -> dict[str, Any]:
-    import adapterlab.tuners  # noqa: F401  (registers adapterlab's tuners with peft)
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    import adapterlab.tuners  # noqa: F401  (registers adapterlab's tuners with peft)
 
     return {str(getattr(k, "value", k)): v for k, v in PEFT_TYPE_TO_CONFIG_MAPPING.items()}
 
@@ -105,19 +108,28 @@ def _check_config(config: Any, where: str) -> str:
     known = _known_peft_types()
     if not isinstance(peft_type, str) or peft_type not in known:
         shown = ", ".join(sorted(t for t in known if t in METHOD_TENSORS or t.startswith("ADAPTERLAB")))
-        raise _fail(where, f"peft_type {_short(peft_type)} is not a known peft type (adapterlab's: {shown}; or any peft type)")
+        raise _fail(
+            where, f"peft_type {_short(peft_type)} is not a known peft type (adapterlab's: {shown}; or any peft type)"
+        )
     rule = METHOD_TENSORS.get(peft_type)
     rank_key = rule.rank_key if rule is not None else None
     if rank_key is not None and not _positive_int(config.get(rank_key)):
-        raise _fail(where, f"key {rank_key!r} is {_short(config.get(rank_key))}; it must be a positive integer (the rank)")
+        raise _fail(
+            where, f"key {rank_key!r} is {_short(config.get(rank_key))}; it must be a positive integer (the rank)"
+        )
     if "lora_alpha" in config and config["lora_alpha"] is not None and not _finite_number(config["lora_alpha"]):
         raise _fail(where, f"key 'lora_alpha' is {_short(config['lora_alpha'])}; it must be a finite number")
     targets = config.get("target_modules")
-    if targets is not None and not isinstance(targets, str) and not (
-        isinstance(targets, list) and all(isinstance(t, str) for t in targets)
+    if (
+        targets is not None
+        and not isinstance(targets, str)
+        and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets))
     ):
         raise _fail(where, f"key 'target_modules' is {_short(targets)}; it must be a string, a list of strings or null")
-    for key, ok, what in (("rank_pattern", _positive_int, "a positive integer"), ("alpha_pattern", _finite_number, "a finite number")):
+    for key, ok, what in (
+        ("rank_pattern", _positive_int, "a positive integer"),
+        ("alpha_pattern", _finite_number, "a finite number"),
+    ):
         pattern = config.get(key)
         if pattern is None:
             continue
@@ -176,7 +188,9 @@ def check_adapter(src: Path, base: nn.Module | None = None) -> None:
     try:
         config = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise _fail(cfg_where, f"not valid JSON ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        raise _fail(
+            cfg_where, f"not valid JSON ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+        ) from None
     peft_type = _check_config(config, cfg_where)
 
     st_path = src / "adapter_model.safetensors"
@@ -219,8 +233,11 @@ def check_adapter(src: Path, base: nn.Module | None = None) -> None:
             try:
                 module = inner.get_submodule(mod)
             except AttributeError:
-                raise _fail(where, f"tensor {have[next(iter(have))]!r} targets module {mod!r}, which the base does not "
-                                   f"have (an adapter of another base?)") from None
+                raise _fail(
+                    where,
+                    f"tensor {have[next(iter(have))]!r} targets module {mod!r}, which the base does not "
+                    f"have (an adapter of another base?)",
+                ) from None
         r = _rank_of(config, mod, rule.rank_key)
         for a_name, b_name in rule.lowrank:
             a_key, b_key = have.get(a_name), have.get(b_name)
@@ -228,20 +245,32 @@ def check_adapter(src: Path, base: nn.Module | None = None) -> None:
             a = tensors[a_key] if a_key is not None and a_key.endswith((".weight", a_name)) else None
             b = tensors[b_key] if b_key is not None and b_key.endswith((".weight", b_name)) else None
             if a is not None and (a.dim() < 2 or (r is not None and a.shape[0] != r)):
-                raise _fail(where, f"tensor {a_key!r} has shape {list(a.shape)}; {a_name} must be (r, d_in) with r={r}"
-                                   f" (key 'r' / 'rank_pattern' of adapter_config.json)")
+                raise _fail(
+                    where,
+                    f"tensor {a_key!r} has shape {list(a.shape)}; {a_name} must be (r, d_in) with r={r}"
+                    f" (key 'r' / 'rank_pattern' of adapter_config.json)",
+                )
             if b is not None and (b.dim() < 2 or (r is not None and b.shape[1] != r)):
-                raise _fail(where, f"tensor {b_key!r} has shape {list(b.shape)}; {b_name} must be (d_out, r) with r={r}"
-                                   f" (key 'r' / 'rank_pattern' of adapter_config.json)")
+                raise _fail(
+                    where,
+                    f"tensor {b_key!r} has shape {list(b.shape)}; {b_name} must be (d_out, r) with r={r}"
+                    f" (key 'r' / 'rank_pattern' of adapter_config.json)",
+                )
             io = _base_io(module, "embedding" in a_name, fan) if module is not None else None
             if io is None:
                 continue
             if a is not None and a.dim() == 2 and a.shape[1] != io[0]:
-                raise _fail(where, f"tensor {a_key!r} has shape {list(a.shape)}, but base module {mod!r} takes {io[0]} "
-                                   f"inputs (an adapter of another base?)")
+                raise _fail(
+                    where,
+                    f"tensor {a_key!r} has shape {list(a.shape)}, but base module {mod!r} takes {io[0]} "
+                    f"inputs (an adapter of another base?)",
+                )
             if b is not None and b.dim() == 2 and b.shape[0] != io[1]:
-                raise _fail(where, f"tensor {b_key!r} has shape {list(b.shape)}, but base module {mod!r} has {io[1]} "
-                                   f"outputs (an adapter of another base?)")
+                raise _fail(
+                    where,
+                    f"tensor {b_key!r} has shape {list(b.shape)}, but base module {mod!r} has {io[1]} "
+                    f"outputs (an adapter of another base?)",
+                )
         if peft_type == "ADAPTERLAB_SHIRA":
             values = tensors[have["adapterlab_shira_values"]]
             indices = tensors[have["adapterlab_shira_indices"]]
@@ -253,5 +282,8 @@ def check_adapter(src: Path, base: nn.Module | None = None) -> None:
                 raise _fail(where, f"tensor {dims_key!r} is {dims}; it must be (d_out, d_in)")
             io = _base_io(module, False, False) if module is not None else None
             if io is not None and dims != [io[1], io[0]]:
-                raise _fail(where, f"tensor {dims_key!r} is {dims}, but base module {mod!r} is ({io[1]}, {io[0]}) "
-                                   f"(an adapter of another base?)")
+                raise _fail(
+                    where,
+                    f"tensor {dims_key!r} is {dims}, but base module {mod!r} is ({io[1]}, {io[0]}) "
+                    f"(an adapter of another base?)",
+                )

@@ -229,7 +229,9 @@ def resolve_scope(scope: str | Sequence[str]) -> tuple[str, ...]:
             return PRESETS[scope]
         if scope in SUBSETS:
             return (scope,)
-        raise ValueError(f"scope={scope!r} is unknown; choose a preset ({', '.join(PRESETS)}) or subsets ({', '.join(SUBSETS)})")
+        raise ValueError(
+            f"scope={scope!r} is unknown; choose a preset ({', '.join(PRESETS)}) or subsets ({', '.join(SUBSETS)})"
+        )
     subsets = tuple(dict.fromkeys(scope))
     bad = [s for s in subsets if s not in SUBSETS]
     if bad or not subsets:
@@ -240,7 +242,9 @@ def resolve_scope(scope: str | Sequence[str]) -> tuple[str, ...]:
 
 
 def _is_norm(module: nn.Module) -> bool:
-    return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or type(module).__name__.endswith(("Norm", "RMSNorm", "LayerNorm"))
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or type(module).__name__.endswith(
+        ("Norm", "RMSNorm", "LayerNorm")
+    )
 
 
 def has_perp_layers(model: nn.Module) -> bool:
@@ -465,7 +469,10 @@ def merge_perp_(model: nn.Module, *, pattern: str | None = None) -> PerpMergeRep
     report.nm_valid = all(nm_results) if nm_results else None
     logger.info(
         "merged %d PERP layer(s): sparsity %.4f -> %.4f%s",
-        report.layers, report.sparsity_before, report.sparsity_after, " (head merged)" if report.head_merged else "",
+        report.layers,
+        report.sparsity_before,
+        report.sparsity_after,
+        " (head merged)" if report.head_merged else "",
     )
     return report
 

@@ -140,7 +140,9 @@ def retrain_(
         model.eval()
         shutil.rmtree(scratch, ignore_errors=True)
     losses = [float(h["loss"]) for h in trainer.state.log_history if "loss" in h]
-    return RetrainResult(steps=int(trainer.state.global_step), losses=losses, seconds=time.perf_counter() - start, mask_keeper=keep)
+    return RetrainResult(
+        steps=int(trainer.state.global_step), losses=losses, seconds=time.perf_counter() - start, mask_keeper=keep
+    )
 
 
 @dataclass
@@ -225,10 +227,23 @@ def run_perp_pipeline(
     elif tokenizer is None:
         raise ValueError("pass the tokenizer together with the model")
     settings = {
-        "method": method, "sparsity": sparsity, "pattern": pattern, "calib_samples": calib_samples,
-        "calib_seqlen": calib_seqlen, "scope": list(subsets), "r": r, "alpha": alpha, "steps": steps, "lr": lr,
-        "batch_size": batch_size, "grad_accum": grad_accum, "seqlen": seqlen, "eval_seqlen": eval_seqlen,
-        "eval_windows": eval_windows, "seed": seed, "corpus": corpus,
+        "method": method,
+        "sparsity": sparsity,
+        "pattern": pattern,
+        "calib_samples": calib_samples,
+        "calib_seqlen": calib_seqlen,
+        "scope": list(subsets),
+        "r": r,
+        "alpha": alpha,
+        "steps": steps,
+        "lr": lr,
+        "batch_size": batch_size,
+        "grad_accum": grad_accum,
+        "seqlen": seqlen,
+        "eval_seqlen": eval_seqlen,
+        "eval_windows": eval_windows,
+        "seed": seed,
+        "corpus": corpus,
     }
     ids = eval_ids(tokenizer, corpus)
     timings: dict[str, float] = {}
@@ -245,7 +260,9 @@ def run_perp_pipeline(
     timings["prune"] = time.perf_counter() - t
     pruned = ppl()
     report = perp_(model, subsets, r=r, alpha=alpha, seed=seed)
-    train = calibration_ids(tokenizer, n_samples=steps * batch_size * grad_accum, seqlen=seqlen, seed=seed + 1, corpus=corpus)
+    train = calibration_ids(
+        tokenizer, n_samples=steps * batch_size * grad_accum, seqlen=seqlen, seed=seed + 1, corpus=corpus
+    )
     result = retrain_(model, train, steps=steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, seed=seed)
     timings["retrain"] = result.seconds
     nm_valid = None
@@ -258,9 +275,17 @@ def run_perp_pipeline(
     retrained = ppl()
     timings["eval_retrained"] = time.perf_counter() - t
     out = PerpPipelineResult(
-        settings=settings, ppl_dense=dense, ppl_pruned=pruned, ppl_retrained=retrained, trainable=report.trainable,
-        trainable_fraction=report.fraction, sparsity_after_merge=sparsity_of(model), nm_valid=nm_valid,
-        losses=result.losses, seconds=timings, output_dir=str(output_dir) if output_dir is not None else None,
+        settings=settings,
+        ppl_dense=dense,
+        ppl_pruned=pruned,
+        ppl_retrained=retrained,
+        trainable=report.trainable,
+        trainable_fraction=report.fraction,
+        sparsity_after_merge=sparsity_of(model),
+        nm_valid=nm_valid,
+        losses=result.losses,
+        seconds=timings,
+        output_dir=str(output_dir) if output_dir is not None else None,
     )
     if output_dir is not None:
         from adapterlab.merging.lora_dir import staged_dir

@@ -22,7 +22,13 @@ import torch
 from torch import Tensor, nn
 
 from adapterlab.serving.kernels import (
-    BundlePlan, RowPlan, lora_delta, plan_bundle, plan_rows, shared_basis_apply, sparse_delta,
+    BundlePlan,
+    RowPlan,
+    lora_delta,
+    plan_bundle,
+    plan_rows,
+    shared_basis_apply,
+    sparse_delta,
 )
 from adapterlab.serving.reference import MultiAdapterLinear, reference_delta
 
@@ -45,12 +51,12 @@ def wrap_linear(model: nn.Module, name: str, router: BatchRouter) -> MultiAdapte
     module = model.get_submodule(name)
     if isinstance(module, MultiAdapterLinear):
         if module._router is not router:
-            raise ValueError(f"module {name!r} is already wrapped by another AdapterServer; serve a fresh copy of the base")
+            raise ValueError(
+                f"module {name!r} is already wrapped by another AdapterServer; serve a fresh copy of the base"
+            )
         return module
     if not isinstance(module, nn.Linear):
-        raise ValueError(
-            f"module {name!r} is a {type(module).__name__}; adapters can be served on linear layers only"
-        )
+        raise ValueError(f"module {name!r} is a {type(module).__name__}; adapters can be served on linear layers only")
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     wrapper = MultiAdapterLinear(module, name, router)
@@ -70,7 +76,11 @@ class BatchRouter:
     """
 
     def __init__(
-        self, capacity: int, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+        self,
+        capacity: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
         plan_mode: str = "auto",
     ) -> None:
         if capacity < 1:

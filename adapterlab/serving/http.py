@@ -36,9 +36,10 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any
 
 from adapterlab.serving.server import AdapterServer, Completion, Request, UnknownAdapterError
 
@@ -117,10 +118,20 @@ class ServingHTTP:
     """
 
     def __init__(
-        self, server: AdapterServer, *, host: str = "127.0.0.1", port: int = 8000, max_queue: int = 64,
-        max_batch: int | None = None, batch_wait_s: float = 0.01, max_new_tokens: int = 512,
-        request_timeout_s: float = 600.0, read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
-        max_body_bytes: int = MAX_BODY, backlog: int | None = None, base_name: str = "base",
+        self,
+        server: AdapterServer,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        max_queue: int = 64,
+        max_batch: int | None = None,
+        batch_wait_s: float = 0.01,
+        max_new_tokens: int = 512,
+        request_timeout_s: float = 600.0,
+        read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
+        max_body_bytes: int = MAX_BODY,
+        backlog: int | None = None,
+        base_name: str = "base",
     ) -> None:
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1:
             raise ValueError(f"max_queue must be an integer >= 1, got {max_queue!r}")
@@ -305,16 +316,28 @@ class ServingHTTP:
             "created": int(time.time()),
             "model": res.adapter if res.adapter is not None else self.base_name,
             "adapter": res.adapter,
-            "choices": [{"index": 0, "text": res.text, "tokens": res.tokens, "logprobs": None,
-                         "finish_reason": res.finish_reason}],
-            "usage": {"prompt_tokens": res.prompt_tokens, "completion_tokens": len(res.tokens),
-                      "total_tokens": res.prompt_tokens + len(res.tokens)},
+            "choices": [
+                {
+                    "index": 0,
+                    "text": res.text,
+                    "tokens": res.tokens,
+                    "logprobs": None,
+                    "finish_reason": res.finish_reason,
+                }
+            ],
+            "usage": {
+                "prompt_tokens": res.prompt_tokens,
+                "completion_tokens": len(res.tokens),
+                "total_tokens": res.prompt_tokens + len(res.tokens),
+            },
         }
 
     def _models(self) -> dict[str, Any]:
         names = [self.base_name] + [row["name"] for row in self.server.adapters() if row["name"] != self.base_name]
-        return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "adapterlab"}
-                                           for n in names]}
+        return {
+            "object": "list",
+            "data": [{"id": n, "object": "model", "created": 0, "owned_by": "adapterlab"} for n in names],
+        }
 
     def _load(self, body: dict[str, Any]) -> dict[str, Any]:
         unknown = sorted(set(body) - {"name", "source", "pin"})
@@ -411,22 +434,33 @@ class ServingHTTP:
             def _content_length(self) -> int:
                 te = self.headers.get("Transfer-Encoding")
                 if te is not None:
-                    raise HTTPError(411, f"Transfer-Encoding {te[:40]!r} is not supported; send the body "
-                                         f"with a Content-Length header", close=True)
+                    raise HTTPError(
+                        411,
+                        f"Transfer-Encoding {te[:40]!r} is not supported; send the body with a Content-Length header",
+                        close=True,
+                    )
                 values = {v.strip() for v in self.headers.get_all("Content-Length") or []}
                 if not values:
                     return 0
                 if len(values) > 1:
-                    raise HTTPError(400, f"conflicting Content-Length headers {sorted(v[:20] for v in values)}",
-                                    close=True)
+                    raise HTTPError(
+                        400, f"conflicting Content-Length headers {sorted(v[:20] for v in values)}", close=True
+                    )
                 text = values.pop()
                 if not (text.isascii() and text.isdigit()):
-                    raise HTTPError(400, f"Content-Length {text[:40]!r} is not a byte count; "
-                                         f"give an integer in [0, {app.max_body_bytes}]", close=True)
+                    raise HTTPError(
+                        400,
+                        f"Content-Length {text[:40]!r} is not a byte count; "
+                        f"give an integer in [0, {app.max_body_bytes}]",
+                        close=True,
+                    )
                 length = int(text) if len(text) <= 18 else app.max_body_bytes + 1
                 if length > app.max_body_bytes:
-                    raise HTTPError(413, f"request body of {text[:40]} bytes exceeds the limit of "
-                                         f"{app.max_body_bytes} bytes", close=True)
+                    raise HTTPError(
+                        413,
+                        f"request body of {text[:40]} bytes exceeds the limit of {app.max_body_bytes} bytes",
+                        close=True,
+                    )
                 return length
 
             def _raw_body(self) -> bytes:
@@ -436,11 +470,16 @@ class ServingHTTP:
                 try:
                     raw = self.rfile.read(length)
                 except TimeoutError:
-                    raise HTTPError(408, f"the request body ({length} bytes announced) did not arrive within "
-                                         f"the read timeout of {app.read_timeout_s:g} s", close=True) from None
+                    raise HTTPError(
+                        408,
+                        f"the request body ({length} bytes announced) did not arrive within "
+                        f"the read timeout of {app.read_timeout_s:g} s",
+                        close=True,
+                    ) from None
                 if len(raw) < length:
-                    raise HTTPError(400, f"the request body ended after {len(raw)} of {length} announced bytes",
-                                    close=True)
+                    raise HTTPError(
+                        400, f"the request body ended after {len(raw)} of {length} announced bytes", close=True
+                    )
                 return raw
 
             def _body(self) -> dict[str, Any]:
@@ -448,8 +487,11 @@ class ServingHTTP:
                 try:
                     body = json.loads(raw or b"{}")
                 except RecursionError:
-                    raise HTTPError(400, f"request body is not valid JSON: it nests deeper than "
-                                         f"{sys.getrecursionlimit()} levels", close=True) from None
+                    raise HTTPError(
+                        400,
+                        f"request body is not valid JSON: it nests deeper than {sys.getrecursionlimit()} levels",
+                        close=True,
+                    ) from None
                 except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, too many digits
                     raise HTTPError(400, f"request body is not valid JSON ({exc})") from None
                 if not isinstance(body, dict):
@@ -457,9 +499,11 @@ class ServingHTTP:
                 return body
 
             def do_GET(self) -> None:  # noqa: N802 - stdlib name
-                routes = {"/health": lambda: {"status": "ok", "queued": app.queue.qsize()},
-                          "/v1/adapters": lambda: {"adapters": app.server.adapters()},
-                          "/v1/models": app._models}
+                routes = {
+                    "/health": lambda: {"status": "ok", "queued": app.queue.qsize()},
+                    "/v1/adapters": lambda: {"adapters": app.server.adapters()},
+                    "/v1/models": app._models,
+                }
                 routes["/"] = routes["/health"]
                 routes["/adapters"] = routes["/v1/adapters"]
 
@@ -472,8 +516,11 @@ class ServingHTTP:
                 self._answer(route)
 
             def do_POST(self) -> None:  # noqa: N802 - stdlib name
-                routes = {"/v1/completions": app._complete, "/v1/adapters/load": app._load,
-                          "/v1/adapters/unload": app._unload}
+                routes = {
+                    "/v1/completions": app._complete,
+                    "/v1/adapters/load": app._load,
+                    "/v1/adapters/unload": app._unload,
+                }
 
                 def route() -> dict[str, Any]:
                     handler = routes.get(self.path)

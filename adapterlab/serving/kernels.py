@@ -24,7 +24,13 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "BundlePlan", "RowPlan", "lora_delta", "plan_bundle", "plan_rows", "shared_basis_apply", "shared_basis_delta",
+    "BundlePlan",
+    "RowPlan",
+    "lora_delta",
+    "plan_bundle",
+    "plan_rows",
+    "shared_basis_apply",
+    "shared_basis_delta",
     "sparse_delta",
 ]
 
@@ -194,9 +200,7 @@ def shared_basis_apply(x: Tensor, U: Tensor, V: Tensor, cores: Tensor, plan: Bun
     return out
 
 
-def shared_basis_delta(
-    x: Tensor, U: Tensor, V: Tensor, cores: Tensor, group: Tensor, rows: Tensor
-) -> Tensor | None:
+def shared_basis_delta(x: Tensor, U: Tensor, V: Tensor, cores: Tensor, group: Tensor, rows: Tensor) -> Tensor | None:
     """Per-row shared-basis delta ``Δy_b = x_b V_gᵀ Σ_iᵀ U_gᵀ`` with ``i = rows[b]``, ``g = group[i]``.
 
     Args:

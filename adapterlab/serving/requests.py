@@ -93,7 +93,9 @@ def check_token_ids(ids: Sequence[int], vocab: int | None) -> None:
     top = max(ids)  # one C-level pass over the ids
     if top >= vocab:
         pos = list(ids).index(top)
-        raise ValueError(f"prompt token id {top} (position {pos}) is outside the vocabulary; allowed ids are 0..{vocab - 1}")
+        raise ValueError(
+            f"prompt token id {top} (position {pos}) is outside the vocabulary; allowed ids are 0..{vocab - 1}"
+        )
 
 
 def check_context(n_prompt: int, n_new: int, context: int | None) -> None:

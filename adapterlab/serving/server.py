@@ -33,7 +33,12 @@ from torch import Tensor, nn
 from adapterlab.serving.batched import BatchRouter, RowSpec, wrap_linear
 from adapterlab.serving.reference import MultiAdapterLinear
 from adapterlab.serving.requests import (
-    Completion, Request, check_context, check_token_ids, context_length_of, vocab_size_of,
+    Completion,
+    Request,
+    check_context,
+    check_token_ids,
+    context_length_of,
+    vocab_size_of,
 )
 from adapterlab.serving.sharing import claim, model_lock, set_child
 
@@ -42,9 +47,7 @@ __all__ = ["AdapterServer", "Completion", "Request", "UnknownAdapterError"]
 logger = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,199}$")
-_SHIRA_KEY = re.compile(
-    r"^(?:base_model\.model\.)?(?P<mod>.+?)\.(?:adapterlab_)?shira_(?P<kind>[a-z]+)(?:\.[^.]+)?$"
-)
+_SHIRA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<mod>.+?)\.(?:adapterlab_)?shira_(?P<kind>[a-z]+)(?:\.[^.]+)?$")
 
 
 class UnknownAdapterError(ValueError):
@@ -174,7 +177,9 @@ class AdapterServer:
         if isinstance(source, (str, os.PathLike)) and not os.fspath(source).startswith("hub:"):
             path = Path(os.fspath(source)).expanduser()
             if not (path / "adapter_config.json").is_file():
-                raise FileNotFoundError(f"adapter {name!r}: {str(path)!r} is not a PEFT adapter folder (no adapter_config.json)")
+                raise FileNotFoundError(
+                    f"adapter {name!r}: {str(path)!r} is not a PEFT adapter folder (no adapter_config.json)"
+                )
         with self._lock:
             if name in self._bundle_of:
                 raise ValueError(f"adapter name {name!r} is already used by bundle {self._bundle_of[name]!r}")
@@ -207,22 +212,47 @@ class AdapterServer:
         with self._lock:
             out: dict[str, dict[str, Any]] = {}
             for name, src in self._sources.items():
-                out[name] = {"name": name, "kind": None, "loaded": False, "pinned": False, "rank": None,
-                             "source": self._describe(src)}
+                out[name] = {
+                    "name": name,
+                    "kind": None,
+                    "loaded": False,
+                    "pinned": False,
+                    "rank": None,
+                    "source": self._describe(src),
+                }
             for name, e in self._cache.items():
-                out[name] = {"name": name, "kind": e.kind, "loaded": True, "pinned": e.pinned, "rank": e.rank,
-                             "source": e.source}
+                out[name] = {
+                    "name": name,
+                    "kind": e.kind,
+                    "loaded": True,
+                    "pinned": e.pinned,
+                    "rank": e.rank,
+                    "source": e.source,
+                }
             for key, b in self._bundles.items():
                 for name in b.names:
-                    out[name] = {"name": name, "kind": "shared_basis", "loaded": True, "pinned": True,
-                                 "rank": b.rank, "source": f"{b.source} ({b.mode})", "bundle": key}
+                    out[name] = {
+                        "name": name,
+                        "kind": "shared_basis",
+                        "loaded": True,
+                        "pinned": True,
+                        "rank": b.rank,
+                        "source": f"{b.source} ({b.mode})",
+                        "bundle": key,
+                    }
             if self.registry is not None:
                 try:
                     for row in self.registry.ls():
                         ref = row.get("name") or row.get("ref")
                         if ref and ref not in out:
-                            out[ref] = {"name": ref, "kind": None, "loaded": False, "pinned": False, "rank": None,
-                                        "source": f"hub:{ref}"}
+                            out[ref] = {
+                                "name": ref,
+                                "kind": None,
+                                "loaded": False,
+                                "pinned": False,
+                                "rank": None,
+                                "source": f"hub:{ref}",
+                            }
                 except Exception as exc:  # noqa: BLE001 - the list still works without the registry
                     logger.warning("cannot list the registry: %s", exc)
             return sorted(out.values(), key=lambda r: r["name"])
@@ -244,7 +274,14 @@ class AdapterServer:
             if pin:
                 self._cache[name].pinned = True
             e = self._cache[name]
-            return {"name": name, "kind": e.kind, "loaded": True, "pinned": e.pinned, "rank": e.rank, "source": e.source}
+            return {
+                "name": name,
+                "kind": e.kind,
+                "loaded": True,
+                "pinned": e.pinned,
+                "rank": e.rank,
+                "source": e.source,
+            }
 
     def unload(self, name: str) -> None:
         """Drop adapter ``name`` from the cache (it stays registered and reloads on demand)."""
@@ -463,7 +500,9 @@ class AdapterServer:
                 raise ValueError(f"adapter {name!r}: unexpected tensor {key!r} in a SHiRA adapter")
             if m["kind"] in ("values", "weight", "indices"):  # other entries (e.g. dims) are metadata
                 parts.setdefault(m["mod"], {})["indices" if m["kind"] == "indices" else "values"] = t
-        scale = float(config.get("scaling", 1.0) or 1.0) if isinstance(config.get("scaling", 1.0), (int, float)) else 1.0
+        scale = (
+            float(config.get("scaling", 1.0) or 1.0) if isinstance(config.get("scaling", 1.0), (int, float)) else 1.0
+        )
         entries: dict[str, tuple[Tensor, Tensor]] = {}
         for mod, kinds in parts.items():
             if "indices" not in kinds or "values" not in kinds:
@@ -474,7 +513,9 @@ class AdapterServer:
             d_out, d_in = wrapper.out_features, wrapper.in_features
             flat = idx[0] * d_in + idx[1] if idx.dim() == 2 and idx.shape[0] == 2 else idx.reshape(-1)
             if flat.numel() != values.numel():
-                raise ValueError(f"adapter {name!r}: module {mod!r} has {flat.numel()} indices for {values.numel()} values")
+                raise ValueError(
+                    f"adapter {name!r}: module {mod!r} has {flat.numel()} indices for {values.numel()} values"
+                )
             if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= d_out * d_in):
                 raise ValueError(f"adapter {name!r}: module {mod!r} has indices outside its {d_out}x{d_in} weight")
             entries[mod] = (flat, values)
@@ -505,7 +546,9 @@ class AdapterServer:
                 path = Path(text).expanduser()
             bundle, source = SharedBasisBundle.load(path), text
         if not isinstance(bundle, SharedBasisBundle):
-            raise ValueError(f"add_bundle: expected a SharedBasisBundle, a bundle folder or 'hub:REF', got {type(bundle).__name__}")
+            raise ValueError(
+                f"add_bundle: expected a SharedBasisBundle, a bundle folder or 'hub:REF', got {type(bundle).__name__}"
+            )
         key = key or (Path(source).name if source != "memory" else f"bundle{len(self._bundles)}")
         with self._lock:
             if key in self._bundles:
@@ -519,7 +562,9 @@ class AdapterServer:
             tensors = {}
             for mod in bundle.module_names:
                 if mod in bundle.embeddings:
-                    raise ValueError(f"bundle {key!r}: module {mod!r} is an embedding; only linear layers can be served")
+                    raise ValueError(
+                        f"bundle {key!r}: module {mod!r} is an embedding; only linear layers can be served"
+                    )
                 U, V, cores, group = bundle.factors(mod)
                 _check_finite(key, f"{mod}.cores", cores)
                 self._target(f"{key}", mod, (int(U.shape[1]), int(V.shape[2])))
@@ -556,8 +601,12 @@ class AdapterServer:
 
     @torch.no_grad()
     def forward(
-        self, input_ids: Tensor, attention_mask: Tensor | None = None, adapters: Sequence[str | None] | None = None,
-        *, reference: bool = False,
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        adapters: Sequence[str | None] | None = None,
+        *,
+        reference: bool = False,
     ) -> Tensor:
         """Logits ``[B, T, vocab]`` of one batch where row b uses ``adapters[b]`` (None = base).
 
@@ -630,8 +679,12 @@ class AdapterServer:
 
     def _pad_id(self) -> int:
         tok = self.tokenizer
-        for cand in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None),
-                     getattr(self.model.config, "pad_token_id", None), getattr(self.model.config, "eos_token_id", None)):
+        for cand in (
+            getattr(tok, "pad_token_id", None),
+            getattr(tok, "eos_token_id", None),
+            getattr(self.model.config, "pad_token_id", None),
+            getattr(self.model.config, "eos_token_id", None),
+        ):
             if isinstance(cand, int):
                 return cand
             if isinstance(cand, (list, tuple)) and cand:
@@ -711,7 +764,9 @@ class AdapterServer:
             if not isolate:
                 raise
             if len(chunk) == 1:
-                logger.info("request failed alone: %s: %s", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+                logger.info(
+                    "request failed alone: %s: %s", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else ""
+                )
                 out[chunk[0][0]] = exc
                 return
             logger.info("a batch of %d requests failed (%s); retrying it in halves", len(chunk), type(exc).__name__)
@@ -730,8 +785,8 @@ class AdapterServer:
         ids = torch.full((len(reqs), L), pad, dtype=torch.long)
         mask = torch.zeros((len(reqs), L), dtype=torch.long)
         for b, p in enumerate(prompts):  # left padding: one copy per request
-            ids[b, L - len(p):] = torch.tensor(p)
-            mask[b, L - len(p):] = 1
+            ids[b, L - len(p) :] = torch.tensor(p)
+            mask[b, L - len(p) :] = 1
         n_new = max(r.max_new_tokens for r in reqs)
         eos = self._eos_ids()
         with self._lock:
@@ -739,9 +794,16 @@ class AdapterServer:
             self._claim()
             try:
                 seq = self.model.generate(
-                    input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=n_new,
-                    do_sample=False, num_beams=1, pad_token_id=pad, eos_token_id=sorted(eos) or None,
-                    temperature=None, top_p=None, top_k=None,
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    max_new_tokens=n_new,
+                    do_sample=False,
+                    num_beams=1,
+                    pad_token_id=pad,
+                    eos_token_id=sorted(eos) or None,
+                    temperature=None,
+                    top_p=None,
+                    top_k=None,
                 )
             finally:
                 self.router.clear_batch()
@@ -750,7 +812,9 @@ class AdapterServer:
         new = seq[:, L:].cpu()  # [B, n] generated ids (n <= n_new: generate stops once every row hit EOS)
         limit = torch.tensor([r.max_new_tokens for r in reqs]).clamp_(max=new.shape[1])  # [B]
         inside = torch.arange(new.shape[1])[None, :] < limit[:, None]  # [B, n]: within the request's budget
-        is_eos = inside & torch.isin(new, torch.tensor(sorted(eos), dtype=new.dtype)) if eos else torch.zeros_like(inside)
+        is_eos = (
+            inside & torch.isin(new, torch.tensor(sorted(eos), dtype=new.dtype)) if eos else torch.zeros_like(inside)
+        )
         stopped = is_eos.any(1)  # [B]
         keep = torch.where(stopped, is_eos.int().argmax(1), limit).tolist()  # first EOS, else the budget
         rows = new.tolist()

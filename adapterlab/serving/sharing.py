@@ -51,8 +51,9 @@ def claim(model: nn.Module, router: BatchRouter) -> None:
     """
     if _OWNERS.get(model) is router:
         return
-    foreign = [(name, m) for name, m in model.named_modules()
-               if isinstance(m, MultiAdapterLinear) and m._router is not router]
+    foreign = [
+        (name, m) for name, m in model.named_modules() if isinstance(m, MultiAdapterLinear) and m._router is not router
+    ]
     for other in {id(m._router): m._router for _, m in foreign}.values():
         other.unfuse()
     for name, module in foreign:

@@ -233,7 +233,9 @@ class LowRankLayer(nn.Module, BaseTunerLayer):
             self._keep_pre_merge(adapter, w.data)
         w.data = merged.to(w.dtype)
 
-    def _add_to_quantized_(self, base: nn.Module, delta: torch.Tensor, adapter: str, *, safe_merge: bool, sign: float) -> None:
+    def _add_to_quantized_(
+        self, base: nn.Module, delta: torch.Tensor, adapter: str, *, safe_merge: bool, sign: float
+    ) -> None:
         """4/8-bit base: merge = dequantize (either CPU layout) -> add in fp32 -> requantize (same
         quant type / block size; 8-bit row-wise); unmerge puts the saved codes back."""
         if sign < 0:
@@ -294,7 +296,7 @@ class LowRankLayer(nn.Module, BaseTunerLayer):
     def unmerge(self) -> None:
         """Undo :meth:`merge` for every merged adapter, last merged first."""
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         for adapter in self._restore_pre_merge():
             self._after_unmerge(adapter)
@@ -397,7 +399,8 @@ def write_lora_dir(
     Returns:
         The directory.
     """
-    from adapterlab.merging.lora_dir import staged_dir, write_lora_dir as write_peft_lora
+    from adapterlab.merging.lora_dir import staged_dir
+    from adapterlab.merging.lora_dir import write_lora_dir as write_peft_lora
 
     bad = sorted(k for k, (a, _) in factors.items() if a.shape[0] != r)
     if bad:
@@ -438,8 +441,17 @@ class AdapterlabTuner(BaseTuner):
         current_key: str,
         **kwargs: Any,
     ) -> None:
-        replace_with(self, self.tuner_layer_cls, peft_config, adapter_name, target, target_name, parent, current_key,
-                     self.tuner_name)
+        replace_with(
+            self,
+            self.tuner_layer_cls,
+            peft_config,
+            adapter_name,
+            target,
+            target_name,
+            parent,
+            current_key,
+            self.tuner_name,
+        )
 
     @classmethod
     def check_loaded(cls, model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:

@@ -22,9 +22,19 @@ def _train(dtype, config, callbacks, tmp_path, steps=4):
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     args = TrainingArguments(
-        output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=2, learning_rate=1e-2,
-        lr_scheduler_type="constant", report_to=[], use_cpu=True, remove_unused_columns=False, disable_tqdm=True,
-        save_strategy="no", logging_steps=1, seed=0, bf16=dtype == torch.bfloat16,
+        output_dir=str(tmp_path),
+        max_steps=steps,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        report_to=[],
+        use_cpu=True,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        save_strategy="no",
+        logging_steps=1,
+        seed=0,
+        bf16=dtype == torch.bfloat16,
     )
     pm = get_peft_model(tiny_llama(dtype=dtype), config)
     base = {n: p.detach().clone() for n, p in pm.named_parameters() if "base_layer" in n}
@@ -48,8 +58,12 @@ def test_dylora_schedule_is_dtype_independent(dname, tmp_path):
 
 @pytest.mark.parametrize("dname", list(DTYPES))
 def test_lori_switch_keeps_the_configured_share(dname, tmp_path):
-    trainer = _train(DTYPES[dname], LoriConfig(r=4, task="x", sparsity=0.75, mask_scope="matrix", target_modules=TARGETS),
-                     [LoriCallback(switch_step=2)], tmp_path)
+    trainer = _train(
+        DTYPES[dname],
+        LoriConfig(r=4, task="x", sparsity=0.75, mask_scope="matrix", target_modules=TARGETS),
+        [LoriCallback(switch_step=2)],
+        tmp_path,
+    )
     layers = [m for m in trainer.model.modules() if isinstance(m, LoriLayer)]
     assert layers
     for layer in layers:

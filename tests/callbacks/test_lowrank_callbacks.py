@@ -51,7 +51,9 @@ def test_dylora_callback_one_rank_per_optimizer_step_with_grad_accumulation(tmp_
     pm = get_peft_model(tiny_llama(), DyLoraConfig(r=4, seed=3, target_modules=TARGETS))
     layer = next(m for m in pm.modules() if isinstance(m, DyLoraLayer))
     seen: list[int] = []
-    layer.register_forward_pre_hook(lambda mod, args: seen.append(mod.current_rank("default")) if mod.training else None)
+    layer.register_forward_pre_hook(
+        lambda mod, args: seen.append(mod.current_rank("default")) if mod.training else None
+    )
     cb = DyLoraCallback()
     trainer = _trainer(pm, tmp_path, [cb], max_steps=4, accum=2)
     trainer.train()
@@ -86,7 +88,11 @@ def test_lori_callback_switches_d_to_s_and_masked_entries_stay_zero(tmp_path):
     for layer in layers:
         lb = layer.lori_B["default"]
         assert lb.is_sparse and id(lb.values) in opt_params
-    assert all(g["lr"] == pytest.approx(5e-2) for g in trainer.optimizer.param_groups if any(id(p) == id(layers[0].lori_B["default"].values) for p in g["params"]))
+    assert all(
+        g["lr"] == pytest.approx(5e-2)
+        for g in trainer.optimizer.param_groups
+        if any(id(p) == id(layers[0].lori_B["default"].values) for p in g["params"])
+    )
     changed = 0
     for i, layer in enumerate(layers):
         dense = layer.lori_B["default"].dense().detach()

@@ -25,10 +25,20 @@ def _train(model, tmp_path, callbacks, steps=3, accum=2):
     from transformers import Trainer, TrainingArguments
 
     args = TrainingArguments(
-        output_dir=str(tmp_path / "out"), max_steps=steps, per_device_train_batch_size=2,
-        gradient_accumulation_steps=accum, learning_rate=1e-2, weight_decay=0.1, max_grad_norm=1.0,
-        lr_scheduler_type="constant", save_strategy="no", report_to=[], disable_tqdm=True, use_cpu=True,
-        logging_steps=1, remove_unused_columns=False,
+        output_dir=str(tmp_path / "out"),
+        max_steps=steps,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=accum,
+        learning_rate=1e-2,
+        weight_decay=0.1,
+        max_grad_norm=1.0,
+        lr_scheduler_type="constant",
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=True,
+        logging_steps=1,
+        remove_unused_columns=False,
     )
     trainer = Trainer(model=model, args=args, train_dataset=_Windows(), callbacks=callbacks)
     model.train()
@@ -101,9 +111,13 @@ def test_gradient_hooks_mask_gradients_before_clipping():
 def test_bad_masks_name_the_key():
     model = _pruned()
     with pytest.raises(ValueError, match="mask 'model.layers.9.mlp.up_proj' names no linear"):
-        MaskKeeperCallback({"model.layers.9.mlp.up_proj": torch.ones(2, 2, dtype=torch.bool)}).on_train_begin(None, None, None, model=model)
+        MaskKeeperCallback({"model.layers.9.mlp.up_proj": torch.ones(2, 2, dtype=torch.bool)}).on_train_begin(
+            None, None, None, model=model
+        )
     with pytest.raises(ValueError, match=r"has shape \(2, 2\), the weight has \(128, 64\)"):
-        MaskKeeperCallback({"model.layers.0.mlp.up_proj": torch.ones(2, 2, dtype=torch.bool)}).on_train_begin(None, None, None, model=model)
+        MaskKeeperCallback({"model.layers.0.mlp.up_proj": torch.ones(2, 2, dtype=torch.bool)}).on_train_begin(
+            None, None, None, model=model
+        )
 
 
 def test_strict_end_check_raises_on_violation():

@@ -33,20 +33,43 @@ def _trainer(out: Path, config: ShiraConfig, callbacks: list, backend: str = "tr
 
     tok = tiny_tokenizer()
     kwargs = dict(
-        output_dir=str(out), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2, weight_decay=0.0,
-        lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
-        remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True, seed=0,
+        output_dir=str(out),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        weight_decay=0.0,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        seed=0,
     )
     collator = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
     if backend == "sft":
         from trl import SFTConfig, SFTTrainer
 
-        return SFTTrainer(model=tiny_llama(), args=SFTConfig(bf16=False, max_length=32, **kwargs), train_dataset=_dataset(),
-                          processing_class=tok, peft_config=config, callbacks=callbacks, data_collator=collator)
+        return SFTTrainer(
+            model=tiny_llama(),
+            args=SFTConfig(bf16=False, max_length=32, **kwargs),
+            train_dataset=_dataset(),
+            processing_class=tok,
+            peft_config=config,
+            callbacks=callbacks,
+            data_collator=collator,
+        )
     from transformers import Trainer, TrainingArguments
 
-    return Trainer(model=get_peft_model(tiny_llama(), config), args=TrainingArguments(**kwargs), train_dataset=_dataset(),
-                   data_collator=collator, callbacks=callbacks)
+    return Trainer(
+        model=get_peft_model(tiny_llama(), config),
+        args=TrainingArguments(**kwargs),
+        train_dataset=_dataset(),
+        data_collator=collator,
+        callbacks=callbacks,
+    )
 
 
 def test_callback_masks_equal_direct_calibration_and_training_stays_on_mask(tmp_path) -> None:

@@ -26,15 +26,29 @@ def _dataset(n: int = 16):
     return datasets.Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
 
 
-def _trainer(out: Path, callbacks, *, max_steps: int, accum: int = 1, save_steps: int | None = None, sparsity: float = 0.5):
+def _trainer(
+    out: Path, callbacks, *, max_steps: int, accum: int = 1, save_steps: int | None = None, sparsity: float = 0.5
+):
     from peft import get_peft_model
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     args = TrainingArguments(
-        output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=2, gradient_accumulation_steps=accum,
-        learning_rate=1e-2, lr_scheduler_type="constant", logging_steps=1, report_to=[], use_cpu=True,
-        save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, remove_unused_columns=False,
-        dataloader_num_workers=0, disable_tqdm=True, seed=0, restore_callback_states_from_checkpoint=True,
+        output_dir=str(out),
+        max_steps=max_steps,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=accum,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        seed=0,
+        restore_callback_states_from_checkpoint=True,
     )
     torch.manual_seed(0)
     model = get_peft_model(tiny_llama(), SnellConfig(r=4, sparsity=sparsity, target_modules=TARGETS))

@@ -32,12 +32,33 @@ def _dataset(n: int = 16):
     return datasets.Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
 
 
-def _args(backend: str, out: Path, *, max_steps: int, accum: int = 2, save_steps: int | None = None, lr: float = 1e-2, wd: float = 0.0):
+def _args(
+    backend: str,
+    out: Path,
+    *,
+    max_steps: int,
+    accum: int = 2,
+    save_steps: int | None = None,
+    lr: float = 1e-2,
+    wd: float = 0.0,
+):
     kwargs = dict(
-        output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=2, gradient_accumulation_steps=accum,
-        learning_rate=lr, weight_decay=wd, lr_scheduler_type="constant", logging_steps=1,
-        save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, report_to=[], use_cpu=True,
-        remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True, seed=0,
+        output_dir=str(out),
+        max_steps=max_steps,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=accum,
+        learning_rate=lr,
+        weight_decay=wd,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500,
+        report_to=[],
+        use_cpu=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        seed=0,
         restore_callback_states_from_checkpoint=True,
     )
     if backend == "sft":
@@ -59,13 +80,25 @@ def _trainer(backend: str, config, out: Path, callbacks, **kw):
     if backend == "sft":
         from trl import SFTTrainer
 
-        return SFTTrainer(model=tiny_llama(), args=args, train_dataset=_dataset(), processing_class=tok,
-                          peft_config=config, callbacks=callbacks, data_collator=collator)
+        return SFTTrainer(
+            model=tiny_llama(),
+            args=args,
+            train_dataset=_dataset(),
+            processing_class=tok,
+            peft_config=config,
+            callbacks=callbacks,
+            data_collator=collator,
+        )
     from peft import get_peft_model
     from transformers import Trainer
 
-    return Trainer(model=get_peft_model(tiny_llama(), config), args=args, train_dataset=_dataset(),
-                   data_collator=collator, callbacks=callbacks)
+    return Trainer(
+        model=get_peft_model(tiny_llama(), config),
+        args=args,
+        train_dataset=_dataset(),
+        data_collator=collator,
+        callbacks=callbacks,
+    )
 
 
 def _callback(trainer, cls):
@@ -84,11 +117,19 @@ def _adapter_state(model) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_dylora_documented_ranks_reproducible_and_shared_by_accumulated_microbatches(backend, tmp_path):
     cb = DyLoraCallback()
-    trainer = _trainer(backend, DyLoraConfig(r=4, r_min=2, seed=7, target_modules=TARGETS), tmp_path / "run", [cb],
-                       max_steps=6, accum=2)
+    trainer = _trainer(
+        backend,
+        DyLoraConfig(r=4, r_min=2, seed=7, target_modules=TARGETS),
+        tmp_path / "run",
+        [cb],
+        max_steps=6,
+        accum=2,
+    )
     layer = next(m for m in trainer.model.modules() if isinstance(m, DyLoraLayer))
     seen: list[int] = []
-    layer.register_forward_pre_hook(lambda mod, args: seen.append(mod.current_rank("default")) if mod.training else None)
+    layer.register_forward_pre_hook(
+        lambda mod, args: seen.append(mod.current_rank("default")) if mod.training else None
+    )
     trainer.train()
     ranks = [r for _, r in cb.history]
     # the documented draw: uniform on {r_min..r} from a generator seeded by (seed, optimizer step),
@@ -155,8 +196,15 @@ def test_lori_switches_phase_at_the_configured_step(backend, tmp_path):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_lori_resume_from_checkpoint_matches_an_uninterrupted_run(backend, tmp_path):
-    full = _trainer(backend, _lori_config(), tmp_path / "full", [LoriCallback(switch_step=3, lr_s=3e-2)],
-                    max_steps=5, save_steps=2, wd=0.1)
+    full = _trainer(
+        backend,
+        _lori_config(),
+        tmp_path / "full",
+        [LoriCallback(switch_step=3, lr_s=3e-2)],
+        max_steps=5,
+        save_steps=2,
+        wd=0.1,
+    )
     full.train()
     want = _adapter_state(full.model)
     for resume_at in (2, 4):  # before and after the switch at step 3
@@ -165,8 +213,14 @@ def test_lori_resume_from_checkpoint_matches_an_uninterrupted_run(backend, tmp_p
         assert stored["args"]["switch_step"] == 3
         assert stored["attributes"]["switched_at"] == (3 if resume_at > 3 else None)
 
-        resumed = _trainer(backend, _lori_config(), tmp_path / f"resumed{resume_at}",
-                           [LoriCallback(switch_step=3, lr_s=3e-2)], max_steps=5, wd=0.1)
+        resumed = _trainer(
+            backend,
+            _lori_config(),
+            tmp_path / f"resumed{resume_at}",
+            [LoriCallback(switch_step=3, lr_s=3e-2)],
+            max_steps=5,
+            wd=0.1,
+        )
         resumed.train(resume_from_checkpoint=str(ckpt))
         cb = _callback(resumed, LoriCallback)
         assert cb.switched_at == 3  # restored from the checkpoint, or switched at step 3 in the resumed run
@@ -200,12 +254,20 @@ def test_mask_keeping_holds_through_gradient_accumulation(backend, tmp_path):
         if backend == "sft":
             from trl import SFTTrainer
 
-            trainer = SFTTrainer(model=model, args=args, train_dataset=_dataset(), processing_class=tok,
-                                 callbacks=callbacks, data_collator=collator)
+            trainer = SFTTrainer(
+                model=model,
+                args=args,
+                train_dataset=_dataset(),
+                processing_class=tok,
+                callbacks=callbacks,
+                data_collator=collator,
+            )
         else:
             from transformers import Trainer
 
-            trainer = Trainer(model=model, args=args, train_dataset=_dataset(), data_collator=collator, callbacks=callbacks)
+            trainer = Trainer(
+                model=model, args=args, train_dataset=_dataset(), data_collator=collator, callbacks=callbacks
+            )
         trainer.train()
         return model, masks
 
@@ -226,7 +288,9 @@ def test_sparsity_rank_logger_values_oracle(backend, tmp_path):
     from peft import LoraConfig
 
     cb = SparsityRankLogger()
-    trainer = _trainer(backend, LoraConfig(r=3, lora_alpha=6, target_modules=TARGETS), tmp_path / "o", [cb], max_steps=2, accum=1)
+    trainer = _trainer(
+        backend, LoraConfig(r=3, lora_alpha=6, target_modules=TARGETS), tmp_path / "o", [cb], max_steps=2, accum=1
+    )
     base = trainer.model.get_base_model()
     # zero a known set of decoder-linear entries: q_proj of block 0 fully, 10 entries of down_proj in block 1
     with torch.no_grad():

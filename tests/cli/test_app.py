@@ -55,7 +55,19 @@ def test_demo_runs_end_to_end_small(tmp_path):
     """The main job on the embedded model with tiny settings: dense row + a magnitude-pruned row."""
     res = runner.invoke(
         app,
-        ["demo", "--stages", "dense,prune", "--methods", "magnitude", "--eval-windows", "1", "--task-n", "8", "-o", str(tmp_path)],
+        [
+            "demo",
+            "--stages",
+            "dense,prune",
+            "--methods",
+            "magnitude",
+            "--eval-windows",
+            "1",
+            "--task-n",
+            "8",
+            "-o",
+            str(tmp_path),
+        ],
     )
     assert res.exit_code == 0, res.output
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
@@ -121,8 +133,16 @@ def test_a_command_that_imports_bitsandbytes_prints_no_third_party_noise(tmp_pat
 
     adapters = make_lora_dirs(tmp_path / "adapters", 2)
     cfg = tmp_path / "merge.yaml"
-    cfg.write_text(yaml.safe_dump({"method": "ties", "adapters": [str(p) for p in adapters],
-                                   "params": {"density": 0.5}, "output": {"rank": 4}}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "method": "ties",
+                "adapters": [str(p) for p in adapters],
+                "params": {"density": 0.5},
+                "output": {"rank": 4},
+            }
+        )
+    )
     out = tmp_path / "out"
     proc = run_fresh(
         f"""

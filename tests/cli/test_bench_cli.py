@@ -16,10 +16,13 @@ def _fake_bench(tmp_path: Path) -> Path:
     bench = tmp_path / "bench"
     (bench / "results").mkdir(parents=True)
     (bench / "_common.py").write_text("")
-    (bench / "echo.py").write_text('"""Echo its arguments into a file."""\nimport sys, pathlib\n'
-                                   'pathlib.Path(sys.argv[1]).write_text(" ".join(sys.argv[2:]))\n')
-    (bench / "results" / "echo.json").write_text(json.dumps({"command": "python bench/echo.py x",
-                                                             "env": {"torch": "2.13.0"}}))
+    (bench / "echo.py").write_text(
+        '"""Echo its arguments into a file."""\nimport sys, pathlib\n'
+        'pathlib.Path(sys.argv[1]).write_text(" ".join(sys.argv[2:]))\n'
+    )
+    (bench / "results" / "echo.json").write_text(
+        json.dumps({"command": "python bench/echo.py x", "env": {"torch": "2.13.0"}})
+    )
     return bench
 
 

@@ -45,8 +45,23 @@ def test_compress_writes_a_bundle_and_prints_errors_and_sizes(adapters: list[Pat
 
 def test_compress_diagonal_with_clusters(adapters: list[Path], tmp_path: Path) -> None:
     out = tmp_path / "diag"
-    res = runner.invoke(_app(), ["compress", *map(str, adapters), "--rank", "4", "--mode", "diagonal",
-                                 "--clusters", "2", "--niter", "10", "-o", str(out)])
+    res = runner.invoke(
+        _app(),
+        [
+            "compress",
+            *map(str, adapters),
+            "--rank",
+            "4",
+            "--mode",
+            "diagonal",
+            "--clusters",
+            "2",
+            "--niter",
+            "10",
+            "-o",
+            str(out),
+        ],
+    )
     assert res.exit_code == 0, res.output
     b = SharedBasisBundle.load(out)
     assert b.mode == "diagonal" and b.n_clusters == 2
@@ -87,11 +102,26 @@ def test_put_stores_the_bundle_in_the_registry(adapters: list[Path], tmp_path: P
 
     hub = tmp_path / "hub"
     out = tmp_path / "bundle"
-    res = runner.invoke(_app(), ["compress", *map(str, adapters), "--rank", "3", "-o", str(out),
-                                 "--put", "three-tasks", "--hub", str(hub)])
+    res = runner.invoke(
+        _app(),
+        ["compress", *map(str, adapters), "--rank", "3", "-o", str(out), "--put", "three-tasks", "--hub", str(hub)],
+    )
     assert res.exit_code == 0, res.output
     back = SharedBasisBundle.load("hub:three-tasks", registry=AdapterRegistry(hub))
     assert back.names == ["task0", "task1", "task2"] and back.rank == 3
-    res = runner.invoke(_app(), ["compress", *map(str, adapters), "--rank", "3", "-o", str(tmp_path / "b2"),
-                                 "--put", "bad name!", "--hub", str(hub)])
+    res = runner.invoke(
+        _app(),
+        [
+            "compress",
+            *map(str, adapters),
+            "--rank",
+            "3",
+            "-o",
+            str(tmp_path / "b2"),
+            "--put",
+            "bad name!",
+            "--hub",
+            str(hub),
+        ],
+    )
     assert res.exit_code == 2 and not (tmp_path / "b2").exists()

@@ -43,8 +43,21 @@ def adapters(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 def test_hub_commands_end_to_end(adapters: list[Path], tmp_path: Path) -> None:
     hub = str(tmp_path / "hub")
-    digest = _run("hub", "--hub", hub, "put", str(adapters[0]), "--name", "sent", "--tag", "v1", "--kind", "trained",
-                  "--parent", "hub:x").split()[-1]
+    digest = _run(
+        "hub",
+        "--hub",
+        hub,
+        "put",
+        str(adapters[0]),
+        "--name",
+        "sent",
+        "--tag",
+        "v1",
+        "--kind",
+        "trained",
+        "--parent",
+        "hub:x",
+    ).split()[-1]
     reg = AdapterRegistry(hub)
     assert reg.resolve("sent") == digest and reg.show("v1")["provenance"]["kind"] == "trained"
     assert _run("hub", "--hub", hub, "resolve", digest[:10]) == digest
@@ -69,7 +82,9 @@ def test_hub_commands_end_to_end(adapters: list[Path], tmp_path: Path) -> None:
     assert reg.resolve("prod") == d1 and reg.ls(all=True)[0]["digest"] == d1
 
 
-def test_hub_bad_input_is_one_line_exit_2(adapters: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hub_bad_input_is_one_line_exit_2(
+    adapters: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     hub = tmp_path / "hub"
     monkeypatch.setenv("ADAPTERLAB_HUB", str(hub))  # --hub defaults to the environment variable
     _run("hub", "put", str(adapters[0]), "-n", "a")
@@ -102,8 +117,9 @@ def test_merge_and_extract_put_into_the_hub(adapters: list[Path], tmp_path: Path
     m = reg.show("merged")
     assert m["provenance"]["kind"] == "merged" and m["provenance"]["parents"] == [str(adapters[0]), "hub:second"]
     assert m["rank"] == 4 and reg.get("merged").is_dir()
-    assert "--put 'bad name'" in _run("merge", str(tmp_path / "m.yaml"), "-o", str(tmp_path / "m2"), "--put", "bad name",
-                                      "--hub", str(hub), code=2)
+    assert "--put 'bad name'" in _run(
+        "merge", str(tmp_path / "m.yaml"), "-o", str(tmp_path / "m2"), "--put", "bad name", "--hub", str(hub), code=2
+    )
     assert not (tmp_path / "m2").exists()
 
     base, tuned = tiny_llama(), tiny_llama()
@@ -111,8 +127,21 @@ def test_merge_and_extract_put_into_the_hub(adapters: list[Path], tmp_path: Path
         tuned.model.layers[0].self_attn.q_proj.weight.add_(torch.randn(64, 2) @ torch.randn(2, 64) * 0.05)
     base.save_pretrained(tmp_path / "base")
     tuned.save_pretrained(tmp_path / "tuned")
-    _run("extract", "--base", str(tmp_path / "base"), "--tuned", str(tmp_path / "tuned"), "--rank", "2",
-         "-o", str(tmp_path / "ex"), "--put", "extracted", "--hub", str(hub))
+    _run(
+        "extract",
+        "--base",
+        str(tmp_path / "base"),
+        "--tuned",
+        str(tmp_path / "tuned"),
+        "--rank",
+        "2",
+        "-o",
+        str(tmp_path / "ex"),
+        "--put",
+        "extracted",
+        "--hub",
+        str(hub),
+    )
     e = reg.show("extracted")
     assert e["provenance"]["kind"] == "extracted" and e["provenance"]["parents"] == [str(tmp_path / "tuned")]
     assert e["base_digest"] is not None

@@ -38,8 +38,12 @@ def _write(tmp_path: Path, cfg: dict, name: str = "merge.yaml") -> Path:
 
 
 def _cfg(adapters: list[Path], **extra) -> dict:
-    cfg = {"method": "ties", "adapters": [{"path": str(p), "weight": 1.0} for p in adapters],
-           "params": {"density": 0.3}, "output": {"rank": 6}}
+    cfg = {
+        "method": "ties",
+        "adapters": [{"path": str(p), "weight": 1.0} for p in adapters],
+        "params": {"density": 0.3},
+        "output": {"rank": 6},
+    }
     cfg.update(extra)
     return cfg
 
@@ -52,7 +56,9 @@ def test_merge_cli_writes_a_peft_lora(adapters: list[Path], tmp_path: Path) -> N
     from peft import PeftModel
 
     out = tmp_path / "out"
-    res = runner.invoke(_app(), ["merge", str(_write(tmp_path, _cfg(adapters))), "-o", str(out), "--set", "params.lambda=1.5"])
+    res = runner.invoke(
+        _app(), ["merge", str(_write(tmp_path, _cfg(adapters))), "-o", str(out), "--set", "params.lambda=1.5"]
+    )
     assert res.exit_code == 0, res.output
     report = json.loads((out / "merge_report.json").read_text())
     assert report["params"]["lambda"] == 1.5 and report["params"]["density"] == 0.3
@@ -69,8 +75,11 @@ def test_merge_cli_dry_run_writes_nothing(adapters: list[Path], tmp_path: Path) 
 
 
 def test_merge_cli_rmm_and_relative_paths(adapters: list[Path], tmp_path: Path) -> None:
-    cfg = {"method": "rmm", "adapters": [{"path": f"../{p.parent.name}/{p.name}", "name": f"t{i}"} for i, p in enumerate(adapters)],
-           "params": {"K": 2}}
+    cfg = {
+        "method": "rmm",
+        "adapters": [{"path": f"../{p.parent.name}/{p.name}", "name": f"t{i}"} for i, p in enumerate(adapters)],
+        "params": {"K": 2},
+    }
     cfg_dir = adapters[0].parent.parent / "cfgs"
     cfg_dir.mkdir(exist_ok=True)
     res = runner.invoke(_app(), ["merge", str(_write(cfg_dir, cfg)), "-o", str(tmp_path / "rmm")])
@@ -87,8 +96,14 @@ def test_merge_cli_rmm_and_relative_paths(adapters: list[Path], tmp_path: Path) 
         (lambda c: c.update(method="tie"), r"method: unknown merge method 'tie'; choose one of"),
         (lambda c: c["params"].update(density=1.5), r"params\.density must be in \(0, 1\], got 1\.5"),
         (lambda c: c["params"].update(densty=0.2), r"params\.densty: unknown parameter for merge method 'ties'"),
-        (lambda c: c["output"].update(format="dense"), r"output\.format: Input should be 'lora', 'sparse', 'full', 'shira' or 'lori'"),
-        (lambda c: c["adapters"][2].update(path="/nonexistent/adapter"), r"adapters\.2: adapter folder '/nonexistent/adapter' does not exist"),
+        (
+            lambda c: c["output"].update(format="dense"),
+            r"output\.format: Input should be 'lora', 'sparse', 'full', 'shira' or 'lori'",
+        ),
+        (
+            lambda c: c["adapters"][2].update(path="/nonexistent/adapter"),
+            r"adapters\.2: adapter folder '/nonexistent/adapter' does not exist",
+        ),
         (lambda c: c["adapters"][2].pop("weight"), r"adapters\.2\.weight: give a weight for every adapter or for none"),
     ],
 )
@@ -110,7 +125,9 @@ def test_merge_cli_different_bases_and_bad_set(adapters: list[Path], tmp_path: P
     out = tmp_path / "out"
     res = runner.invoke(_app(), ["merge", str(_write(tmp_path, _cfg([adapters[0], other]))), "-o", str(out)])
     assert res.exit_code == 2 and "made for different bases" in " ".join(res.output.split())
-    res = runner.invoke(_app(), ["merge", str(_write(tmp_path, _cfg(adapters))), "-o", str(out), "--set", "params.density"])
+    res = runner.invoke(
+        _app(), ["merge", str(_write(tmp_path, _cfg(adapters))), "-o", str(out), "--set", "params.density"]
+    )
     assert res.exit_code == 2 and "expected KEY=VALUE" in res.output
     assert not out.exists()
 
@@ -141,7 +158,9 @@ def test_extract_cli(tmp_path: Path) -> None:
 
     base, tuned = _folders(tmp_path)
     out = tmp_path / "ad"
-    res = runner.invoke(_app(), ["extract", "--base", str(base), "--tuned", str(tuned), "--energy", "0.99", "-o", str(out)])
+    res = runner.invoke(
+        _app(), ["extract", "--base", str(base), "--tuned", str(tuned), "--energy", "0.99", "-o", str(out)]
+    )
     assert res.exit_code == 0, res.output
     assert "global energy" in res.output
     PeftModel.from_pretrained(tiny_llama(), str(out))
@@ -162,12 +181,16 @@ def test_extract_cli_bad_input(tmp_path: Path) -> None:
     for extra, msg in cases:
         res = runner.invoke(_app(), ["extract", "--base", str(base), "--tuned", str(tuned), "-o", str(out), *extra])
         assert res.exit_code == 2 and msg in " ".join(res.output.split()), res.output
-    res = runner.invoke(_app(), ["extract", "--base", str(base), "--tuned", str(tmp_path / "wide"), "--rank", "2", "-o", str(out)])
+    res = runner.invoke(
+        _app(), ["extract", "--base", str(base), "--tuned", str(tmp_path / "wide"), "--rank", "2", "-o", str(out)]
+    )
     assert res.exit_code == 2 and "has shape [130, 64] but the base has [128, 64]" in " ".join(res.output.split())
     assert not out.exists()
 
 
-@pytest.mark.parametrize("recipe", sorted((Path(__file__).resolve().parents[2] / "recipes" / "merge").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "recipe", sorted((Path(__file__).resolve().parents[2] / "recipes" / "merge").glob("*.yaml")), ids=lambda p: p.name
+)
 def test_merge_recipes_validate(recipe: Path) -> None:
     from adapterlab.merging import MERGERS
 
@@ -195,8 +218,9 @@ def test_merge_cli_shira_stays_sparse_and_goes_to_the_registry(tmp_path: Path) -
         dirs.append(tmp_path / f"s{i}")
     cfg = {"method": "ties", "adapters": [{"path": str(p), "weight": 1.0} for p in dirs], "params": {"density": 0.5}}
     out, hub = tmp_path / "out", tmp_path / "hub"
-    res = runner.invoke(_app(), ["merge", str(_write(tmp_path, cfg)), "-o", str(out), "--put", "ties-shira",
-                                 "--hub", str(hub)])
+    res = runner.invoke(
+        _app(), ["merge", str(_write(tmp_path, cfg)), "-o", str(out), "--put", "ties-shira", "--hub", str(hub)]
+    )
     assert res.exit_code == 0, res.output
     assert json.loads((out / "adapter_config.json").read_text())["peft_type"].lower() == "adapterlab_shira"
     want = merge_adapters(dirs, "ties", density=0.5)
@@ -220,8 +244,12 @@ def test_merge_cli_full_into_pruned_bf16_base(tmp_path: Path, keep: bool) -> Non
     prune_(base, "magnitude", 0.5)
     base.save_pretrained(tmp_path / "base")
     dirs = make_dyadic_lora_dirs(tmp_path, 2, dtype=torch.bfloat16)
-    cfg = {"method": "task_arithmetic", "base": str(tmp_path / "base"), "adapters": [str(p) for p in dirs],
-           "output": {"format": "full", "keep_sparsity": keep}}
+    cfg = {
+        "method": "task_arithmetic",
+        "base": str(tmp_path / "base"),
+        "adapters": [str(p) for p in dirs],
+        "output": {"format": "full", "keep_sparsity": keep},
+    }
     out = tmp_path / "out"
     res = runner.invoke(_app(), ["merge", str(_write(tmp_path, cfg)), "-o", str(out)])
     assert res.exit_code == 0, res.output
@@ -243,8 +271,10 @@ def test_merge_cli_full_into_pruned_bf16_base(tmp_path: Path, keep: bool) -> Non
 @pytest.mark.parametrize(
     "output, message",
     [
-        ({"format": "lora", "keep_sparsity": True},
-         r"output\.keep_sparsity: applies to format: full only .*not 'lora'"),
+        (
+            {"format": "lora", "keep_sparsity": True},
+            r"output\.keep_sparsity: applies to format: full only .*not 'lora'",
+        ),
         ({"keep_sparsity": True}, r"output\.keep_sparsity: applies to format: full only .*not None"),
         ({"format": "full", "keep_sparsity": "sure"}, r"output\.keep_sparsity: Input should be a valid boolean"),
     ],

@@ -62,8 +62,22 @@ def test_check_loads_everything(assets):
 def test_serve_process_round_trip(assets, tmp_path):
     model_dir, a = assets
     port_file = tmp_path / "port"
-    cmd = [sys.executable, "-c", "from adapterlab.cli.app import main; main()", "serve", "--model", str(model_dir),
-           "--adapter", f"a={a}", "--port", "0", "--port-file", str(port_file), "--max-batch", "4"]
+    cmd = [
+        sys.executable,
+        "-c",
+        "from adapterlab.cli.app import main; main()",
+        "serve",
+        "--model",
+        str(model_dir),
+        "--adapter",
+        f"a={a}",
+        "--port",
+        "0",
+        "--port-file",
+        str(port_file),
+        "--max-batch",
+        "4",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     try:
@@ -73,8 +87,11 @@ def test_serve_process_round_trip(assets, tmp_path):
             assert proc.poll() is None, proc.stderr.read().decode()
             time.sleep(0.1)
         port = int(port_file.read_text())
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", method="POST",
-                                     data=json.dumps({"prompt": "hi", "adapter": "a", "max_tokens": 3}).encode())
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/completions",
+            method="POST",
+            data=json.dumps({"prompt": "hi", "adapter": "a", "max_tokens": 3}).encode(),
+        )
         with urllib.request.urlopen(req, timeout=60) as resp:
             body = json.loads(resp.read())
         assert body["adapter"] == "a" and len(body["choices"][0]["tokens"]) <= 3

@@ -74,18 +74,32 @@ def test_train_runs_end_to_end(base, tmp_path, monkeypatch):
     assert "hub:cli-a" in result.output and [p["name"] for p in reg.puts] == ["cli-a"]
     assert reg.puts[0]["provenance"]["recipe_file"] == str(path)
     # --no-put
-    result = runner.invoke(app, ["train", str(path), "--set", "trainer.max_steps=1", "--set", "eval=null",
-                                 "--set", f"output={tmp_path / 'out2'}", "--no-put"])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            str(path),
+            "--set",
+            "trainer.max_steps=1",
+            "--set",
+            "eval=null",
+            "--set",
+            f"output={tmp_path / 'out2'}",
+            "--no-put",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert len(reg.puts) == 1 and (tmp_path / "out2" / "adapter_config.json").is_file()
 
 
 def _pipeline(base: Path, tmp_path: Path) -> dict:
-    return {"steps": [
-        {"prune": {"model": str(base), "method": "magnitude", "sparsity": 0.5, "output": str(tmp_path / "pruned")}},
-        {"train": train_dict("${prune}", tmp_path / "adapter", eval=None, put=None)},
-        {"evaluate": {"model": "${prune}", "adapter": "${train}", "task": "sentiment", "n": 4}},
-    ]}
+    return {
+        "steps": [
+            {"prune": {"model": str(base), "method": "magnitude", "sparsity": 0.5, "output": str(tmp_path / "pruned")}},
+            {"train": train_dict("${prune}", tmp_path / "adapter", eval=None, put=None)},
+            {"evaluate": {"model": "${prune}", "adapter": "${train}", "task": "sentiment", "n": 4}},
+        ]
+    }
 
 
 def test_run_dry_run_prints_the_plan(base, tmp_path):
@@ -101,7 +115,10 @@ def test_run_dry_run_prints_the_plan(base, tmp_path):
     "sets, parts",
     [
         (["steps.1.train.adapter.parms={}"], ("p.yaml: steps.1.train.adapter.parms: unknown key",)),
-        (["steps.2.evaluate.adapter=${steps.trian.output}"], ("steps.2.evaluate.adapter: ${steps.trian.output} names no earlier step",)),
+        (
+            ["steps.2.evaluate.adapter=${steps.trian.output}"],
+            ("steps.2.evaluate.adapter: ${steps.trian.output} names no earlier step",),
+        ),
         (["steps.0.prune.model=/no/such/model"], ("steps.0.prune.model: '/no/such/model' does not exist",)),
         (["steps.1.train.data.task=sentimnt"], ("steps.1.train.data.task: unknown task 'sentimnt'",)),
     ],

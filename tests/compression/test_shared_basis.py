@@ -40,11 +40,16 @@ def _source(name: str, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], ba
 def _subspace_sources(prefix: str, seed: int, n: int = 3, k: int = 4) -> list[LoraSource]:
     g = torch.Generator().manual_seed(seed)
     shapes = {"m.q": (24, 20), "m.v": (16, 20)}
-    bases = {m: (torch.linalg.qr(torch.randn(o, k, generator=g))[0], torch.linalg.qr(torch.randn(i, k, generator=g))[0])
-             for m, (o, i) in shapes.items()}
+    bases = {
+        m: (torch.linalg.qr(torch.randn(o, k, generator=g))[0], torch.linalg.qr(torch.randn(i, k, generator=g))[0])
+        for m, (o, i) in shapes.items()
+    }
     out = []
     for j in range(n):
-        f = {m: (U0 @ torch.randn(k, 2, generator=g), torch.randn(2, k, generator=g) @ V0.T) for m, (U0, V0) in bases.items()}
+        f = {
+            m: (U0 @ torch.randn(k, 2, generator=g), torch.randn(2, k, generator=g) @ V0.T)
+            for m, (U0, V0) in bases.items()
+        }
         out.append(_source(f"{prefix}{j}", f))
     return out
 
@@ -126,7 +131,11 @@ def test_storage_counts(exact: SharedBasisBundle) -> None:
 
 def test_save_load_round_trip(exact: SharedBasisBundle, tmp_path: Path) -> None:
     out = exact.save(tmp_path / "bundle")
-    assert sorted(p.name for p in out.iterdir()) == ["bases.safetensors", "compressed_config.json", "sigmas.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "bases.safetensors",
+        "compressed_config.json",
+        "sigmas.safetensors",
+    ]
     cfg = json.loads((out / "compressed_config.json").read_text())
     assert cfg["type"] == "shared_basis" and cfg["rank_c"] == N * R and cfg["n_loras"] == N
     back = SharedBasisBundle.load(out)

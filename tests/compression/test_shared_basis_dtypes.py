@@ -23,8 +23,11 @@ def _half_lora_dirs(root: Path, dtype: torch.dtype) -> list[Path]:
     out = []
     for i in range(N):
         torch.manual_seed(100 + i)
-        pm = get_peft_model(tiny_llama(dtype=dtype), LoraConfig(r=R, target_modules=TARGETS, init_lora_weights=False),
-                            autocast_adapter_dtype=False)  # the factors are stored in the base dtype
+        pm = get_peft_model(
+            tiny_llama(dtype=dtype),
+            LoraConfig(r=R, target_modules=TARGETS, init_lora_weights=False),
+            autocast_adapter_dtype=False,
+        )  # the factors are stored in the base dtype
         with torch.no_grad():
             for n, p in pm.named_parameters():
                 if "lora_B" in n:

@@ -55,8 +55,8 @@ def test_unknown_solver() -> None:
 
 def test_extract_lora_gram_solver_equals_svd() -> None:
     from adapterlab.extraction import extract_lora
-    from tests.extraction.test_phlora import _tuned
     from adapterlab.models import tiny_llama
+    from tests.extraction.test_phlora import _tuned
 
     base, tuned = tiny_llama(), _tuned()
     ref = extract_lora(base, tuned, energy=0.99, extras="skip")

@@ -99,7 +99,9 @@ def test_extract_error_non_increasing_in_rank_and_energy_rank_pattern(tmp_path: 
     assert cfg["rank_pattern"] and cfg["rank_pattern"] == cfg["alpha_pattern"]
     merged = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "ad")).merge_and_unload()
     for n in res.ranks:
-        torch.testing.assert_close(merged.get_submodule(n).weight, base.get_submodule(n).weight + res.delta(n), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            merged.get_submodule(n).weight, base.get_submodule(n).weight + res.delta(n), atol=1e-5, rtol=1e-4
+        )
 
 
 def test_extract_from_folders_and_skip_extras(tmp_path: Path) -> None:

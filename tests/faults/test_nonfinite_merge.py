@@ -32,7 +32,9 @@ def test_every_method_refuses_a_non_finite_adapter(poisoned, method):
         merge_adapters(dirs, method, **({"K": 1} if method == "rmm" else {}))
     msg = str(exc.value)
     assert "\n" not in msg
-    assert re.fullmatch(rf"adapters\[1\] 'task1': tensor {re.escape(repr(key))} holds NaN or Inf; nothing was merged or written", msg), msg
+    assert re.fullmatch(
+        rf"adapters\[1\] 'task1': tensor {re.escape(repr(key))} holds NaN or Inf; nothing was merged or written", msg
+    ), msg
 
 
 def test_merge_cli_refuses_a_non_finite_adapter(poisoned, tmp_path):
@@ -44,6 +46,9 @@ def test_merge_cli_refuses_a_non_finite_adapter(poisoned, tmp_path):
     out = tmp_path / "out"
     result = CliRunner().invoke(app, ["merge", str(cfg), "-o", str(out)])
     assert result.exit_code == 2, result.output
-    assert f"adapters.1 'task1': tensor {key!r} holds NaN or Inf; nothing was merged or written" in result.output.replace("\n", "")
+    assert (
+        f"adapters.1 'task1': tensor {key!r} holds NaN or Inf; nothing was merged or written"
+        in result.output.replace("\n", "")
+    )
     assert "Traceback" not in result.output
     assert not out.exists()

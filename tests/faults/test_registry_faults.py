@@ -161,67 +161,143 @@ def _b_rank(t: dict) -> None:
 P = r"put: \S+"  # a path in a message
 #: (id, variant kwargs, message regex (the whole line, without "error: ")).
 BAD_ADAPTERS = [
-    ("peft_type_missing", {"config": lambda c: c.pop("peft_type")},
-     rf"{P}/adapter_config\.json: key 'peft_type' is missing; a PEFT adapter config names its method \(e\.g\. \"LORA\"\)"),
-    ("peft_type_unknown", {"config": lambda c: c.update(peft_type="NOPE")},
-     rf"{P}/adapter_config\.json: peft_type 'NOPE' is not a known peft type \(adapterlab's: .*ADAPTERLAB_SHIRA.*; or any peft type\)"),
-    ("peft_type_lower_case", {"config": lambda c: c.update(peft_type="lora")},
-     rf"{P}/adapter_config\.json: peft_type 'lora' is not a known peft type .*"),
-    ("peft_type_not_a_string", {"config": lambda c: c.update(peft_type=3)},
-     rf"{P}/adapter_config\.json: peft_type 3 is not a known peft type .*"),
-    ("config_not_an_object", {"raw_config": "[1, 2]"},
-     rf"{P}/adapter_config\.json: the config must be a JSON object, got a JSON list"),
-    ("config_not_json", {"raw_config": "{oops"},
-     r"put: 'adapter_config\.json' in '\S+' is not valid JSON \(Expecting property name .*\)"),
-    ("config_deeply_nested", {"raw_config": "[" * 100000},
-     r"put: 'adapter_config\.json' in '\S+' is not valid JSON \(.*\)"),
-    ("r_zero", {"config": lambda c: c.update(r=0)},
-     rf"{P}/adapter_config\.json: key 'r' is 0; it must be a positive integer \(the rank\)"),
-    ("r_not_int", {"config": lambda c: c.update(r="two")},
-     rf"{P}/adapter_config\.json: key 'r' is 'two'; it must be a positive integer \(the rank\)"),
-    ("lora_alpha_nan", {"config": lambda c: c.update(lora_alpha=float("nan"))},
-     rf"{P}/adapter_config\.json: key 'lora_alpha' is nan; it must be a finite number"),
-    ("target_modules_bad", {"config": lambda c: c.update(target_modules=5)},
-     rf"{P}/adapter_config\.json: key 'target_modules' is 5; it must be a string, a list of strings or null"),
-    ("rank_pattern_bad", {"config": lambda c: c.update(rank_pattern={"q_proj": "x"})},
-     rf"{P}/adapter_config\.json: key rank_pattern\.q_proj is 'x'; it must be a positive integer"),
-    ("r_inconsistent_with_tensors", {"config": lambda c: c.update(r=4)},
-     rf"{P}/adapter_model\.safetensors: tensor '{re.escape(Q_A)}' has shape \[2, 32\]; lora_A must be \(r, d_in\) with r=4 "
-     r"\(key 'r' / 'rank_pattern' of adapter_config\.json\)"),
-    ("rank_pattern_inconsistent", {"config": lambda c: c.update(rank_pattern={"v_proj": 8})},
-     rf"{P}/adapter_model\.safetensors: tensor '\S+v_proj\.lora_A\.weight' has shape \[2, 32\]; lora_A must be \(r, d_in\) with r=8 .*"),
-    ("b_rank_inconsistent", {"tensors": _b_rank},
-     rf"{P}/adapter_model\.safetensors: tensor '{re.escape(Q_B)}' has shape \[32, 3\]; lora_B must be \(d_out, r\) with r=2 .*"),
-    ("missing_lora_B", {"tensors": _drop_b},
-     rf"{P}/adapter_model\.safetensors: module 'model\.layers\.0\.self_attn\.q_proj' has lora_A but no lora_B"),
-    ("no_tensors", {"tensors": lambda t: {}},
-     rf"{P}/adapter_model\.safetensors: the file holds no tensors; an adapter stores at least one weight"),
-    ("no_lora_tensors", {"tensors": lambda t: {"model.embed.weight": torch.zeros(2)}},
-     rf"{P}/adapter_model\.safetensors: no LORA tensors \(lora_A \+ lora_B per module\); got \['model\.embed\.weight'\]"),
-    ("nan_value", {"tensors": _nan},
-     rf"{P}/adapter_model\.safetensors: tensor '{re.escape(Q_A)}' has 1 NaN/Inf value\(s\); the registry refuses non-finite weights"),
-    ("truncated", {"raw_weights": lambda d: d[:-10]},
-     r"put: '\S+/adapter_model\.safetensors' is not a valid safetensors file \(Error while deserializing header: "
-     r"incomplete metadata, file not fully covered\); re-save or remove it"),
-    ("empty_file", {"raw_weights": lambda d: b""},
-     r"put: 'adapter_model\.safetensors' in '\S+' is not a valid safetensors file \(truncated or corrupted\?\)"),
-    ("flipped_header", {"raw_weights": _flip},
-     r"put: '\S+/adapter_model\.safetensors' is not a valid safetensors file \(Error while deserializing header: "
-     r"invalid UTF-8 in header.*\); re-save or remove it"),
-    ("huge_offsets", {"raw_weights": lambda d: _with_header(d, _huge_offsets)},
-     r"put: '\S+/adapter_model\.safetensors' is not a valid safetensors file \(Error while deserializing header: "
-     r"invalid .*offset.*\); re-save or remove it"),
-    ("overlapping_offsets", {"raw_weights": lambda d: _with_header(d, _overlap)},
-     r"put: '\S+/adapter_model\.safetensors' is not a valid safetensors file \(Error while deserializing header: "
-     r"invalid offset .*\); re-save or remove it"),
-    ("pickle_renamed", {"raw_weights": _pickle},
-     r"put: 'adapter_model\.safetensors' in '\S+' is not a valid safetensors file \(truncated or corrupted\?\)"),
+    (
+        "peft_type_missing",
+        {"config": lambda c: c.pop("peft_type")},
+        rf"{P}/adapter_config\.json: key 'peft_type' is missing; a PEFT adapter config names its method \(e\.g\. \"LORA\"\)",
+    ),
+    (
+        "peft_type_unknown",
+        {"config": lambda c: c.update(peft_type="NOPE")},
+        rf"{P}/adapter_config\.json: peft_type 'NOPE' is not a known peft type \(adapterlab's: .*ADAPTERLAB_SHIRA.*; or any peft type\)",
+    ),
+    (
+        "peft_type_lower_case",
+        {"config": lambda c: c.update(peft_type="lora")},
+        rf"{P}/adapter_config\.json: peft_type 'lora' is not a known peft type .*",
+    ),
+    (
+        "peft_type_not_a_string",
+        {"config": lambda c: c.update(peft_type=3)},
+        rf"{P}/adapter_config\.json: peft_type 3 is not a known peft type .*",
+    ),
+    (
+        "config_not_an_object",
+        {"raw_config": "[1, 2]"},
+        rf"{P}/adapter_config\.json: the config must be a JSON object, got a JSON list",
+    ),
+    (
+        "config_not_json",
+        {"raw_config": "{oops"},
+        r"put: 'adapter_config\.json' in '\S+' is not valid JSON \(Expecting property name .*\)",
+    ),
+    (
+        "config_deeply_nested",
+        {"raw_config": "[" * 100000},
+        r"put: 'adapter_config\.json' in '\S+' is not valid JSON \(.*\)",
+    ),
+    (
+        "r_zero",
+        {"config": lambda c: c.update(r=0)},
+        rf"{P}/adapter_config\.json: key 'r' is 0; it must be a positive integer \(the rank\)",
+    ),
+    (
+        "r_not_int",
+        {"config": lambda c: c.update(r="two")},
+        rf"{P}/adapter_config\.json: key 'r' is 'two'; it must be a positive integer \(the rank\)",
+    ),
+    (
+        "lora_alpha_nan",
+        {"config": lambda c: c.update(lora_alpha=float("nan"))},
+        rf"{P}/adapter_config\.json: key 'lora_alpha' is nan; it must be a finite number",
+    ),
+    (
+        "target_modules_bad",
+        {"config": lambda c: c.update(target_modules=5)},
+        rf"{P}/adapter_config\.json: key 'target_modules' is 5; it must be a string, a list of strings or null",
+    ),
+    (
+        "rank_pattern_bad",
+        {"config": lambda c: c.update(rank_pattern={"q_proj": "x"})},
+        rf"{P}/adapter_config\.json: key rank_pattern\.q_proj is 'x'; it must be a positive integer",
+    ),
+    (
+        "r_inconsistent_with_tensors",
+        {"config": lambda c: c.update(r=4)},
+        rf"{P}/adapter_model\.safetensors: tensor '{re.escape(Q_A)}' has shape \[2, 32\]; lora_A must be \(r, d_in\) with r=4 "
+        r"\(key 'r' / 'rank_pattern' of adapter_config\.json\)",
+    ),
+    (
+        "rank_pattern_inconsistent",
+        {"config": lambda c: c.update(rank_pattern={"v_proj": 8})},
+        rf"{P}/adapter_model\.safetensors: tensor '\S+v_proj\.lora_A\.weight' has shape \[2, 32\]; lora_A must be \(r, d_in\) with r=8 .*",
+    ),
+    (
+        "b_rank_inconsistent",
+        {"tensors": _b_rank},
+        rf"{P}/adapter_model\.safetensors: tensor '{re.escape(Q_B)}' has shape \[32, 3\]; lora_B must be \(d_out, r\) with r=2 .*",
+    ),
+    (
+        "missing_lora_B",
+        {"tensors": _drop_b},
+        rf"{P}/adapter_model\.safetensors: module 'model\.layers\.0\.self_attn\.q_proj' has lora_A but no lora_B",
+    ),
+    (
+        "no_tensors",
+        {"tensors": lambda t: {}},
+        rf"{P}/adapter_model\.safetensors: the file holds no tensors; an adapter stores at least one weight",
+    ),
+    (
+        "no_lora_tensors",
+        {"tensors": lambda t: {"model.embed.weight": torch.zeros(2)}},
+        rf"{P}/adapter_model\.safetensors: no LORA tensors \(lora_A \+ lora_B per module\); got \['model\.embed\.weight'\]",
+    ),
+    (
+        "nan_value",
+        {"tensors": _nan},
+        rf"{P}/adapter_model\.safetensors: tensor '{re.escape(Q_A)}' has 1 NaN/Inf value\(s\); the registry refuses non-finite weights",
+    ),
+    (
+        "truncated",
+        {"raw_weights": lambda d: d[:-10]},
+        r"put: '\S+/adapter_model\.safetensors' is not a valid safetensors file \(Error while deserializing header: "
+        r"incomplete metadata, file not fully covered\); re-save or remove it",
+    ),
+    (
+        "empty_file",
+        {"raw_weights": lambda d: b""},
+        r"put: 'adapter_model\.safetensors' in '\S+' is not a valid safetensors file \(truncated or corrupted\?\)",
+    ),
+    (
+        "flipped_header",
+        {"raw_weights": _flip},
+        r"put: '\S+/adapter_model\.safetensors' is not a valid safetensors file \(Error while deserializing header: "
+        r"invalid UTF-8 in header.*\); re-save or remove it",
+    ),
+    (
+        "huge_offsets",
+        {"raw_weights": lambda d: _with_header(d, _huge_offsets)},
+        r"put: '\S+/adapter_model\.safetensors' is not a valid safetensors file \(Error while deserializing header: "
+        r"invalid .*offset.*\); re-save or remove it",
+    ),
+    (
+        "overlapping_offsets",
+        {"raw_weights": lambda d: _with_header(d, _overlap)},
+        r"put: '\S+/adapter_model\.safetensors' is not a valid safetensors file \(Error while deserializing header: "
+        r"invalid offset .*\); re-save or remove it",
+    ),
+    (
+        "pickle_renamed",
+        {"raw_weights": _pickle},
+        r"put: 'adapter_model\.safetensors' in '\S+' is not a valid safetensors file \(truncated or corrupted\?\)",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("case", "kwargs", "pattern"), BAD_ADAPTERS, ids=[c[0] for c in BAD_ADAPTERS])
-def test_put_refuses_unloadable_adapters_library(good: Path, hub: Path, tmp_path: Path, case: str, kwargs: dict,
-                                                 pattern: str) -> None:
+def test_put_refuses_unloadable_adapters_library(
+    good: Path, hub: Path, tmp_path: Path, case: str, kwargs: dict, pattern: str
+) -> None:
     src = _variant(good, tmp_path / case, **kwargs)
     before = snapshot(hub)
     with pytest.raises(ValueError) as err:
@@ -231,8 +307,9 @@ def test_put_refuses_unloadable_adapters_library(good: Path, hub: Path, tmp_path
 
 
 @pytest.mark.parametrize(("case", "kwargs", "pattern"), BAD_ADAPTERS, ids=[c[0] for c in BAD_ADAPTERS])
-def test_put_refuses_unloadable_adapters_cli(good: Path, hub: Path, tmp_path: Path, case: str, kwargs: dict,
-                                             pattern: str) -> None:
+def test_put_refuses_unloadable_adapters_cli(
+    good: Path, hub: Path, tmp_path: Path, case: str, kwargs: dict, pattern: str
+) -> None:
     src = _variant(good, tmp_path / case, **kwargs)
     before = snapshot(hub)
     code, lines = _cli("hub", "--hub", str(hub), "put", str(src), "--name", "bad")
@@ -253,8 +330,10 @@ def test_put_refuses_an_adapter_of_another_base(good: Path, hub: Path, bases: di
     from adapterlab.models import load_model
 
     before = snapshot(hub)
-    msg = (rf"put: \S+/adapter_model\.safetensors: tensor '{re.escape(Q_A)}' has shape \[2, 32\], but base module "
-           r"'model\.layers\.0\.self_attn\.q_proj' takes 64 inputs \(an adapter of another base\?\)")
+    msg = (
+        rf"put: \S+/adapter_model\.safetensors: tensor '{re.escape(Q_A)}' has shape \[2, 32\], but base module "
+        r"'model\.layers\.0\.self_attn\.q_proj' takes 64 inputs \(an adapter of another base\?\)"
+    )
     with pytest.raises(ValueError) as err:
         AdapterRegistry(hub).put(good, "other", base=load_model(str(bases[64])))
     assert re.fullmatch(msg, str(err.value)), str(err.value)
@@ -275,9 +354,14 @@ def test_every_adapterlab_method_is_accepted_and_checked_against_its_base(tmp_pa
     from adapterlab import DyLoraConfig, LoriConfig, LorsConfig, ShiraConfig, SnellConfig, SppConfig
     from adapterlab.models import tiny_llama
 
-    configs = {"shira": ShiraConfig(r=2, target_modules=["q_proj"]), "lori": LoriConfig(r=2, target_modules=["q_proj"]),
-               "dylora": DyLoraConfig(r=2, target_modules=["q_proj"]), "snell": SnellConfig(target_modules=["q_proj"]),
-               "spp": SppConfig(r=2, target_modules=["q_proj"]), "lors": LorsConfig(r=2, target_modules=["q_proj"])}
+    configs = {
+        "shira": ShiraConfig(r=2, target_modules=["q_proj"]),
+        "lori": LoriConfig(r=2, target_modules=["q_proj"]),
+        "dylora": DyLoraConfig(r=2, target_modules=["q_proj"]),
+        "snell": SnellConfig(target_modules=["q_proj"]),
+        "spp": SppConfig(r=2, target_modules=["q_proj"]),
+        "lors": LorsConfig(r=2, target_modules=["q_proj"]),
+    }
     reg = AdapterRegistry(tmp_path / "hub")
     other = tiny_llama(hidden_size=64)
     for name, cfg in configs.items():
@@ -286,7 +370,9 @@ def test_every_adapterlab_method_is_accepted_and_checked_against_its_base(tmp_pa
         if name in ("snell", "spp"):  # no shape rule for these yet (module names only)
             continue
         before = snapshot(reg.root)
-        with pytest.raises(ValueError, match=r"^put: \S+: tensor '\S+' (has shape|is) .*\(an adapter of another base\?\)$"):
+        with pytest.raises(
+            ValueError, match=r"^put: \S+: tensor '\S+' (has shape|is) .*\(an adapter of another base\?\)$"
+        ):
             reg.put(tmp_path / name, name + "-other", base=other)
         assert snapshot(reg.root) == before
 
@@ -324,8 +410,10 @@ def test_put_refuses_a_fifo_without_blocking(good: Path, hub: Path, tmp_path: Pa
     (src / fname).unlink(missing_ok=True)
     os.mkfifo(src / fname)
     before = snapshot(hub)
-    pattern = rf"put: {re.escape(str(src / fname))} is a FIFO \(named pipe\), not a regular file; the registry stores " \
-              r"plain files only \(remove it from the folder\)"
+    pattern = (
+        rf"put: {re.escape(str(src / fname))} is a FIFO \(named pipe\), not a regular file; the registry stores "
+        r"plain files only \(remove it from the folder\)"
+    )
     with pytest.raises(ValueError) as err:
         _guarded(lambda: AdapterRegistry(hub).put(src, "fifo"), src / fname)
     assert re.fullmatch(pattern, str(err.value)), str(err.value)
@@ -348,7 +436,9 @@ def test_put_refuses_a_socket(good: Path, hub: Path, tmp_path: Path) -> None:
         before = snapshot(hub)
         code, lines = _cli("hub", "--hub", str(hub), "put", str(src))
         assert code == 2 and len(lines) == 1, lines
-        assert re.fullmatch(rf"error: put: {re.escape(str(src / 'sock'))} is a socket, not a regular file; .*", lines[0])
+        assert re.fullmatch(
+            rf"error: put: {re.escape(str(src / 'sock'))} is a socket, not a regular file; .*", lines[0]
+        )
         assert snapshot(hub) == before
     finally:
         sock.close()
@@ -362,8 +452,13 @@ def test_cli_put_on_a_fifo_exits_2_in_a_subprocess(good: Path, hub: Path, tmp_pa
     before = snapshot(hub)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     try:
-        res = subprocess.run([sys.executable, "-m", "adapterlab.cli.app", "hub", "--hub", str(hub), "put", str(src)],
-                             capture_output=True, text=True, timeout=300, env=env)
+        res = subprocess.run(
+            [sys.executable, "-m", "adapterlab.cli.app", "hub", "--hub", str(hub), "put", str(src)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
     except subprocess.TimeoutExpired:
         os.close(os.open(src / "stream", os.O_WRONLY | os.O_NONBLOCK))
         pytest.fail("`adapterlab hub put` hung on a FIFO")
@@ -376,12 +471,18 @@ def test_cli_put_on_a_fifo_exits_2_in_a_subprocess(good: Path, hub: Path, tmp_pa
 
 # ---- names and refs ----------------------------------------------------------------------------
 
-NAME_RULE = (r"use 1-128 letters, digits, '\.', '_' or '-', starting with a letter or digit "
-             r"\(no '/', '@', ':' or spaces\)")
+NAME_RULE = (
+    r"use 1-128 letters, digits, '\.', '_' or '-', starting with a letter or digit "
+    r"\(no '/', '@', ':' or spaces\)"
+)
 BAD_NAMES = [
     ("trailing_newline", "evil\n", rf"name 'evil\\n' is not a valid registry name: {NAME_RULE}"),
     ("leading_newline", "\nevil", rf"name '\\nevil' is not a valid registry name: {NAME_RULE}"),
-    ("too_long", "n" * 200, rf"name '{'n' * 40}'\.\.\. is 200 characters long; registry names are at most {MAX_NAME_CHARS}"),
+    (
+        "too_long",
+        "n" * 200,
+        rf"name '{'n' * 40}'\.\.\. is 200 characters long; registry names are at most {MAX_NAME_CHARS}",
+    ),
     ("slash", "a/b", rf"name 'a/b' is not a valid registry name: {NAME_RULE}"),
     ("digest_like", "a" * 64, rf"name '{'a' * 64}' looks like a sha256 digest; pick a name that is not 64 hex digits"),
 ]
@@ -400,9 +501,11 @@ def test_put_and_tag_refuse_bad_names(good: Path, hub: Path, case: str, name: st
     with pytest.raises(ValueError) as err:
         reg.tag("a", name)
     assert re.fullmatch(pattern.replace("name", "tag", 1), str(err.value)), str(err.value)
-    for args, pat in ((["put", str(good), "--name", name], pattern),
-                      (["put", str(good), "--tag", name], pattern.replace("name", "tag", 1)),
-                      (["tag", "a", name], pattern.replace("name", "tag", 1))):
+    for args, pat in (
+        (["put", str(good), "--name", name], pattern),
+        (["put", str(good), "--tag", name], pattern.replace("name", "tag", 1)),
+        (["tag", "a", name], pattern.replace("name", "tag", 1)),
+    ):
         code, lines = _cli("hub", "--hub", str(hub), *args)
         assert code == 2 and len(lines) == 1 and re.fullmatch(rf"error: {pat}", lines[0]), (args, lines)
     assert snapshot(hub) == before
@@ -410,8 +513,10 @@ def test_put_and_tag_refuse_bad_names(good: Path, hub: Path, case: str, name: st
 
 
 LONG = "x" * 5000
-REF_RULE = (rf"ref '{'x' * 40}'\.\.\. is 5000 characters long; registry refs are at most {MAX_REF_CHARS} "
-            rf"\(hub:NAME@DIGEST with a name of at most {MAX_NAME_CHARS}\)")
+REF_RULE = (
+    rf"ref '{'x' * 40}'\.\.\. is 5000 characters long; registry refs are at most {MAX_REF_CHARS} "
+    rf"\(hub:NAME@DIGEST with a name of at most {MAX_NAME_CHARS}\)"
+)
 #: (id, CLI args after `hub --hub H`, library call, message regex).
 BAD_REFS = [
     ("resolve_long", ["resolve", LONG], lambda r: r.resolve(LONG), REF_RULE),
@@ -420,22 +525,54 @@ BAD_REFS = [
     ("show_long", ["show", LONG], lambda r: r.show(LONG), REF_RULE),
     ("verify_long", ["verify", LONG], lambda r: r.verify(LONG), REF_RULE),
     ("tag_long_ref", ["tag", LONG, "t"], lambda r: r.tag(LONG, "t"), REF_RULE),
-    ("hub_prefix_long", ["resolve", "hub:" + LONG], lambda r: r.resolve("hub:" + LONG),
-     REF_RULE.replace(f"'{'x' * 40}'", f"'hub:{'x' * 36}'").replace("5000", "5004")),
-    ("name_at_long_digest", ["show", "a@" + "0" * 4998], lambda r: r.show("a@" + "0" * 4998),
-     rf"ref 'a@{'0' * 38}'\.\.\. is 5000 characters long; registry refs are at most {MAX_REF_CHARS} .*"),
-    ("rm_long", ["rm", LONG], lambda r: r.rm(LONG),
-     rf"name '{'x' * 40}'\.\.\. is 5000 characters long; registry names are at most {MAX_NAME_CHARS}"),
-    ("tag_long_name", ["tag", "a", LONG], lambda r: r.tag("a", LONG),
-     rf"tag '{'x' * 40}'\.\.\. is 5000 characters long; registry names are at most {MAX_NAME_CHARS}"),
-    ("nul_byte", ["resolve", "a\x00b"], lambda r: r.resolve("a\x00b"),
-     r"ref 'a\\x00b' contains the control character '\\x00'; registry refs are printable"),
-    ("inner_newline", ["get", "a\nb"], lambda r: r.get("a\nb"),
-     r"ref 'a\\nb' contains the control character '\\n'; registry refs are printable"),
-    ("long_name_not_found", ["get", "y" * 150], lambda r: r.get("y" * 150),
-     rf"registry '\S+' has no adapter '{'y' * 150}'; known names: a \(or give a digest prefix of >= 8 hex digits\)"),
-    ("rm_newline_not_found", ["rm", "a\n"], lambda r: r.rm("a\n"),
-     r"registry '\S+' has no name 'a\\n' to remove; names: a"),
+    (
+        "hub_prefix_long",
+        ["resolve", "hub:" + LONG],
+        lambda r: r.resolve("hub:" + LONG),
+        REF_RULE.replace(f"'{'x' * 40}'", f"'hub:{'x' * 36}'").replace("5000", "5004"),
+    ),
+    (
+        "name_at_long_digest",
+        ["show", "a@" + "0" * 4998],
+        lambda r: r.show("a@" + "0" * 4998),
+        rf"ref 'a@{'0' * 38}'\.\.\. is 5000 characters long; registry refs are at most {MAX_REF_CHARS} .*",
+    ),
+    (
+        "rm_long",
+        ["rm", LONG],
+        lambda r: r.rm(LONG),
+        rf"name '{'x' * 40}'\.\.\. is 5000 characters long; registry names are at most {MAX_NAME_CHARS}",
+    ),
+    (
+        "tag_long_name",
+        ["tag", "a", LONG],
+        lambda r: r.tag("a", LONG),
+        rf"tag '{'x' * 40}'\.\.\. is 5000 characters long; registry names are at most {MAX_NAME_CHARS}",
+    ),
+    (
+        "nul_byte",
+        ["resolve", "a\x00b"],
+        lambda r: r.resolve("a\x00b"),
+        r"ref 'a\\x00b' contains the control character '\\x00'; registry refs are printable",
+    ),
+    (
+        "inner_newline",
+        ["get", "a\nb"],
+        lambda r: r.get("a\nb"),
+        r"ref 'a\\nb' contains the control character '\\n'; registry refs are printable",
+    ),
+    (
+        "long_name_not_found",
+        ["get", "y" * 150],
+        lambda r: r.get("y" * 150),
+        rf"registry '\S+' has no adapter '{'y' * 150}'; known names: a \(or give a digest prefix of >= 8 hex digits\)",
+    ),
+    (
+        "rm_newline_not_found",
+        ["rm", "a\n"],
+        lambda r: r.rm("a\n"),
+        r"registry '\S+' has no name 'a\\n' to remove; names: a",
+    ),
 ]
 
 

@@ -14,7 +14,10 @@ from adapterlab.cli.app import app
 REPO = Path(__file__).resolve().parents[2]
 BAD = [
     ("[", r"expected the node content, but found '<stream end>'"),
-    ('!!python/object/apply:os.system ["echo pwned"]', r"could not determine a constructor for the tag 'tag:yaml\.org,2002:python/object/apply:os\.system'"),
+    (
+        '!!python/object/apply:os.system ["echo pwned"]',
+        r"could not determine a constructor for the tag 'tag:yaml\.org,2002:python/object/apply:os\.system'",
+    ),
     ("{a: 1", r".*"),
 ]
 VERBS = [

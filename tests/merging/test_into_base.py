@@ -36,7 +36,7 @@ def _pruned(pattern=None, **kw):
 def _randomize_(pm, std=0.05, seed=0):
     """Give every adapter factor random values (B = 0 at init would make the delta zero)."""
     g = torch.Generator().manual_seed(seed)
-    for n, p in pm.named_parameters():
+    for _n, p in pm.named_parameters():
         if p.requires_grad and p.is_floating_point():
             p.data = torch.randn(p.shape, generator=g) * std
 
@@ -136,7 +136,11 @@ def test_other_low_rank_adapters(kind):
     pm = get_peft_model(base, _configs()[kind]())
     _randomize_(pm)
     unmasked = _logits(copy.deepcopy(pm))
-    layers = {n.removeprefix("base_model.model."): m for n, m in pm.named_modules() if hasattr(m, "base_layer") and hasattr(m, "get_base_layer")}
+    layers = {
+        n.removeprefix("base_model.model."): m
+        for n, m in pm.named_modules()
+        if hasattr(m, "base_layer") and hasattr(m, "get_base_layer")
+    }
     if kind == "rslora":
         deltas = _expected_deltas(pm)
         assert pm.base_model.model.model.layers[0].self_attn.q_proj.scaling["default"] == pytest.approx(8 / 2)
@@ -168,7 +172,9 @@ def test_bad_input_leaves_model_untouched():
     with pytest.raises(ValueError, match=r"mask 'model.layers.0.self_attn.q_proj' has shape \(64, 32\).*\(64, 64\)"):
         adapterlab.merge(pm, keep_sparsity=True, masks={name: torch.ones(64, 32, dtype=torch.bool)})
     with pytest.raises(ValueError, match="does not touch"):
-        adapterlab.merge(pm, keep_sparsity=True, masks={"model.layers.0.mlp.gate_proj": masks["model.layers.0.mlp.gate_proj"]})
+        adapterlab.merge(
+            pm, keep_sparsity=True, masks={"model.layers.0.mlp.gate_proj": masks["model.layers.0.mlp.gate_proj"]}
+        )
     with pytest.raises(ValueError, match="adapter_name='other'.*default"):
         adapterlab.merge(pm, adapter_name="other")
     with pytest.raises(ValueError, match="keep_sparsity must be"):
@@ -333,8 +339,11 @@ def test_8bit_merge_keeps_zeros():
     q = quant.quantize_model(_pruned(), 8)
     pm = _lora(q)
     dyadic_(pm, seed=4)  # grid factors: the fp64 oracle delta is the library's fp32 delta exactly
-    layers = {n.removeprefix("base_model.model.").removesuffix(".base_layer"): m
-              for n, m in pm.named_modules() if quant.is_8bit(m)}
+    layers = {
+        n.removeprefix("base_model.model.").removesuffix(".base_layer"): m
+        for n, m in pm.named_modules()
+        if quant.is_8bit(m)
+    }
     codes = {n: _int8_codes(m) for n, m in layers.items()}
     deltas = _expected_deltas(pm)
     merged = adapterlab.merge(pm, keep_sparsity=True, probe=False)

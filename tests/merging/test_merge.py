@@ -49,8 +49,10 @@ def test_ties_model_scope_counts_only_each_tasks_own_modules() -> None:
     # κ1 = 1 and t1 untrimmed); t2 keeps ceil(0.5*8) = 4 of |.| 5, 3, 2, 1, 0.9, 0.5, 0.2, 0.1 -> κ2 = 1
     # trimmed: t1 m1 [4, 0, -3, 0]; t2 m1 [-1, 2, 0, -5], m2 [3, 0, 0, 0]
     # m1 signs [+, +, -, -]: [4, 2, -3, -5]; m2 [3, 0, 0, 0]
-    srcs = [delta_source("t1", {M1: [4.0, 1.0, -3.0, 2.0]}),
-            delta_source("t2", {M1: [-1.0, 2.0, 0.5, -5.0], M2: [3.0, -0.2, 0.9, 0.1]})]
+    srcs = [
+        delta_source("t1", {M1: [4.0, 1.0, -3.0, 2.0]}),
+        delta_source("t2", {M1: [-1.0, 2.0, 0.5, -5.0], M2: [3.0, -0.2, 0.9, 0.1]}),
+    ]
     res = merge_adapters(srcs, "ties", density=0.5, output="sparse")
     assert res.params["kappa"] == [3.0, 1.0]
     assert_close(res.delta(M1), torch.tensor([[4.0, 2.0, -3.0, -5.0]]))
@@ -61,8 +63,10 @@ def test_ties_model_scope_different_targets_brute_force(tmp_path: Path) -> None:
     """Two LoRA folders on different module sets: κ_t from the entries of the modules task t targets."""
     import math
 
-    dirs = [make_lora_dirs(tmp_path / "a", 1, targets=("q_proj", "v_proj"))[0],
-            make_lora_dirs(tmp_path / "b", 1, targets=("q_proj", "down_proj"), seed=5)[0]]
+    dirs = [
+        make_lora_dirs(tmp_path / "a", 1, targets=("q_proj", "v_proj"))[0],
+        make_lora_dirs(tmp_path / "b", 1, targets=("q_proj", "down_proj"), seed=5)[0],
+    ]
     srcs = [resolve_adapter(p) for p in dirs]
     res = merge_adapters(dirs, "ties", density=0.2, output="sparse")
     names = sorted({n for s in srcs for n in s.modules})
@@ -106,7 +110,9 @@ def test_ties_zero_vote_takes_the_model_majority() -> None:
     neg = [delta_source("a", {M1: [-2.0, -1.0, -1.0]}), delta_source("b", {M1: [2.0, -1.0, -3.0]})]
     assert_close(merge_adapters(pos, "ties", density=1.0, output="sparse").delta(M1), torch.tensor([[2.0, 1.0, 2.0]]))
     # model majority is "-": the tie resolves to -2 (paper); per-tensor (peft) resolves ties to "+"
-    assert_close(merge_adapters(neg, "ties", density=1.0, output="sparse").delta(M1), torch.tensor([[-2.0, -1.0, -2.0]]))
+    assert_close(
+        merge_adapters(neg, "ties", density=1.0, output="sparse").delta(M1), torch.tensor([[-2.0, -1.0, -2.0]])
+    )
     got = merge_adapters(neg, "ties", density=1.0, trim_scope="tensor", output="sparse").delta(M1)
     assert_close(got, torch.tensor([[2.0, -1.0, -2.0]]))
 
@@ -147,9 +153,11 @@ def _dare_mask(seed: int, task: int, name: str, shape: tuple[int, ...], density:
 
 
 def test_dare_ties_by_hand() -> None:
-    srcs = [delta_source("t1", {M1: [1.0, 2.0, 3.0, -1.0, 0.5, 4.0]}),
-            delta_source("t2", {M1: [-3.0, 1.0, 2.0, 2.0, -0.5, 1.0]}),
-            delta_source("t3", {M1: [1.5, -2.0, 1.0, -1.0, 0.25, -3.0]})]
+    srcs = [
+        delta_source("t1", {M1: [1.0, 2.0, 3.0, -1.0, 0.5, 4.0]}),
+        delta_source("t2", {M1: [-3.0, 1.0, 2.0, 2.0, -0.5, 1.0]}),
+        delta_source("t3", {M1: [1.5, -2.0, 1.0, -1.0, 0.25, -3.0]}),
+    ]
     masks = [_dare_mask(6, t, M1, (1, 6), 0.5).int().tolist()[0] for t in range(3)]
     assert masks == [[1, 0, 0, 0, 1, 0], [1, 0, 0, 1, 1, 0], [1, 1, 0, 1, 0, 1]]  # seed 6, density 0.5
     # kept entries rescaled by 1/0.5: t1 [2, 0, 0, 0, 1, 0]; t2 [-6, 0, 0, 4, -1, 0]; t3 [3, -4, 0, -2, 0, -6]
@@ -159,8 +167,9 @@ def test_dare_ties_by_hand() -> None:
     assert_close(res.delta(M1), torch.tensor([[-6.0, -4.0, 0.0, 4.0, 1.0, -6.0]]))
     # weights [1, 0.5, 2] after the (unweighted) election, then λ = 0.5:
     # [-6*0.5, -4*2, 0, 4*0.5, 1*1, -6*2] * 0.5 = [-1.5, -4, 0, 1, 0.5, -6]
-    res = merge_adapters(srcs, "dare_ties", weights=[1, 0.5, 2], density=0.5, seed=6, output="sparse",
-                         **{"lambda": 0.5})
+    res = merge_adapters(
+        srcs, "dare_ties", weights=[1, 0.5, 2], density=0.5, seed=6, output="sparse", **{"lambda": 0.5}
+    )
     assert_close(res.delta(M1), torch.tensor([[-1.5, -4.0, 0.0, 1.0, 0.5, -6.0]]))
     # frequency: sign counts [+1, -1, 0, 0, 0, -1] -> [+, -, (none), + (tie), + (tie), -]:
     # [(2+3)/2, -4, 0, 4, 1, -6]
@@ -176,8 +185,9 @@ def test_dare_ties_brute_force(lora_dirs: list[Path]) -> None:
     res = merge_adapters(lora_dirs, "dare_ties", weights=w, density=p, seed=5, output="sparse", **{"lambda": lam})
     name = "model.layers.1.self_attn.q_proj"
     x = torch.stack([s.delta(name) for s in srcs]).reshape(3, -1)  # [T, P]
-    dropped = torch.stack([torch.where(_dare_mask(5, t, name, res.shapes[name], p).reshape(-1), x[t] / p, 0.0)
-                           for t in range(3)])  # [T, P]
+    dropped = torch.stack(
+        [torch.where(_dare_mask(5, t, name, res.shapes[name], p).reshape(-1), x[t] / p, 0.0) for t in range(3)]
+    )  # [T, P]
     assert 0.2 < float((dropped != 0).float().mean()) < 0.4
     want = torch.zeros(x.shape[1])
     for i in range(x.shape[1]):  # the plain loop: elect by mass (tie -> +1), mean of the agreeing weighted values
@@ -306,7 +316,9 @@ def test_bad_input_errors(lora_dirs: list[Path], tmp_path: Path) -> None:
         merge_adapters([], "ties")
     with pytest.raises(ValueError, match=r"unknown merge method 'tie'; choose one of: dare_linear"):
         merge_adapters(lora_dirs, "tie")
-    with pytest.raises(ValueError, match=r"^params\.densty: unknown parameter for merge method 'ties'; allowed: density"):
+    with pytest.raises(
+        ValueError, match=r"^params\.densty: unknown parameter for merge method 'ties'; allowed: density"
+    ):
         merge_adapters(lora_dirs, "ties", densty=0.2)
     for bad in (0.0, 1.5, -0.1, float("nan")):
         with pytest.raises(ValueError, match=r"^params\.density must be"):
@@ -334,12 +346,16 @@ def test_adapters_of_different_bases_are_refused(lora_dirs: list[Path], tmp_path
     from adapterlab.models import tiny_llama
 
     other = make_lora_dirs(tmp_path, 1, hidden_size=128)[0]
-    with pytest.raises(ValueError, match=r"^adapters\[1\] \('task0_1'\): module 'model.layers.0.mlp.down_proj' has shape"):
+    with pytest.raises(
+        ValueError, match=r"^adapters\[1\] \('task0_1'\): module 'model.layers.0.mlp.down_proj' has shape"
+    ):
         merge_adapters([lora_dirs[0], other], "ties")
     with pytest.raises(ValueError, match=r"^base: module .* has weight shape"):
         merge_adapters(lora_dirs, "ties", base=tiny_llama(hidden_size=128))
     a, b = _renamed(lora_dirs[0], tmp_path, "org/base-a"), _renamed(lora_dirs[1], tmp_path, "org/base-b")
-    with pytest.raises(ValueError, match=r"^adapters\[1\] \('renamed-org_base-b'\)\.base_model_name_or_path is 'org/base-b'"):
+    with pytest.raises(
+        ValueError, match=r"^adapters\[1\] \('renamed-org_base-b'\)\.base_model_name_or_path is 'org/base-b'"
+    ):
         merge_adapters([a, b], "ties")
     merge_adapters([a, b], "ties", check_base=False)  # the escape hatch named in the message
 

@@ -125,8 +125,9 @@ def _upcast_copy(paths: list[Path], root: Path) -> list[Path]:
         q = root / f"fp32_{p.name}"
         shutil.copytree(p, q)
         tensors = load_file(str(p / "adapter_model.safetensors"))
-        save_file({k: v.float() for k, v in tensors.items()}, str(q / "adapter_model.safetensors"),
-                  metadata={"format": "pt"})
+        save_file(
+            {k: v.float() for k, v in tensors.items()}, str(q / "adapter_model.safetensors"), metadata={"format": "pt"}
+        )
         out.append(q)
     return out
 

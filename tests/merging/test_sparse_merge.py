@@ -58,8 +58,9 @@ def shira(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path], list[di
     """Three SHiRA folders: s0 (even positions) and s1 (odd) are disjoint, s2 (random, q_proj only) overlaps both."""
     root = tmp_path_factory.mktemp("shira")
     paths, deltas = [], []
-    for i, (how, targets) in enumerate([("even", ("q_proj", "v_proj")), ("odd", ("q_proj", "v_proj")),
-                                        ("random", ("q_proj",))]):
+    for i, (how, targets) in enumerate(
+        [("even", ("q_proj", "v_proj")), ("odd", ("q_proj", "v_proj")), ("random", ("q_proj",))]
+    ):
         pm = _shira_model(targets=targets)
         deltas.append(_set_entries(pm, how, seed=10 + i))
         pm.save_pretrained(str(root / f"s{i}"))
@@ -220,8 +221,10 @@ def test_merged_shira_reloads_in_peft(shira, tmp_path: Path) -> None:
     x = torch.randint(0, 128, (2, 10))
     with torch.no_grad():
         want = ref(x).logits
-        for pm in (PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "merged")),
-                   load_shira(tiny_llama(), tmp_path / "merged")):
+        for pm in (
+            PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "merged")),
+            load_shira(tiny_llama(), tmp_path / "merged"),
+        ):
             assert_close(pm(x).logits, want)
     # the merged folder is itself a merge input, and drop_zeros leaves TIES-trimmed entries out
     again = merge_adapters([tmp_path / "merged"], "linear", weights=[2.0])
@@ -314,8 +317,15 @@ def lori(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path], list[dic
     for i, (r, sparse, store_a, targets) in enumerate(
         [(4, True, False, ["q_proj", "v_proj"]), (2, False, True, ["q_proj", "v_proj"]), (3, True, False, ["q_proj"])]
     ):
-        cfg = LoriConfig(r=r, lora_alpha=2 * r + i, target_modules=targets, init_weights=False, task=f"t{i}",
-                         store_a=store_a, use_rslora=(i == 2))
+        cfg = LoriConfig(
+            r=r,
+            lora_alpha=2 * r + i,
+            target_modules=targets,
+            init_weights=False,
+            task=f"t{i}",
+            store_a=store_a,
+            use_rslora=(i == 2),
+        )
         pm = get_peft_model(tiny_llama(), cfg)
         if sparse:
             pm.base_model.sparsify_(0.75)

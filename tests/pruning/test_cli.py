@@ -54,7 +54,9 @@ def calib_calls(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     """Replace adapterlab.data.calibration_ids with random in-vocab windows; record the calls."""
     calls: list[dict[str, Any]] = []
 
-    def fake(tokenizer: Any, n_samples: int = 128, seqlen: int = 2048, seed: int = 0, corpus: str = "wiki") -> torch.Tensor:
+    def fake(
+        tokenizer: Any, n_samples: int = 128, seqlen: int = 2048, seed: int = 0, corpus: str = "wiki"
+    ) -> torch.Tensor:
         calls.append({"n_samples": n_samples, "seqlen": seqlen, "seed": seed, "corpus": corpus})
         g = torch.Generator().manual_seed(seed)
         return torch.randint(0, 128, (n_samples, seqlen), generator=g)
@@ -107,8 +109,20 @@ def test_magnitude_unstructured(model_dir: Path, tmp_path: Path, calib_calls: li
 def test_wanda_nm_with_calibration(model_dir: Path, tmp_path: Path, calib_calls: list) -> None:
     out = tmp_path / "wanda24"
     result = _invoke(
-        "--model", str(model_dir), "--method", "wanda", "--pattern", "2:4",
-        "--nsamples", "4", "--seqlen", "16", "--seed", "3", "-o", str(out),
+        "--model",
+        str(model_dir),
+        "--method",
+        "wanda",
+        "--pattern",
+        "2:4",
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "16",
+        "--seed",
+        "3",
+        "-o",
+        str(out),
     )
     assert result.exit_code == 0, result.output
     assert calib_calls == [{"n_samples": 4, "seqlen": 16, "seed": 3, "corpus": "wiki"}]

@@ -215,7 +215,7 @@ def test_wanda_block1_matches_manual_two_block_run() -> None:
             stats: dict[str, torch.Tensor] = {}
             hooks = [
                 lin.register_forward_pre_hook(
-                    lambda mod, args, name=name: stats.__setitem__(
+                    lambda mod, args, name=name, stats=stats: stats.__setitem__(
                         name, accumulate_sq_norm(torch.zeros(mod.in_features), 0, args[0])[0]
                     )
                 )
@@ -330,7 +330,9 @@ def test_apply_masks_validates() -> None:
     model = tiny_llama()
     snap = _snapshot(model)
     with pytest.raises(ValueError, match="'nope'"):
-        apply_masks_(model, {"model.layers.0.mlp.up_proj": torch.zeros(128, 64, dtype=torch.bool), "nope": torch.ones(2)})
+        apply_masks_(
+            model, {"model.layers.0.mlp.up_proj": torch.zeros(128, 64, dtype=torch.bool), "nope": torch.ones(2)}
+        )
     with pytest.raises(ValueError, match="shape"):
         apply_masks_(model, {"model.layers.0.mlp.up_proj": torch.zeros(3, 3, dtype=torch.bool)})
     _assert_unchanged(model, snap)
@@ -370,8 +372,12 @@ def test_sparsegpt_dampening_retry_is_logged_once_and_recorded(monkeypatch, capl
     target = model.model.layers[0].mlp.down_proj  # d_in = 128
     bad = torch.block_diag(*[torch.tensor([[1.0, 3.0], [3.0, 1.0]])] * 64)  # mean(diag) 1, eigenvalues 4, -2
     init, add = SparseGPTPruner.init_stats, SparseGPTPruner.add_batch
-    monkeypatch.setattr(SparseGPTPruner, "init_stats", lambda self, layer: (bad.clone(), -1) if layer is target else init(self, layer))
-    monkeypatch.setattr(SparseGPTPruner, "add_batch", lambda self, stats, x: stats if stats[1] == -1 else add(self, stats, x))
+    monkeypatch.setattr(
+        SparseGPTPruner, "init_stats", lambda self, layer: (bad.clone(), -1) if layer is target else init(self, layer)
+    )
+    monkeypatch.setattr(
+        SparseGPTPruner, "add_batch", lambda self, stats, x: stats if stats[1] == -1 else add(self, stats, x)
+    )
     with caplog.at_level(logging.WARNING, logger="adapterlab.pruning"):
         report = prune_(model, "sparsegpt", 0.5, calibration=_calibration())  # percdamp 0.01
     messages = [r for r in caplog.records if "dampening" in r.getMessage()]
@@ -382,5 +388,12 @@ def test_sparsegpt_dampening_retry_is_logged_once_and_recorded(monkeypatch, capl
     got = rows["model.layers.0.mlp.down_proj"].damping
     assert got == pytest.approx(expected, rel=1e-12)
     assert "'model.layers.0.mlp.down_proj'" in messages[0].getMessage() and f"{got:.6g}" in messages[0].getMessage()
-    assert report.to_dict()["layers"][[r.name for r in report.layers].index("model.layers.0.mlp.down_proj")]["damping"] == got
-    assert all(row.damping is not None and row.damping < 1 for name, row in rows.items() if name != "model.layers.0.mlp.down_proj")
+    assert (
+        report.to_dict()["layers"][[r.name for r in report.layers].index("model.layers.0.mlp.down_proj")]["damping"]
+        == got
+    )
+    assert all(
+        row.damping is not None and row.damping < 1
+        for name, row in rows.items()
+        if name != "model.layers.0.mlp.down_proj"
+    )

@@ -50,8 +50,16 @@ class FakeRegistry:
         self.puts: list[dict[str, Any]] = []
 
     def put(self, src, name=None, *, provenance=None, base=None, tags=()):
-        self.puts.append({"src": Path(src), "name": name, "provenance": provenance, "base": base, "tags": tuple(tags),
-                          "files": sorted(p.name for p in Path(src).iterdir())})
+        self.puts.append(
+            {
+                "src": Path(src),
+                "name": name,
+                "provenance": provenance,
+                "base": base,
+                "tags": tuple(tags),
+                "files": sorted(p.name for p in Path(src).iterdir()),
+            }
+        )
         return f"{len(self.puts):064x}"
 
     def resolve(self, ref):

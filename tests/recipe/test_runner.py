@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapterlab.recipe import check_pipeline, load_pipeline, plan, run_pipeline
-from adapterlab.recipe import training
+from adapterlab.recipe import check_pipeline, load_pipeline, plan, run_pipeline, training
 from tests.recipe._helpers import FakeRegistry, tiny_base, train_dict, write_yaml
 
 pytestmark = pytest.mark.assets  # the packaged tasks and corpora
@@ -44,12 +43,26 @@ def test_pipeline_end_to_end_on_a_tiny_model(base, tmp_path, hub, monkeypatch):
     out = tmp_path / "out"
     steps = [
         {"prune": {"model": str(base), "method": "magnitude", "sparsity": 0.5, "output": str(out / "pruned")}},
-        {"name": "sent", "train": train_dict("${steps.prune.output}", out / "sent", eval=None, put={"name": "tiny-sent"})},
+        {
+            "name": "sent",
+            "train": train_dict("${steps.prune.output}", out / "sent", eval=None, put={"name": "tiny-sent"}),
+        },
         {"name": "dom", "train": train_dict("${prune}", out / "dom", eval=None, data__task="domain", put=None)},
-        {"merge": {"method": "linear", "adapters": [{"path": "${steps.sent.output}", "weight": 0.5},
-                                                     {"path": "${steps.dom.output}", "weight": 0.5}],
-                   "output": {"format": "lora", "rank": 8}, "output_dir": str(out / "merged")}},
-        {"name": "ev", "evaluate": {"model": "${steps.prune.output}", "adapter": "${merge}", "task": "sentiment", "n": 8}},
+        {
+            "merge": {
+                "method": "linear",
+                "adapters": [
+                    {"path": "${steps.sent.output}", "weight": 0.5},
+                    {"path": "${steps.dom.output}", "weight": 0.5},
+                ],
+                "output": {"format": "lora", "rank": 8},
+                "output_dir": str(out / "merged"),
+            }
+        },
+        {
+            "name": "ev",
+            "evaluate": {"model": "${steps.prune.output}", "adapter": "${merge}", "task": "sentiment", "n": 8},
+        },
         {"put": {"src": "${steps.merge.output}", "name": "tiny-merged", "tags": ["merged"]}},
     ]
     path = write_yaml(tmp_path / "pipe.yaml", {"description": "tiny", "steps": steps})
@@ -80,8 +93,10 @@ def test_pipeline_end_to_end_on_a_tiny_model(base, tmp_path, hub, monkeypatch):
 
 
 def test_no_put_skips_every_registry_write(base, tmp_path, hub):
-    steps = [{"train": train_dict(base, tmp_path / "a", eval=None, put={"name": "x"})},
-             {"put": {"src": "${train}", "name": "y"}}]
+    steps = [
+        {"train": train_dict(base, tmp_path / "a", eval=None, put={"name": "x"})},
+        {"put": {"src": "${train}", "name": "y"}},
+    ]
     path = write_yaml(tmp_path / "pipe.yaml", {"steps": steps})
     result = run_pipeline(load_pipeline(path), source=path, put=False)
     assert hub.puts == [] and result.outputs["put"]["digest"] is None
@@ -89,9 +104,11 @@ def test_no_put_skips_every_registry_write(base, tmp_path, hub):
 
 
 def test_a_late_bad_step_stops_the_pipeline_before_the_first_step_runs(base, tmp_path, hub):
-    steps = [{"prune": {"model": str(base), "method": "magnitude", "output": str(tmp_path / "pruned")}},
-             {"train": train_dict("${prune}", tmp_path / "a", adapter__callbacks={"LoriCallback": {"switch_step": 1}})},
-             {"evaluate": {"model": str(base), "task": "sentimnt"}}]
+    steps = [
+        {"prune": {"model": str(base), "method": "magnitude", "output": str(tmp_path / "pruned")}},
+        {"train": train_dict("${prune}", tmp_path / "a", adapter__callbacks={"LoriCallback": {"switch_step": 1}})},
+        {"evaluate": {"model": str(base), "task": "sentimnt"}},
+    ]
     path = write_yaml(tmp_path / "pipe.yaml", {"steps": steps})
     with pytest.raises(ValueError, match=r"steps\.2\.evaluate\.task: unknown task 'sentimnt'"):
         run_pipeline(load_pipeline(path), source=path)
@@ -100,8 +117,10 @@ def test_a_late_bad_step_stops_the_pipeline_before_the_first_step_runs(base, tmp
 
 @pytest.mark.skipif(_has("adapterlab.retrain", "perp_"), reason="adapterlab.retrain.perp_ is installed")
 def test_perp_step_without_perp_fails_before_work(base, tmp_path):
-    steps = [{"prune": {"model": str(base), "method": "magnitude", "output": str(tmp_path / "p")}},
-             {"perp": {"model": "${prune}", "output": str(tmp_path / "perp")}}]
+    steps = [
+        {"prune": {"model": str(base), "method": "magnitude", "output": str(tmp_path / "p")}},
+        {"perp": {"model": "${prune}", "output": str(tmp_path / "perp")}},
+    ]
     path = write_yaml(tmp_path / "pipe.yaml", {"steps": steps})
     with pytest.raises(ValueError, match=r"steps\.1\.perp: needs adapterlab\.retrain\.perp_"):
         check_pipeline(load_pipeline(path), path)
@@ -110,9 +129,23 @@ def test_perp_step_without_perp_fails_before_work(base, tmp_path):
 
 @pytest.mark.skipif(not _has("adapterlab.retrain", "perp_"), reason="adapterlab.retrain.perp_ not installed yet")
 def test_perp_step_runs_and_keeps_sparsity(base, tmp_path):
-    steps = [{"prune": {"model": str(base), "method": "magnitude", "output": str(tmp_path / "p")}},
-             {"perp": {"model": "${prune}", "scope": "mask_lora", "r": 2, "corpus": "lee", "nsamples": 4, "seqlen": 32,
-                       "eval_windows": 2, "steps": 2, "lr": 1e-3, "output": str(tmp_path / "perp")}}]
+    steps = [
+        {"prune": {"model": str(base), "method": "magnitude", "output": str(tmp_path / "p")}},
+        {
+            "perp": {
+                "model": "${prune}",
+                "scope": "mask_lora",
+                "r": 2,
+                "corpus": "lee",
+                "nsamples": 4,
+                "seqlen": 32,
+                "eval_windows": 2,
+                "steps": 2,
+                "lr": 1e-3,
+                "output": str(tmp_path / "perp"),
+            }
+        },
+    ]
     path = write_yaml(tmp_path / "pipe.yaml", {"steps": steps})
     result = run_pipeline(load_pipeline(path), source=path)
     report = json.loads((tmp_path / "perp" / "perp_report.json").read_text())
@@ -123,12 +156,16 @@ def test_perp_step_runs_and_keeps_sparsity(base, tmp_path):
     assert result.outputs["perp"]["perplexity"] == report["perplexity_after"]
 
 
-@pytest.mark.skipif(not _has("adapterlab.compression", "compress_adapters"), reason="compress_adapters not installed yet")
+@pytest.mark.skipif(
+    not _has("adapterlab.compression", "compress_adapters"), reason="compress_adapters not installed yet"
+)
 def test_compress_step_runs(tmp_path):
     from tests.merging._helpers import make_lora_dirs
 
     a, b = make_lora_dirs(tmp_path / "adapters", 2)
-    steps = [{"compress": {"adapters": {"a": str(a), "b": str(b)}, "rank": 2, "seed": 1, "output": str(tmp_path / "bundle")}}]
+    steps = [
+        {"compress": {"adapters": {"a": str(a), "b": str(b)}, "rank": 2, "seed": 1, "output": str(tmp_path / "bundle")}}
+    ]
     path = write_yaml(tmp_path / "pipe.yaml", {"steps": steps})
     result = run_pipeline(load_pipeline(path), source=path)
     from adapterlab.compression import SharedBasisBundle

@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from adapterlab.recipe import check_pipeline, load_pipeline, load_train_recipe, plan
-from adapterlab.recipe import training
+from adapterlab.recipe import check_pipeline, load_pipeline, load_train_recipe, plan, training
 from adapterlab.recipe.schema import (
     VERBS,
     AdapterSpec,
@@ -106,12 +105,16 @@ def test_typo_in_pipeline_step_names_its_key_path(tmp_path):
     with pytest.raises(ValueError, match=r"exactly one verb key"):
         as_pipeline({"steps": [{"name": "x"}]}, "p.yaml")
     with pytest.raises(ValueError, match=r"steps\.1\.name: 'a' is used by an earlier step"):
-        as_pipeline({"steps": [{"name": "a", "prune": {"output": "x"}}, {"name": "a", "prune": {"output": "y"}}]}, "p.yaml")
+        as_pipeline(
+            {"steps": [{"name": "a", "prune": {"output": "x"}}, {"name": "a", "prune": {"output": "y"}}]}, "p.yaml"
+        )
 
 
 def test_set_overrides(tmp_path):
     path = write_yaml(tmp_path / "r.yaml", train_dict("default", tmp_path / "o"))
-    recipe = load_train_recipe(str(path), ["trainer.max_steps=7", "adapter.params.r=2", "data.task=domain", "eval=null"])
+    recipe = load_train_recipe(
+        str(path), ["trainer.max_steps=7", "adapter.params.r=2", "data.task=domain", "eval=null"]
+    )
     assert recipe.trainer["max_steps"] == 7 and recipe.adapter.params["r"] == 2
     assert recipe.data.task == "domain" and recipe.eval is None
     with pytest.raises(ValueError, match=r"expected KEY=VALUE"):
@@ -138,12 +141,19 @@ def test_adapter_method_table_and_errors(monkeypatch):
     assert isinstance(cfg, LoraConfig) and cfg.use_rslora and cfg.r == 4
     assert isinstance(adapter_config(AdapterSpec(method="dylora", params={"r": 4})), DyLoraConfig)
     assert isinstance(adapter_config(AdapterSpec(method="LoRI", params={"r": 4, "task": "t"})), LoriConfig)
-    with pytest.raises(ValueError, match=r"adapter.method: unknown adapter method 'lorra'; choose one of: lora, rslora"):
+    with pytest.raises(
+        ValueError, match=r"adapter.method: unknown adapter method 'lorra'; choose one of: lora, rslora"
+    ):
         adapter_config(AdapterSpec(method="lorra"))
     monkeypatch.setitem(training.METHODS, "ghost", training.MethodEntry("adapterlab.tuners", "GhostConfig"))
-    with pytest.raises(ValueError, match=r"'ghost' is not available in this install \(adapterlab.tuners has no GhostConfig\); available: lora"):
+    with pytest.raises(
+        ValueError,
+        match=r"'ghost' is not available in this install \(adapterlab.tuners has no GhostConfig\); available: lora",
+    ):
         adapter_config(AdapterSpec(method="ghost"))
-    with pytest.raises(ValueError, match=r"adapter.params.rr: unknown key for LoraConfig \(lora\); allowed: .*lora_alpha"):
+    with pytest.raises(
+        ValueError, match=r"adapter.params.rr: unknown key for LoraConfig \(lora\); allowed: .*lora_alpha"
+    ):
         adapter_config(AdapterSpec(method="lora", params={"rr": 4}))
     with pytest.raises(ValueError, match=r"adapter.params: rank range is empty"):
         adapter_config(AdapterSpec(method="dylora", params={"r": 2, "r_min": 3}))
@@ -156,9 +166,13 @@ def test_callbacks_by_name_and_automatic_ones():
     assert [type(c) for c in cbs] == [DyLoraCallback]
     cbs = adapter_callbacks(AdapterSpec(method="lori", callbacks={"LoriCallback": {"switch_step": 5, "lr_s": 0.1}}))
     assert isinstance(cbs[0], LoriCallback) and cbs[0].switch_step == 5
-    with pytest.raises(ValueError, match=r"adapter.callbacks.LoriCalback: unknown callback; choose one of: .*LoriCallback"):
+    with pytest.raises(
+        ValueError, match=r"adapter.callbacks.LoriCalback: unknown callback; choose one of: .*LoriCallback"
+    ):
         adapter_callbacks(AdapterSpec(method="lori", callbacks={"LoriCalback": {}}))
-    with pytest.raises(ValueError, match=r"adapter.callbacks.LoriCallback.swich_step: unknown key; allowed: switch_step"):
+    with pytest.raises(
+        ValueError, match=r"adapter.callbacks.LoriCallback.swich_step: unknown key; allowed: switch_step"
+    ):
         adapter_callbacks(AdapterSpec(method="lori", callbacks={"LoriCallback": {"swich_step": 5}}))
     with pytest.raises(ValueError, match=r"adapter.callbacks.LoriCallback: switch_step must be an integer >= 0"):
         adapter_callbacks(AdapterSpec(method="lori", callbacks={"LoriCallback": {"switch_step": -1}}))
@@ -171,7 +185,9 @@ def test_train_recipe_checks_before_work(base, tmp_path):
     bad = validate(TrainRecipe, train_dict(base, tmp_path / "o", adapter__params__target_modules=["c_attn"]), "r")
     with pytest.raises(ValueError, match=r"adapter.params.target_modules: 'c_attn' match no module of the base model"):
         check_train_recipe(bad)
-    with pytest.raises(ValueError, match=r"data.task: unknown task 'sentimnt'; choose one of: compare, domain, sentiment"):
+    with pytest.raises(
+        ValueError, match=r"data.task: unknown task 'sentimnt'; choose one of: compare, domain, sentiment"
+    ):
         check_train_recipe(validate(TrainRecipe, train_dict(base, tmp_path / "o", data__task="sentimnt"), "r"))
     with pytest.raises(FileNotFoundError, match=r"base: model path .*nothere.* does not exist"):
         check_train_recipe(validate(TrainRecipe, train_dict(tmp_path / "nothere", tmp_path / "o"), "r"))
@@ -198,7 +214,10 @@ def _pipeline(tmp_path: Path, steps: list[dict]) -> tuple[PipelineRecipe, Path]:
 def test_references_must_name_an_earlier_step_and_a_produced_key(base, tmp_path):
     prune = {"prune": {"model": str(base), "method": "magnitude", "sparsity": 0.5, "output": str(tmp_path / "pruned")}}
     p, path = _pipeline(tmp_path, [prune, {"train": train_dict("${steps.prnue.output}", tmp_path / "a")}])
-    with pytest.raises(ValueError, match=r"steps\.1\.train\.base: \$\{steps\.prnue\.output\} names no earlier step \(earlier steps: prune\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"steps\.1\.train\.base: \$\{steps\.prnue\.output\} names no earlier step \(earlier steps: prune\)",
+    ):
         check_pipeline(p, path)
     p, path = _pipeline(tmp_path, [prune, {"train": train_dict("${steps.prune.accuracy}", tmp_path / "a")}])
     with pytest.raises(ValueError, match=r"a prune step produces output, sparsity, not 'accuracy'"):
@@ -213,10 +232,17 @@ def test_references_must_name_an_earlier_step_and_a_produced_key(base, tmp_path)
 
 def test_missing_input_and_misfit_fail_before_any_work(base, tmp_path):
     prune = {"prune": {"model": str(base), "method": "magnitude", "sparsity": 0.5, "output": str(tmp_path / "pruned")}}
-    merge = {"merge": {"method": "linear", "adapters": ["${steps.train.output}", str(tmp_path / "missing-adapter")],
-                       "output_dir": str(tmp_path / "merged")}}
+    merge = {
+        "merge": {
+            "method": "linear",
+            "adapters": ["${steps.train.output}", str(tmp_path / "missing-adapter")],
+            "output_dir": str(tmp_path / "merged"),
+        }
+    }
     p, path = _pipeline(tmp_path, [prune, {"train": train_dict("${prune}", tmp_path / "a")}, merge])
-    with pytest.raises(FileNotFoundError, match=r"steps\.2\.merge\.adapters\.1\.path: .*missing-adapter' does not exist"):
+    with pytest.raises(
+        FileNotFoundError, match=r"steps\.2\.merge\.adapters\.1\.path: .*missing-adapter' does not exist"
+    ):
         check_pipeline(p, path)
     # the base derives from the prune step's model: the target modules are checked against it before work
     bad = train_dict("${prune}", tmp_path / "a", adapter__params__target_modules=["query"])

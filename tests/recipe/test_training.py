@@ -40,16 +40,23 @@ def test_trainer_backend_prune_train_eval_save_put(base, tmp_path, hub):
     from adapterlab.io import base_fingerprint
     from adapterlab.models import load_model
 
-    recipe = validate(TrainRecipe, train_dict(
-        base, tmp_path / "adapter",
-        prune={"method": "magnitude", "sparsity": 0.5, "output": str(tmp_path / "pruned")},
-        put={"name": "tiny-sentiment", "tags": ["t"]},
-    ), "r")
+    recipe = validate(
+        TrainRecipe,
+        train_dict(
+            base,
+            tmp_path / "adapter",
+            prune={"method": "magnitude", "sparsity": 0.5, "output": str(tmp_path / "pruned")},
+            put={"name": "tiny-sentiment", "tags": ["t"]},
+        ),
+        "r",
+    )
     res = train_adapter(recipe)
     out = tmp_path / "adapter"
     assert {"adapter_config.json", "adapter_model.safetensors", "train_report.json"} <= {p.name for p in out.iterdir()}
     assert res.steps == 3 and 0.0 <= res.accuracy <= 1.0 and 0.0 <= res.zero_shot <= 1.0
-    assert res.trainable_params == 2 * (4 * 64 + 64 * 4 + 4 * 64 + 32 * 4)  # r=4 LoRA on q (64x64) and v (32x64), 2 blocks
+    assert res.trainable_params == 2 * (
+        4 * 64 + 64 * 4 + 4 * 64 + 32 * 4
+    )  # r=4 LoRA on q (64x64) and v (32x64), 2 blocks
     assert res.prune["global_sparsity"] == pytest.approx(0.5, abs=1e-3)
     # the pruned base was saved; the adapter reloads on it and gives the trained model's outputs
     pruned = load_model(tmp_path / "pruned")
@@ -77,12 +84,23 @@ def test_sft_backend_dylora_and_no_put(base, tmp_path, hub):
     from adapterlab.models import load_model
     from adapterlab.tuners.dylora import sample_rank
 
-    recipe = validate(TrainRecipe, train_dict(
-        base, tmp_path / "dy", backend="sft",
-        adapter={"method": "dylora", "params": {"r": 4, "seed": 3, "target_modules": ["q_proj", "v_proj"]}},
-        trainer={"max_steps": 3, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "logging_steps": 1},
-        eval=None,
-    ), "r")
+    recipe = validate(
+        TrainRecipe,
+        train_dict(
+            base,
+            tmp_path / "dy",
+            backend="sft",
+            adapter={"method": "dylora", "params": {"r": 4, "seed": 3, "target_modules": ["q_proj", "v_proj"]}},
+            trainer={
+                "max_steps": 3,
+                "per_device_train_batch_size": 4,
+                "gradient_accumulation_steps": 2,
+                "logging_steps": 1,
+            },
+            eval=None,
+        ),
+        "r",
+    )
     res = train_adapter(recipe, put=False)
     assert hub.puts == [] and res.digest is None and res.accuracy is None
     ranks = [h["dylora_rank"] for h in res.log_history if "loss" in h]
@@ -92,12 +110,24 @@ def test_sft_backend_dylora_and_no_put(base, tmp_path, hub):
 
 
 def test_sft_on_4bit_base_keeps_adapter_parameters_fp32(base, tmp_path, hub):
-    recipe = validate(TrainRecipe, train_dict(
-        base, tmp_path / "q", backend="sft", quantize=4, eval=None, put=None,
-        adapter={"method": "lori", "params": {"r": 4, "task": "q", "sparsity": 0.5, "target_modules": ["q_proj", "v_proj"]},
-                 "callbacks": {"LoriCallback": {"switch_step": 1}}},
-        trainer={"max_steps": 2, "per_device_train_batch_size": 4, "logging_steps": 1},
-    ), "r")
+    recipe = validate(
+        TrainRecipe,
+        train_dict(
+            base,
+            tmp_path / "q",
+            backend="sft",
+            quantize=4,
+            eval=None,
+            put=None,
+            adapter={
+                "method": "lori",
+                "params": {"r": 4, "task": "q", "sparsity": 0.5, "target_modules": ["q_proj", "v_proj"]},
+                "callbacks": {"LoriCallback": {"switch_step": 1}},
+            },
+            trainer={"max_steps": 2, "per_device_train_batch_size": 4, "logging_steps": 1},
+        ),
+        "r",
+    )
     seen: dict[str, torch.dtype] = {}
     orig = training._make_trainer
 

@@ -43,7 +43,10 @@ def _spawn(tmp: Path, root: Path, src: Path, name: str, fault: str | None) -> tu
     ready = tmp / f"ready-{name}"
     proc = subprocess.Popen(
         [sys.executable, "-c", SCRIPT, str(root), str(src), name, str(ready), str(tmp / "go"), str(REPO)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     return proc, ready
 

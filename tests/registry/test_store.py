@@ -53,8 +53,9 @@ def test_manifest_records_what_the_contract_says(reg: AdapterRegistry, adapters:
     from adapterlab.models import tiny_llama
 
     base = tiny_llama(hidden_size=32)
-    d = reg.put(adapters[0], "a", base=base, provenance={"kind": "trained", "parents": ["x"], "recipe": {"lr": 1}},
-                tags=("v1",))
+    d = reg.put(
+        adapters[0], "a", base=base, provenance={"kind": "trained", "parents": ["x"], "recipe": {"lr": 1}}, tags=("v1",)
+    )
     m = reg.show("a")
     assert m["method"] == "lora" and m["peft_type"] == "LORA" and m["peft_version"]
     assert m["rank"] == 2 and m["lora_alpha"] == 4 and m["scaling"] == pytest.approx(2.0)
@@ -90,7 +91,9 @@ def test_resolve_names_digests_prefixes_and_errors(reg: AdapterRegistry, adapter
         reg.get("../refs/a")
 
 
-def test_same_adapter_twice_is_one_object_and_names_move(reg: AdapterRegistry, adapters: list[Path], tmp_path: Path) -> None:
+def test_same_adapter_twice_is_one_object_and_names_move(
+    reg: AdapterRegistry, adapters: list[Path], tmp_path: Path
+) -> None:
     d = reg.put(adapters[0], "a")
     assert reg.put(_copy(adapters[0], tmp_path / "copy"), "a2", provenance={"kind": "merged"}) == d
     assert len(list((reg.root / "objects").iterdir())) == 1
@@ -166,7 +169,9 @@ def test_truncated_file_edited_manifest_and_stray_file_fail_verify(reg: AdapterR
         reg.get("ghost")
 
 
-def test_pickle_nan_and_non_adapter_folders_are_refused(reg: AdapterRegistry, adapters: list[Path], tmp_path: Path) -> None:
+def test_pickle_nan_and_non_adapter_folders_are_refused(
+    reg: AdapterRegistry, adapters: list[Path], tmp_path: Path
+) -> None:
     bad = _copy(adapters[0], tmp_path / "pickled")
     torch.save({"w": torch.zeros(2)}, bad / "adapter_model.bin")
     with pytest.raises(ValueError, match="refusing 'adapter_model.bin'.*pickle"):
@@ -200,7 +205,9 @@ def test_pickle_nan_and_non_adapter_folders_are_refused(reg: AdapterRegistry, ad
     assert reg.ls() == []
 
 
-def test_failure_while_staging_leaves_nothing(reg: AdapterRegistry, adapters: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failure_while_staging_leaves_nothing(
+    reg: AdapterRegistry, adapters: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("ADAPTERLAB_HUB_FAULT", "raise")
     with pytest.raises(RuntimeError, match="simulated failure"):
         reg.put(adapters[0], "a")
@@ -235,19 +242,26 @@ def test_adapterlab_tuner_types_round_trip(reg: AdapterRegistry, tmp_path: Path)
     from adapterlab.models import tiny_llama
 
     x = torch.arange(10).reshape(1, 10) % 128
-    for i, cfg in enumerate([LoriConfig(r=2, task="t", target_modules=["q_proj", "v_proj"]),
-                             ShiraConfig(r=2, mask_type="random", target_modules=["q_proj", "v_proj"])]):
+    for i, cfg in enumerate(
+        [
+            LoriConfig(r=2, task="t", target_modules=["q_proj", "v_proj"]),
+            ShiraConfig(r=2, mask_type="random", target_modules=["q_proj", "v_proj"]),
+        ]
+    ):
         torch.manual_seed(i)
         pm = get_peft_model(tiny_llama(hidden_size=32), cfg)
         with torch.no_grad():
-            for n, p in pm.named_parameters():
+            for _n, p in pm.named_parameters():
                 if p.requires_grad:
                     p.add_(0.1 * torch.randn_like(p))
         pm.eval()
         want = pm(input_ids=x).logits
         name = type(cfg).__name__.lower()
         d = reg.put(pm, name, provenance={"kind": "trained"})
-        assert reg.show(name)["method"] == str(cfg.peft_type.value if hasattr(cfg.peft_type, "value") else cfg.peft_type).lower()
+        assert (
+            reg.show(name)["method"]
+            == str(cfg.peft_type.value if hasattr(cfg.peft_type, "value") else cfg.peft_type).lower()
+        )
         loaded = reg.load(name, tiny_llama(hidden_size=32))
         assert torch.allclose(loaded(input_ids=x).logits, want, atol=1e-6)
         assert reg.get(d).is_dir()
@@ -272,7 +286,9 @@ def test_bundle_put_get(reg: AdapterRegistry, adapters: list[Path], tmp_path: Pa
     assert reg.verify() == []
 
 
-def test_hub_refs_resolve_through_merging(adapters: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hub_refs_resolve_through_merging(
+    adapters: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from adapterlab.merging import resolve_adapter
 
     reg = AdapterRegistry(tmp_path / "envhub")

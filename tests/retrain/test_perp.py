@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
@@ -65,7 +64,9 @@ def test_default_scope_llama_norms_masklora_head():
     lora = trainable - norms
     expected_lora = {
         f"model.layers.{i}.{'self_attn' if p.endswith(('q_proj', 'k_proj', 'v_proj', 'o_proj')) else 'mlp'}.{p}.perp_{f}"
-        for i in range(cfg.num_hidden_layers) for p in LLAMA_LINEARS for f in "AB"
+        for i in range(cfg.num_hidden_layers)
+        for p in LLAMA_LINEARS
+        for f in "AB"
     } | {"lm_head.perp_A", "lm_head.perp_B"}
     assert lora == expected_lora  # no bias in Llama; every pruned linear wrapped; plain LoRA on the head
     d, ff, kv, V = cfg.hidden_size, cfg.intermediate_size, 2 * 16, cfg.vocab_size
@@ -117,7 +118,11 @@ def test_masklora_forward_and_gradient_oracle():
     torch.testing.assert_close(layer(x), lin(x), rtol=0, atol=0)  # B = 0: output equals base
     with torch.no_grad():
         layer.perp_B.normal_(0, 0.1)
-    w, a, b = lin.weight.detach().double(), layer.perp_A.detach().double().requires_grad_(), layer.perp_B.detach().double().requires_grad_()
+    w, a, b = (
+        lin.weight.detach().double(),
+        layer.perp_A.detach().double().requires_grad_(),
+        layer.perp_B.detach().double().requires_grad_(),
+    )
     m = (w != 0).double()
     ref = x.double() @ (w + 2.0 * (b @ a) * m).T + lin.bias.detach().double()  # brute force, s = 8/4
     out = layer(x)
@@ -144,7 +149,9 @@ def test_scalelora_forward_oracle():
 @pytest.mark.parametrize("scope,pattern", [("default", None), ("scale_lora", None), ("mask_lora", "2:4")])
 def test_merge_equals_unmerged_and_keeps_sparsity(scope, pattern):
     model = _pruned(pattern=pattern)
-    zeros = {n: (m.weight == 0).clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layers" in n}
+    zeros = {
+        n: (m.weight == 0).clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layers" in n
+    }
     perp_(model, scope, r=4, alpha=8)
     _randomize_(model)
     if scope == "scale_lora":
@@ -183,7 +190,9 @@ def test_retrain_full_keeps_mask_and_perp_improves_loss():
     from adapterlab.retrain import retrain_
 
     model = _pruned()
-    zeros = {n: (m.weight == 0).clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layers" in n}
+    zeros = {
+        n: (m.weight == 0).clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layers" in n
+    }
     ids = torch.randint(3, 128, (8, 16), generator=torch.Generator().manual_seed(0))
     perp_(model, "full")
     res = retrain_(model, ids, steps=3, lr=1e-2, batch_size=2, weight_decay=0.1)
@@ -202,9 +211,22 @@ def test_run_perp_pipeline_tiny(tmp_path):
     from adapterlab.retrain import run_perp_pipeline
 
     out = run_perp_pipeline(
-        tiny_llama(), tiny_tokenizer(), method="magnitude", sparsity=0.5, scope="mask_lora", r=2, alpha=4,
-        steps=2, batch_size=2, seqlen=32, calib_seqlen=32, calib_samples=2, eval_seqlen=64, eval_windows=2,
-        corpus="lee", output_dir=tmp_path / "merged",
+        tiny_llama(),
+        tiny_tokenizer(),
+        method="magnitude",
+        sparsity=0.5,
+        scope="mask_lora",
+        r=2,
+        alpha=4,
+        steps=2,
+        batch_size=2,
+        seqlen=32,
+        calib_seqlen=32,
+        calib_samples=2,
+        eval_seqlen=64,
+        eval_windows=2,
+        corpus="lee",
+        output_dir=tmp_path / "merged",
     )
     assert out.ppl_dense and out.ppl_pruned and out.ppl_retrained and out.gap_closed is not None
     assert out.sparsity_after_merge >= 0.5 - 1e-6 and 0 < out.trainable_fraction < 1

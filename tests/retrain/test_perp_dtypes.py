@@ -31,7 +31,9 @@ def test_perp_merge_rounds_once_in_every_dtype(dname, scope):
     dtype = DTYPES[dname]
     model = tiny_llama(dtype=dtype)
     prune_(model, "magnitude", 0.5)
-    zeros = {n: (m.weight == 0).clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layers" in n}
+    zeros = {
+        n: (m.weight == 0).clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layers" in n
+    }
     perp_(model, scope, r=4, alpha=8)
     factors = [p for n, p in model.named_parameters() if "perp_" in n]
     assert factors and {p.dtype for p in factors} == {torch.float32}

@@ -16,15 +16,27 @@ def base_model() -> torch.nn.Module:
     return tiny_llama(hidden_size=HIDDEN, seed=0)
 
 
-def make_lora(path: Path, *, r: int = 4, targets=("q_proj", "v_proj", "down_proj"), seed: int = 0,
-              rslora: bool = False, alpha: float | None = None) -> Path:
+def make_lora(
+    path: Path,
+    *,
+    r: int = 4,
+    targets=("q_proj", "v_proj", "down_proj"),
+    seed: int = 0,
+    rslora: bool = False,
+    alpha: float | None = None,
+) -> Path:
     """A random (nonzero) peft LoRA of ``base_model()`` saved as a PEFT folder."""
     from peft import LoraConfig, get_peft_model
 
     model = base_model()
     torch.manual_seed(1000 + seed)
-    cfg = LoraConfig(r=r, lora_alpha=alpha if alpha is not None else 2 * r, target_modules=list(targets),
-                     init_lora_weights=False, use_rslora=rslora)
+    cfg = LoraConfig(
+        r=r,
+        lora_alpha=alpha if alpha is not None else 2 * r,
+        target_modules=list(targets),
+        init_lora_weights=False,
+        use_rslora=rslora,
+    )
     pm = get_peft_model(model, cfg)
     with torch.no_grad():  # make the deltas clearly visible in the logits
         for n, p in pm.named_parameters():
@@ -71,7 +83,7 @@ def merged_shira_model(folder: Path) -> torch.nn.Module:
     t = load_file(str(folder / "adapter_model.safetensors"))
     for key, idx in t.items():
         if key.endswith("shira_indices"):
-            mod = key[len("base_model.model."):-len(".shira_indices")]
+            mod = key[len("base_model.model.") : -len(".shira_indices")]
             vals = t[key.replace("shira_indices", "shira_weight")]
             w = model.get_submodule(mod).weight
             w[idx[0].long(), idx[1].long()] += vals

@@ -24,16 +24,29 @@ CONTEXT = 256  # tiny_llama's max_position_embeddings
 SENTINEL = 77  # a token id that makes the patched model.generate fail (a fault inside the batch)
 
 # (prompt, model name, max_tokens): adapters a and b, the base, text and token-id prompts
-VALID = [("hello", "a", 4), ([5, 6, 7, 8], "b", 3), ("the base", "base", 4), ([9, 10, 11], "a", 2),
-         ("more text", "b", 4), ([12, 13], "base", 3), ("last one", "a", 4)]
+VALID = [
+    ("hello", "a", 4),
+    ([5, 6, 7, 8], "b", 3),
+    ("the base", "base", 4),
+    ([9, 10, 11], "a", 2),
+    ("more text", "b", 4),
+    ([12, 13], "base", 3),
+    ("last one", "a", 4),
+]
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad_requests")
-    server = AdapterServer(base_model(), tokenizer=tiny_tokenizer(), capacity=4,
-                           adapters={"a": make_lora(root / "a", seed=0), "b": make_lora(root / "b", seed=1, r=2)})
-    reference = {i: server.generate([Request(p, None if m == "base" else m, n)])[0] for i, (p, m, n) in enumerate(VALID)}
+    server = AdapterServer(
+        base_model(),
+        tokenizer=tiny_tokenizer(),
+        capacity=4,
+        adapters={"a": make_lora(root / "a", seed=0), "b": make_lora(root / "b", seed=1, r=2)},
+    )
+    reference = {
+        i: server.generate([Request(p, None if m == "base" else m, n)])[0] for i, (p, m, n) in enumerate(VALID)
+    }
     http = ServingHTTP(server, port=0, max_queue=64, max_batch=8, batch_wait_s=0.05).start()
     yield http, reference
     http.shutdown()
@@ -158,8 +171,12 @@ def test_failure_inside_a_batch_fails_only_its_request(served, monkeypatch):
         server.generate(reqs)  # without return_exceptions the error is raised
     # the same over HTTP: 7 answers, 1 error
     with ThreadPoolExecutor(8) as pool:
-        got = list(pool.map(lambda r: _post(http.port, {"model": r[1], "prompt": r[0], "max_tokens": r[2]}),
-                            _eight([5, SENTINEL, 6])))
+        got = list(
+            pool.map(
+                lambda r: _post(http.port, {"model": r[1], "prompt": r[0], "max_tokens": r[2]}),
+                _eight([5, SENTINEL, 6]),
+            )
+        )
     assert got[3][0] == 400 and str(SENTINEL) in got[3][1]["error"]
     assert all(s == 200 for i, (s, _) in enumerate(got) if i != 3), got
     _check_seven([b for _, b in got], reference)
@@ -191,9 +208,14 @@ def test_eos_and_length_cut_per_request():
     reqs = [Request([5 + i, 9, 13], None, n) for i, n in enumerate((1, 3, 8, 5))]
     got = server.generate(reqs)
     for r, c in zip(reqs, got):
-        seq = server.model.generate(input_ids=torch.tensor([r.prompt]), max_new_tokens=r.max_new_tokens,
-                                    do_sample=False, pad_token_id=0, eos_token_id=None)
-        want = seq[0, len(r.prompt):].tolist()
+        seq = server.model.generate(
+            input_ids=torch.tensor([r.prompt]),
+            max_new_tokens=r.max_new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+        )
+        want = seq[0, len(r.prompt) :].tolist()
         stop = next((i for i, t in enumerate(want) if t == 2), None)
         assert c.tokens == (want if stop is None else want[:stop])
         assert c.finish_reason == ("length" if stop is None else "stop")

@@ -18,8 +18,9 @@ from tests.serving._helpers import base_model, make_lora
 
 def _call(url: str, path: str, body=None, raw: bytes | None = None):
     data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-    req = urllib.request.Request(url + path, data=data, method="GET" if data is None else "POST",
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url + path, data=data, method="GET" if data is None else "POST", headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=60) as resp:
             return resp.status, json.loads(resp.read())
@@ -33,8 +34,7 @@ def app(tmp_path_factory):
     a, b = make_lora(root / "a", seed=0), make_lora(root / "b", seed=1, r=2)
     broken = make_lora(root / "broken", seed=2)
     (broken / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
-    server = AdapterServer(base_model(), tokenizer=tiny_tokenizer(), capacity=2,
-                           adapters={"a": a, "broken": broken})
+    server = AdapterServer(base_model(), tokenizer=tiny_tokenizer(), capacity=2, adapters={"a": a, "broken": broken})
     http = ServingHTTP(server, port=0, max_queue=1, max_batch=4).start()
     yield http, {"a": a, "b": b}
     http.shutdown()

@@ -43,7 +43,7 @@ def _exchange(port: int, data: bytes, *, pause_after: float = 0.0) -> tuple[byte
         while True:
             try:
                 chunk = s.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 raise AssertionError(f"not closed within {BOUND}s; got {b''.join(chunks)[:200]!r}") from None
             except ConnectionResetError:
                 break
@@ -56,8 +56,10 @@ def _exchange(port: int, data: bytes, *, pause_after: float = 0.0) -> tuple[byte
 
 
 def _post_head(length: str, extra: str = "") -> bytes:
-    return (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {length}\r\n{extra}\r\n").encode()
+    return (
+        f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {length}\r\n{extra}\r\n"
+    ).encode()
 
 
 def _status_and_body(raw: bytes) -> tuple[str, dict]:
@@ -67,13 +69,16 @@ def _status_and_body(raw: bytes) -> tuple[str, dict]:
     return lines[0], json.loads(body)
 
 
-@pytest.mark.parametrize("length, status, named", [
-    ("-1", "400", "'-1'"),
-    ("abc", "400", "'abc'"),
-    ("1e3", "400", "'1e3'"),
-    (str(10 * MAX_BODY), "413", str(10 * MAX_BODY)),
-    ("9" * 40, "413", "9" * 20),
-])
+@pytest.mark.parametrize(
+    "length, status, named",
+    [
+        ("-1", "400", "'-1'"),
+        ("abc", "400", "'abc'"),
+        ("1e3", "400", "'1e3'"),
+        (str(10 * MAX_BODY), "413", str(10 * MAX_BODY)),
+        ("9" * 40, "413", "9" * 20),
+    ],
+)
 def test_bad_content_length_is_answered_and_closed(app, length, status, named):
     raw, took = _exchange(app.port, _post_head(length))
     line, body = _status_and_body(raw)
@@ -100,7 +105,9 @@ def test_deeply_nested_json_is_400_not_500(app):
 
 
 def test_chunked_body_and_garbage_request_line(app):
-    raw, _ = _exchange(app.port, _post_head("0", "Transfer-Encoding: chunked\r\n").replace(b"Content-Length: 0\r\n", b""))
+    raw, _ = _exchange(
+        app.port, _post_head("0", "Transfer-Encoding: chunked\r\n").replace(b"Content-Length: 0\r\n", b"")
+    )
     line, body = _status_and_body(raw)
     assert line.startswith("HTTP/1.1 411 ") and "chunked" in body["error"]
     raw, _ = _exchange(app.port, b"hello there\r\n\r\n")
@@ -195,8 +202,13 @@ def test_client_disconnect_is_one_debug_line(app, caplog, capfd):
 def test_options_are_validated():
     server = AdapterServer(base_model())
     assert DEFAULT_READ_TIMEOUT_S == 30.0
-    for bad in ({"read_timeout_s": 0}, {"read_timeout_s": "30"}, {"backlog": 0}, {"max_body_bytes": 1},
-                {"max_queue": 0}):
+    for bad in (
+        {"read_timeout_s": 0},
+        {"read_timeout_s": "30"},
+        {"backlog": 0},
+        {"max_body_bytes": 1},
+        {"max_queue": 0},
+    ):
         with pytest.raises(ValueError, match=next(iter(bad))):
             ServingHTTP(server, port=0, **bad)
     http = ServingHTTP(server, port=0, max_queue=100)

@@ -20,8 +20,12 @@ def test_registry_refs_bundles_and_refusals(tmp_path):
     base = base_model()
     hub.put(a, "alpha", base=base)
     hub.put(b, "beta", base=base)
-    hub.put(make_lora(tmp_path / "w", seed=2), "wrong", base=base_fingerprint(tiny_llama(hidden_size=64, num_hidden_layers=3)))
-    bundle = compress_adapters([f"hub:alpha", f"hub:beta"], rank=8, registry=hub)
+    hub.put(
+        make_lora(tmp_path / "w", seed=2),
+        "wrong",
+        base=base_fingerprint(tiny_llama(hidden_size=64, num_hidden_layers=3)),
+    )
+    bundle = compress_adapters(["hub:alpha", "hub:beta"], rank=8, registry=hub)
     bundle.save(tmp_path / "bundle")
     hub.put_bundle(tmp_path / "bundle", "ab")
 
@@ -78,13 +82,17 @@ def test_second_server_on_the_same_model_object(tmp_path):
     second = AdapterServer(base, hub)  # the same model object, wrapped and fused by `first`
     assert second._base_fingerprint() == base_fingerprint(fresh)
     second.load("alpha")  # was BaseMismatchError
-    torch.testing.assert_close(second.forward(ids, adapters=["alpha", None]),
-                               torch.stack([want_a[0], want_base[1]]), atol=1e-4, rtol=1e-4)
-    assert second.generate([Request([5, 6, 7], "alpha", 3)])[0].tokens == \
-        first.generate([Request([5, 6, 7], "alpha", 3)])[0].tokens
+    torch.testing.assert_close(
+        second.forward(ids, adapters=["alpha", None]), torch.stack([want_a[0], want_base[1]]), atol=1e-4, rtol=1e-4
+    )
+    assert (
+        second.generate([Request([5, 6, 7], "alpha", 3)])[0].tokens
+        == first.generate([Request([5, 6, 7], "alpha", 3)])[0].tokens
+    )
     # back and forth: each server claims the model when it runs
-    torch.testing.assert_close(first.forward(ids, adapters=["s", None]),
-                               torch.stack([want_s[0], want_base[1]]), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        first.forward(ids, adapters=["s", None]), torch.stack([want_s[0], want_base[1]]), atol=1e-4, rtol=1e-4
+    )
     torch.testing.assert_close(second.forward(ids, adapters=[None, None]), want_base, atol=1e-4, rtol=1e-4)
     first.close()
     second.close()

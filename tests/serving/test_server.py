@@ -135,8 +135,9 @@ def test_lru_eviction_and_pinning(loras):
     server.load("a")
     fresh = AdapterServer(base_model(), capacity=1, adapters={"a": loras["a"]})
     ids = _ids(2, seed=9)
-    torch.testing.assert_close(server.forward(ids, adapters=["a", "b"])[0], fresh.forward(ids[:1], adapters=["a"])[0],
-                               **TOL[torch.float32])
+    torch.testing.assert_close(
+        server.forward(ids, adapters=["a", "b"])[0], fresh.forward(ids[:1], adapters=["a"])[0], **TOL[torch.float32]
+    )
     assert server.stats["evictions"] >= 3
 
 
@@ -149,14 +150,23 @@ def test_batch_larger_than_capacity_is_split(loras):
 
 def test_generate_equals_merged_greedy(loras, merged):
     server = AdapterServer(base_model(), capacity=4, adapters=loras, max_batch_size=8)
-    reqs = [Request([5, 9, 13, 40], "a", 5), Request([7, 8], "b", 3), Request([11, 12, 13], None, 4),
-            Request([20, 21, 22, 23, 24], "c", 6)]
+    reqs = [
+        Request([5, 9, 13, 40], "a", 5),
+        Request([7, 8], "b", 3),
+        Request([11, 12, 13], None, 4),
+        Request([20, 21, 22, 23, 24], "c", 6),
+    ]
     got = server.generate(reqs)
     for r, c in zip(reqs, got):
         m = merged[r.adapter]
-        seq = m.generate(input_ids=torch.tensor([r.prompt]), max_new_tokens=r.max_new_tokens, do_sample=False,
-                         pad_token_id=0, eos_token_id=None)
-        want = seq[0, len(r.prompt):].tolist()
+        seq = m.generate(
+            input_ids=torch.tensor([r.prompt]),
+            max_new_tokens=r.max_new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+        )
+        want = seq[0, len(r.prompt) :].tolist()
         stop = next((i for i, t in enumerate(want) if t == 2), None)
         assert c.tokens == (want if stop is None else want[:stop])
         assert c.prompt_tokens == len(r.prompt)

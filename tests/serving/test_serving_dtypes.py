@@ -15,8 +15,11 @@ from tests.tolerances import TOL
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory):
     root = tmp_path_factory.mktemp("dtype_adapters")
-    return {"a": make_lora(root / "a", r=4), "b": make_lora(root / "b", r=2, seed=1, rslora=True),
-            "s": make_shira(root / "s")}
+    return {
+        "a": make_lora(root / "a", r=4),
+        "b": make_lora(root / "b", r=2, seed=1, rslora=True),
+        "s": make_shira(root / "s"),
+    }
 
 
 @pytest.mark.parametrize("plan_mode", ["grouped", "gather"])

@@ -65,7 +65,9 @@ def logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model(x).logits
 
 
-def train_step(pm: torch.nn.Module, x: torch.Tensor, lr: float = 1e-2, steps: int = 1, weight_decay: float = 0.0) -> None:
+def train_step(
+    pm: torch.nn.Module, x: torch.Tensor, lr: float = 1e-2, steps: int = 1, weight_decay: float = 0.0
+) -> None:
     opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
     pm.train()
     for _ in range(steps):
@@ -116,7 +118,9 @@ def fresh_process_logits(adapter_dir: Path, out_file: Path) -> torch.Tensor:
     )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
     env.setdefault("HF_HUB_OFFLINE", "1")
-    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return load_tensors(out_file)["logits"]
 

@@ -20,7 +20,6 @@ import sys
 import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -97,16 +96,24 @@ class Tuner:
 
 
 TUNERS: dict[str, Tuner] = {
-    "dylora": Tuner(lambda base: DyLoraConfig(r=4, eval_rank=3, use_rslora=True, target_modules=TARGETS), _dylora_delta),
+    "dylora": Tuner(
+        lambda base: DyLoraConfig(r=4, eval_rank=3, use_rslora=True, target_modules=TARGETS), _dylora_delta
+    ),
     "lori": Tuner(lambda base: LoriConfig(r=4, task="t", target_modules=TARGETS), _lori_delta),
     "lors": Tuner(lambda base: LorsConfig(r=4, target_modules=TARGETS), _lors_delta, keeps_zeros=True),
-    "spp": Tuner(lambda base: SppConfig(r=4, groups=4, lora_dropout=0.0, target_modules=TARGETS), _spp_delta, keeps_zeros=True),
+    "spp": Tuner(
+        lambda base: SppConfig(r=4, groups=4, lora_dropout=0.0, target_modules=TARGETS), _spp_delta, keeps_zeros=True
+    ),
     "shira": Tuner(
-        lambda base: ShiraConfig(r=2, mask_type="random", respect_base_sparsity=base != "dense", target_modules=TARGETS),
+        lambda base: ShiraConfig(
+            r=2, mask_type="random", respect_base_sparsity=base != "dense", target_modules=TARGETS
+        ),
         _own_delta,
         keeps_zeros=True,
     ),
-    "snell": Tuner(lambda base: SnellConfig(r=4, sparsity=0.3, target_modules=TARGETS), _own_delta, identity_at_init=False),
+    "snell": Tuner(
+        lambda base: SnellConfig(r=4, sparsity=0.3, target_modules=TARGETS), _own_delta, identity_at_init=False
+    ),
 }
 
 CASES = [(t, d, b) for t in TUNERS for d in DTYPES for b in BASES]
@@ -153,12 +160,22 @@ def trained(case: tuple[str, str, str]) -> dict[str, Any]:
         trainable = [p for p in pm.parameters() if p.requires_grad]
         pm.train()
         pm(x, labels=x).loss.backward()
-        grads = [p.grad is not None and bool(torch.isfinite(p.grad).all()) and bool(p.grad.abs().sum() > 0) for p in trainable]
+        grads = [
+            p.grad is not None and bool(torch.isfinite(p.grad).all()) and bool(p.grad.abs().sum() > 0)
+            for p in trainable
+        ]
         pm.zero_grad(set_to_none=True)
         train_step(pm, x, lr=1e-2)
         weights = {n: p.detach().clone() for n, p in pm.get_base_model().named_parameters() if "base_layer" in n}
-        _TRAINED[case] = dict(pm=pm, base=base_logits, init=init, after=logits(pm, x), weights=weights,
-                              trainable_dtypes={p.dtype for p in trainable}, grads=grads)
+        _TRAINED[case] = dict(
+            pm=pm,
+            base=base_logits,
+            init=init,
+            after=logits(pm, x),
+            weights=weights,
+            trainable_dtypes={p.dtype for p in trainable},
+            grads=grads,
+        )
     return _TRAINED[case]
 
 
@@ -209,7 +226,9 @@ def test_merge_rounds_once_and_unmerge_is_bit_exact(case):
         merged_logits = logits(pm, x)
         for n, layer in layers:
             w = layer.get_base_layer().weight
-            assert torch.equal(w, expected[n]), f"{n}: {(w != expected[n]).sum().item()} entries differ from one rounding"
+            assert torch.equal(w, expected[n]), (
+                f"{n}: {(w != expected[n]).sum().item()} entries differ from one rounding"
+            )
             if TUNERS[name].keeps_zeros:
                 assert bool((w[w0[n] == 0] == 0).all()), f"{n}: a zero of the pruned base was filled"
         torch.testing.assert_close(merged_logits.float(), t["after"].float(), **TOL[dtype])
@@ -281,10 +300,12 @@ def test_fresh_process_load_every_tuner_in_half(tmp_path):
     )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
     env.setdefault("HF_HUB_OFFLINE", "1")
-    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = load_tensors(tmp_path / "fresh.safetensors")
-    for path, dname in jobs:
+    for path, _dname in jobs:
         key = path.rsplit("/", 1)[-1]
         case = tuple(key.split("-", 2))
         torch.testing.assert_close(got[key], trained(case)["after"], rtol=0, atol=0)

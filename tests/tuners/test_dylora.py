@@ -18,8 +18,12 @@ from tests.tuners.matrix import TARGETS, TunerCase, TunerMatrix, batch, logits, 
 class TestDyLoraMatrix(TunerMatrix):
     cases = [
         TunerCase("dylora", lambda: DyLoraConfig(r=4, target_modules=TARGETS), fresh_process=True),
-        TunerCase("dylora_rslora_rank2", lambda: DyLoraConfig(r=4, eval_rank=2, use_rslora=True, target_modules=TARGETS)),
-        TunerCase("dylora_nonfrozen", lambda: DyLoraConfig(r=4, frozen_mode=False, lora_dropout=0.1, target_modules=TARGETS)),
+        TunerCase(
+            "dylora_rslora_rank2", lambda: DyLoraConfig(r=4, eval_rank=2, use_rslora=True, target_modules=TARGETS)
+        ),
+        TunerCase(
+            "dylora_nonfrozen", lambda: DyLoraConfig(r=4, frozen_mode=False, lora_dropout=0.1, target_modules=TARGETS)
+        ),
     ]
 
 
@@ -27,7 +31,10 @@ def _random_dylora(use_rslora: bool = False, r: int = 4, alpha: float = 8.0):
     from peft import get_peft_model
 
     torch.manual_seed(0)
-    return get_peft_model(tiny_llama(), DyLoraConfig(r=r, lora_alpha=alpha, use_rslora=use_rslora, init_weights=False, target_modules=TARGETS))
+    return get_peft_model(
+        tiny_llama(),
+        DyLoraConfig(r=r, lora_alpha=alpha, use_rslora=use_rslora, init_weights=False, target_modules=TARGETS),
+    )
 
 
 def test_scale_values():
@@ -53,7 +60,9 @@ def test_rank_b_equals_plain_peft_lora(use_rslora, tmp_path):
     for b in (1, 2, 3, 4):
         pm.set_rank(b)
         got = logits(pm, x)
-        lora = get_peft_model(tiny_llama(), LoraConfig(r=b, lora_alpha=8.0, use_rslora=use_rslora, target_modules=TARGETS))
+        lora = get_peft_model(
+            tiny_llama(), LoraConfig(r=b, lora_alpha=8.0, use_rslora=use_rslora, target_modules=TARGETS)
+        )
         factors = pm.lora_factors(b)
         with torch.no_grad():
             for name, mod in lora.named_modules():

@@ -67,11 +67,15 @@ def test_lori_merge_into_half_base_rounds_once(dtype):
         assert got.dtype == dtype and torch.equal(got, want), key
 
 
-@pytest.mark.parametrize("make", [
-    lambda: DyLoraConfig(r=4, exact_unmerge=False, init_weights=False, target_modules=TARGETS),
-    lambda: LoriConfig(r=4, task="o", exact_unmerge=False, init_weights=False, target_modules=TARGETS),
-    lambda: LorsConfig(r=4, exact_unmerge=False, init_weights=False, target_modules=TARGETS),
-], ids=["dylora", "lori", "lors"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: DyLoraConfig(r=4, exact_unmerge=False, init_weights=False, target_modules=TARGETS),
+        lambda: LoriConfig(r=4, task="o", exact_unmerge=False, init_weights=False, target_modules=TARGETS),
+        lambda: LorsConfig(r=4, exact_unmerge=False, init_weights=False, target_modules=TARGETS),
+    ],
+    ids=["dylora", "lori", "lors"],
+)
 def test_exact_unmerge_opt_out_warns_and_subtracts(make):
     from peft import get_peft_model
 
@@ -111,7 +115,9 @@ def test_mixed_exact_and_subtracting_adapters_unmerge_in_order():
     from peft import get_peft_model
 
     dt = torch.bfloat16
-    pm = get_peft_model(tiny_llama(dtype=dt), DyLoraConfig(r=4, exact_unmerge=False, init_weights=False, target_modules=TARGETS))
+    pm = get_peft_model(
+        tiny_llama(dtype=dt), DyLoraConfig(r=4, exact_unmerge=False, init_weights=False, target_modules=TARGETS)
+    )
     pm.add_adapter("two", DyLoraConfig(r=2, init_weights=False, target_modules=TARGETS))
     layer = _layers(pm)[0]
     w0 = layer.get_base_layer().weight.detach().clone()
@@ -132,7 +138,10 @@ def test_mixed_adapter_dtypes_never_raise(dtype):
     """autocast_adapter_dtype=False keeps B in the base dtype; LoRI's A stays fp32: forward, train, merge."""
     from peft import get_peft_model
 
-    for make in (lambda: LoriConfig(r=4, task="m", target_modules=TARGETS), lambda: DyLoraConfig(r=4, target_modules=TARGETS)):
+    for make in (
+        lambda: LoriConfig(r=4, task="m", target_modules=TARGETS),
+        lambda: DyLoraConfig(r=4, target_modules=TARGETS),
+    ):
         pm = get_peft_model(tiny_llama(dtype=dtype), make(), autocast_adapter_dtype=False)
         assert {p.dtype for p in pm.parameters() if p.requires_grad} == {dtype}
         x = batch()
@@ -173,7 +182,9 @@ def test_quantized_merge_is_dequantize_add_requantize(quantized, bits, source):
 
     from adapterlab.quant import dequantize_weight
 
-    pm = get_peft_model(copy.deepcopy(quantized[bits, SOURCES[source]]), DyLoraConfig(r=4, init_weights=False, target_modules=TARGETS))
+    pm = get_peft_model(
+        copy.deepcopy(quantized[bits, SOURCES[source]]), DyLoraConfig(r=4, init_weights=False, target_modules=TARGETS)
+    )
     layers = _layers(pm)
     want = []
     for m in layers:
@@ -186,8 +197,12 @@ def test_quantized_merge_is_dequantize_add_requantize(quantized, bits, source):
             want.append((cb, scb))
         else:
             qs = base.weight.quant_state
-            codes, _ = bnbF.quantize_4bit(target.contiguous(), blocksize=qs.blocksize, quant_type=qs.quant_type,
-                                          compress_statistics=bool(getattr(qs, "nested", False)))
+            codes, _ = bnbF.quantize_4bit(
+                target.contiguous(),
+                blocksize=qs.blocksize,
+                quant_type=qs.quant_type,
+                compress_statistics=bool(getattr(qs, "nested", False)),
+            )
             want.append((codes, None))
     codes_before = [m.get_base_layer().weight.data.clone() for m in layers]
     pm.base_model.merge_adapter()

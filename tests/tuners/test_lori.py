@@ -27,7 +27,10 @@ class TestLoriMatrix(TunerMatrix):
             after_step=lambda pm: pm.sparsify_(),
             fresh_process=True,
         ),
-        TunerCase("lori_store_a_rslora", lambda: LoriConfig(r=4, task="t3", store_a=True, use_rslora=True, lora_dropout=0.1, target_modules=TARGETS)),
+        TunerCase(
+            "lori_store_a_rslora",
+            lambda: LoriConfig(r=4, task="t3", store_a=True, use_rslora=True, lora_dropout=0.1, target_modules=TARGETS),
+        ),
     ]
 
 
@@ -100,7 +103,9 @@ def test_masked_entries_stay_exactly_zero_under_adamw_weight_decay():
     for k, layer in zip(masks, _layers(pm)):
         after = layer.lori_B["default"].dense().detach()
         assert torch.equal(after[~masks[k]], torch.zeros_like(after[~masks[k]]))
-    changed = sum(int((layer.lori_B["default"].dense().detach() != before[k]).sum()) for k, layer in zip(masks, _layers(pm)))
+    changed = sum(
+        int((layer.lori_B["default"].dense().detach() != before[k]).sum()) for k, layer in zip(masks, _layers(pm))
+    )
     assert changed > 0.5 * report.kept  # the kept entries do train
 
 

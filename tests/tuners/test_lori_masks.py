@@ -11,7 +11,11 @@ from adapterlab.tuners.lori.functional import kept_count, magnitude_masks
 
 def _weights(seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {"q": torch.randn(8, 4, generator=g), "v": torch.randn(6, 4, generator=g), "down": torch.randn(10, 2, generator=g)}
+    return {
+        "q": torch.randn(8, 4, generator=g),
+        "v": torch.randn(6, 4, generator=g),
+        "down": torch.randn(10, 2, generator=g),
+    }
 
 
 def _top_of_each_matrix(weights: dict[str, torch.Tensor], count: int) -> dict[str, torch.Tensor]:
@@ -114,5 +118,8 @@ def test_model_extract_masks_refuses_an_overlap_naming_a_module() -> None:
     first = pm.extract_masks(0.5)
     second = pm.extract_masks(0.75, exclude=first)
     assert not any((second[k] & first[k]).any() for k in first)
-    with pytest.raises(ValueError, match=r"6 B matrices \('model\.layers\.0\.self_attn\.q_proj', \.\.\.\): asked for k=896 .* only 640 of the 1280 .*free"):
+    with pytest.raises(
+        ValueError,
+        match=r"6 B matrices \('model\.layers\.0\.self_attn\.q_proj', \.\.\.\): asked for k=896 .* only 640 of the 1280 .*free",
+    ):
         pm.extract_masks(0.3, exclude=first)

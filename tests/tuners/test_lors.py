@@ -24,8 +24,13 @@ from tests.tuners.matrix import TARGETS, TunerCase, TunerMatrix, batch, logits, 
 class TestLorsMatrix(TunerMatrix):
     cases = [
         TunerCase("lors", lambda: LorsConfig(r=4, target_modules=TARGETS), fresh_process=True),
-        TunerCase("lors_ste_dropout", lambda: LorsConfig(r=4, lors_grad="low_rank_ste", lora_dropout=0.1, target_modules=TARGETS)),
-        TunerCase("lors_alpha_over_r", lambda: LorsConfig(r=4, lora_alpha=8.0, use_rslora=False, target_modules=TARGETS)),
+        TunerCase(
+            "lors_ste_dropout",
+            lambda: LorsConfig(r=4, lors_grad="low_rank_ste", lora_dropout=0.1, target_modules=TARGETS),
+        ),
+        TunerCase(
+            "lors_alpha_over_r", lambda: LorsConfig(r=4, lora_alpha=8.0, use_rslora=False, target_modules=TARGETS)
+        ),
     ]
 
 
@@ -164,7 +169,9 @@ def test_merge_keeps_zero_pattern_and_nm(pattern):
     torch.testing.assert_close(logits(pm, x), unmerged, **TOL[torch.float32])
     pm.base_model.unmerge_adapter()
     for layer in _layers(pm):
-        torch.testing.assert_close(layer.get_base_layer().weight, dict(base.named_modules())[layer.key].weight, **TOL[torch.float32])
+        torch.testing.assert_close(
+            layer.get_base_layer().weight, dict(base.named_modules())[layer.key].weight, **TOL[torch.float32]
+        )
     merged = pm.merge_and_unload()
     torch.testing.assert_close(logits(merged, x), unmerged, **TOL[torch.float32])
     mods = dict(merged.named_modules())
@@ -173,7 +180,10 @@ def test_merge_keeps_zero_pattern_and_nm(pattern):
         assert bool(((w == 0) | keep).all()), name  # (W_merged == 0) ⊇ (W_base == 0)
         if pattern:
             assert check_nm(w, 2, 4), name
-    assert sparsity_report(merged, pattern=pattern).global_sparsity == sparsity_report(base, pattern=pattern).global_sparsity
+    assert (
+        sparsity_report(merged, pattern=pattern).global_sparsity
+        == sparsity_report(base, pattern=pattern).global_sparsity
+    )
     if pattern:
         assert sparsity_report(merged, pattern=pattern).nm_valid
 

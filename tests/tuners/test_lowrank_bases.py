@@ -36,7 +36,11 @@ def test_pruned_base_keeps_its_zeros_while_training(name):
 
     base = tiny_llama()
     prune_(base, "magnitude", 0.5)
-    zeros = {n: (m.weight == 0).clone() for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and n.endswith(tuple(TARGETS))}
+    zeros = {
+        n: (m.weight == 0).clone()
+        for n, m in base.named_modules()
+        if isinstance(m, torch.nn.Linear) and n.endswith(tuple(TARGETS))
+    }
     pm = get_peft_model(base, CONFIGS[name]())
     x = batch()
     before = logits(pm, x)

@@ -6,7 +6,6 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -29,11 +28,17 @@ def test_lori_layer_uses_rslora_scale():
 
     from adapterlab.models import tiny_llama
 
-    pm = get_peft_model(tiny_llama(), LoriConfig(r=16, lora_alpha=8.0, use_rslora=True, task="rs", target_modules=TARGETS))
+    pm = get_peft_model(
+        tiny_llama(), LoriConfig(r=16, lora_alpha=8.0, use_rslora=True, task="rs", target_modules=TARGETS)
+    )
     layer = next(m for m in pm.modules() if isinstance(m, LoriLayer))
     assert layer.factors("default")[2] == pytest.approx(8.0 / math.sqrt(16)) == lowrank_scale(8.0, 16, True) == 2.0
     peft_lora = get_peft_model(tiny_llama(), LoraConfig(r=16, lora_alpha=8.0, use_rslora=True, target_modules=TARGETS))
-    scaling = next(m.scaling["default"] for m in peft_lora.modules() if isinstance(getattr(m, "scaling", None), dict) and "default" in m.scaling)
+    scaling = next(
+        m.scaling["default"]
+        for m in peft_lora.modules()
+        if isinstance(getattr(m, "scaling", None), dict) and "default" in m.scaling
+    )
     assert scaling == pytest.approx(2.0)  # peft's LoraConfig(use_rslora=True) uses the same formula
     with pytest.raises(ValueError, match="use_rslora must be True or False"):
         LoriConfig(use_rslora="yes")
@@ -42,7 +47,9 @@ def test_lori_layer_uses_rslora_scale():
 def test_import_adapterlab_registers_tuners():
     code = "import adapterlab\nfrom peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING as M\nprint('ADAPTERLAB_DYLORA' in M and 'ADAPTERLAB_LORI' in M)"
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0 and proc.stdout.strip().endswith("True"), proc.stderr[-2000:]
 
 
@@ -56,8 +63,15 @@ def test_spp_uses_rslora_scale_in_forward_and_merge(use_rslora, scale, tmp_path)
     from adapterlab.tuners import SppConfig
     from adapterlab.tuners.spp.layer import SppLayer
 
-    cfg = SppConfig(r=16, lora_alpha=8.0, use_rslora=use_rslora, groups=4, lora_dropout=0.0, init_weights=False,
-                    target_modules=TARGETS)
+    cfg = SppConfig(
+        r=16,
+        lora_alpha=8.0,
+        use_rslora=use_rslora,
+        groups=4,
+        lora_dropout=0.0,
+        init_weights=False,
+        target_modules=TARGETS,
+    )
     cfg.save_pretrained(str(tmp_path))
     assert PeftConfig.from_pretrained(str(tmp_path)).use_rslora is use_rslora
     pm = get_peft_model(tiny_llama(), cfg)

@@ -31,7 +31,9 @@ from tests.tuners.matrix import TARGETS, TunerCase, TunerMatrix, batch, logits, 
 
 class TestShiraMatrix(TunerMatrix):
     cases = [
-        TunerCase("shira_random_r", lambda: ShiraConfig(r=2, mask_type="random", target_modules=TARGETS), fresh_process=True),
+        TunerCase(
+            "shira_random_r", lambda: ShiraConfig(r=2, mask_type="random", target_modules=TARGETS), fresh_process=True
+        ),
         TunerCase("shira_wm_density", lambda: ShiraConfig(density=0.05, mask_type="wm", target_modules=TARGETS)),
         TunerCase("shira_struct", lambda: ShiraConfig(density=0.1, mask_type="struct", target_modules=TARGETS)),
     ]
@@ -214,7 +216,9 @@ def test_bf16_base_merge_in_fp32_and_exact_unmerge() -> None:
 def test_half_and_full_bases_merge_once_rounded_and_restore_bits(dtype: torch.dtype) -> None:
     """fp32 values on any base; merged weight == (W.float() + delta).to(dtype) with delta scattered here;
     merged ~ unmerged within TOL[dtype]; unmerge gives the original bits."""
-    pm = get_peft_model(tiny_llama(dtype=dtype), ShiraConfig(r=2, mask_type="random", target_modules=TARGETS, init_weights=False))
+    pm = get_peft_model(
+        tiny_llama(dtype=dtype), ShiraConfig(r=2, mask_type="random", target_modules=TARGETS, init_weights=False)
+    )
     layers = shira_layers(pm)
     g = torch.Generator().manual_seed(3)
     for _, layer in layers:
@@ -231,7 +235,9 @@ def test_half_and_full_bases_merge_once_rounded_and_restore_bits(dtype: torch.dt
     for key, layer in layers:
         m, n = w0[key].shape
         delta = torch.zeros(m * n)
-        delta[layer.adapterlab_shira_indices["default"].long()] = layer.adapterlab_shira_values["default"].detach() * 0.5
+        delta[layer.adapterlab_shira_indices["default"].long()] = (
+            layer.adapterlab_shira_values["default"].detach() * 0.5
+        )
         assert torch.equal(layer.get_base_layer().weight.detach(), (w0[key].float() + delta.view(m, n)).to(dtype)), key
     torch.testing.assert_close(logits(pm, x), unmerged, **TOL[dtype])
     pm.base_model.unmerge_adapter()
@@ -261,7 +267,9 @@ def _pruned_tiny() -> torch.nn.Module:
 def test_respect_base_sparsity_keeps_pruned_base_sparse(mask_type: str) -> None:
     model = _pruned_tiny()
     zeros = {n: (p == 0).clone() for n, p in model.named_parameters() if "q_proj" in n}
-    cfg = ShiraConfig(r=4, mask_type=mask_type, target_modules=["q_proj"], respect_base_sparsity=True, init_weights=False)
+    cfg = ShiraConfig(
+        r=4, mask_type=mask_type, target_modules=["q_proj"], respect_base_sparsity=True, init_weights=False
+    )
     pm = get_peft_model(model, cfg)
     if mask_type == "snip":
         pm.calibrate_masks_(_calib_batches())
@@ -299,7 +307,9 @@ def test_calibrated_masks_equal_brute_force(mask_type: str, accum: str) -> None:
             if name.endswith(("q_proj.weight", "down_proj.weight")):
                 g = p.grad.detach().clone()
                 grads[name] = grads.get(name, 0) + (g.abs() if accum == "abs" else g)
-    pm = get_peft_model(tiny_llama(), ShiraConfig(r=2, mask_type=mask_type, grad_accum=accum, target_modules=["q_proj", "down_proj"]))
+    pm = get_peft_model(
+        tiny_llama(), ShiraConfig(r=2, mask_type=mask_type, grad_accum=accum, target_modules=["q_proj", "down_proj"])
+    )
     report = pm.calibrate_masks_(batches)
     assert report.batches == 3 and len(report.layers) == 4
     masks = pm.masks()
@@ -339,7 +349,9 @@ def test_peft_saved_shira_loads_and_export_roundtrip(tmp_path) -> None:
     from peft import ShiraConfig as PeftShiraConfig
 
     x = batch()
-    peft_pm = get_peft_model(tiny_llama(), PeftShiraConfig(r=2, target_modules=["q_proj", "v_proj"], init_weights=False, random_seed=3))
+    peft_pm = get_peft_model(
+        tiny_llama(), PeftShiraConfig(r=2, target_modules=["q_proj", "v_proj"], init_weights=False, random_seed=3)
+    )
     want = logits(peft_pm, x)
     peft_pm.save_pretrained(tmp_path / "peft")
     ours = load_shira(tiny_llama(), tmp_path / "peft")

@@ -19,8 +19,13 @@ def base_weights(pm: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def two_adapters(dtype: torch.dtype = torch.float32, mask_type: str = "random") -> torch.nn.Module:
     """Adapters "a" and "beta" with non-zero values (init_weights=False; different seeds)."""
-    pm = get_peft_model(tiny_llama(dtype=dtype), ShiraConfig(r=2, mask_type=mask_type, target_modules=TARGETS, init_weights=False, random_seed=1))
-    pm.add_adapter("beta", ShiraConfig(r=2, mask_type=mask_type, target_modules=TARGETS, init_weights=False, random_seed=2))
+    pm = get_peft_model(
+        tiny_llama(dtype=dtype),
+        ShiraConfig(r=2, mask_type=mask_type, target_modules=TARGETS, init_weights=False, random_seed=1),
+    )
+    pm.add_adapter(
+        "beta", ShiraConfig(r=2, mask_type=mask_type, target_modules=TARGETS, init_weights=False, random_seed=2)
+    )
     for _, layer in shira_layers(pm):
         for name in ("default", "beta"):
             with torch.no_grad():
@@ -86,7 +91,9 @@ def test_fusion_of_disjoint_adapters_and_switch_from_fusion() -> None:
         torch.testing.assert_close(layer.get_base_layer().weight.detach(), expected, **TOL[torch.float32])
     switch_adapter(pm, "beta", weight=1.0)
     for key, layer in shira_layers(pm):
-        torch.testing.assert_close(layer.get_base_layer().weight.detach(), w0[key] + layer.delta_weight("beta"), **TOL[torch.float32])
+        torch.testing.assert_close(
+            layer.get_base_layer().weight.detach(), w0[key] + layer.delta_weight("beta"), **TOL[torch.float32]
+        )
 
 
 def test_switch_between_adapters_loaded_from_disk(tmp_path) -> None:
@@ -108,8 +115,13 @@ def test_pruned_base_stays_sparse_through_switches() -> None:
             if name.endswith("q_proj"):
                 mod.weight.mul_(torch.rand(mod.weight.shape, generator=torch.Generator().manual_seed(0)) > 0.5)
     zeros = {n: (m.weight == 0).clone() for n, m in model.named_modules() if n.endswith("q_proj")}
-    pm = get_peft_model(model, ShiraConfig(r=4, target_modules=["q_proj"], respect_base_sparsity=True, init_weights=False))
-    pm.add_adapter("beta", ShiraConfig(r=4, mask_type="wm", target_modules=["q_proj"], respect_base_sparsity=True, init_weights=False))
+    pm = get_peft_model(
+        model, ShiraConfig(r=4, target_modules=["q_proj"], respect_base_sparsity=True, init_weights=False)
+    )
+    pm.add_adapter(
+        "beta",
+        ShiraConfig(r=4, mask_type="wm", target_modules=["q_proj"], respect_base_sparsity=True, init_weights=False),
+    )
     for name in ("default", "beta", "default"):
         switch_adapter(pm, name)
         for key, layer in shira_layers(pm):
@@ -143,7 +155,10 @@ def test_switch_to_adapter_for_other_shapes_is_refused_untouched() -> None:
         assert torch.equal(w, before[key])
 
 
-@pytest.mark.parametrize("weights, match", [({}, "no adapter to fuse"), ({"beta": float("nan")}, "finite number"), ({"beta": "1"}, "finite number")])
+@pytest.mark.parametrize(
+    "weights, match",
+    [({}, "no adapter to fuse"), ({"beta": float("nan")}, "finite number"), ({"beta": "1"}, "finite number")],
+)
 def test_fuse_bad_weights(weights: dict, match: str) -> None:
     pm = two_adapters()
     w0 = base_weights(pm)
@@ -175,7 +190,10 @@ def overlapping_adapters(dtype: torch.dtype) -> torch.nn.Module:
     """Adapters "default" and "beta": random masks of 25 % density (different seeds), so that about a
     quarter of each mask overlaps the other; values ~1e-3 against base weights ~2e-2 (the regime where
     rounding once per adapter in bf16/fp16 differs from rounding the sum once)."""
-    cfgs = [ShiraConfig(density=0.25, mask_type="random", target_modules=TARGETS, init_weights=False, random_seed=s) for s in (1, 2)]
+    cfgs = [
+        ShiraConfig(density=0.25, mask_type="random", target_modules=TARGETS, init_weights=False, random_seed=s)
+        for s in (1, 2)
+    ]
     pm = get_peft_model(tiny_llama(dtype=dtype), cfgs[0])
     pm.add_adapter("beta", cfgs[1])
     g = torch.Generator().manual_seed(5)
@@ -193,7 +211,9 @@ def oracle_fused(w0: torch.Tensor, layer, weights: dict[str, float]) -> torch.Te
     total = torch.zeros(m * n, dtype=torch.float32)
     for name, w in weights.items():
         delta = torch.zeros(m * n, dtype=torch.float32)
-        delta[layer.adapterlab_shira_indices[name].long()] = layer.adapterlab_shira_values[name].detach().float() * w  # unique indices
+        delta[layer.adapterlab_shira_indices[name].long()] = (
+            layer.adapterlab_shira_values[name].detach().float() * w
+        )  # unique indices
         total = total + delta
     return (w0.float() + total.view(m, n)).to(w0.dtype)
 
@@ -203,7 +223,9 @@ def test_fusion_rounds_the_sum_once_and_unfuse_restores_bits(dtype: torch.dtype)
     pm = overlapping_adapters(dtype)
     w0 = base_weights(pm)
     for _, layer in shira_layers(pm):
-        both = set(layer.adapterlab_shira_indices["default"].tolist()) & set(layer.adapterlab_shira_indices["beta"].tolist())
+        both = set(layer.adapterlab_shira_indices["default"].tolist()) & set(
+            layer.adapterlab_shira_indices["beta"].tolist()
+        )
         assert len(both) > 100  # the masks overlap
     weights = {"default": 0.7, "beta": -0.3}
     fuse_adapters(pm, weights)
@@ -244,7 +266,9 @@ def test_peft_merge_of_two_adapters_rounds_once(dtype: torch.dtype) -> None:
         for names in steps:
             pm.base_model.merge_adapter(names)
         for key, layer in shira_layers(pm):
-            assert torch.equal(layer.get_base_layer().weight.detach(), oracle_fused(w0[key], layer, {"default": 1.0, "beta": 1.0}))
+            assert torch.equal(
+                layer.get_base_layer().weight.detach(), oracle_fused(w0[key], layer, {"default": 1.0, "beta": 1.0})
+            )
         pm.base_model.unmerge_adapter()
         for key, w in base_weights(pm).items():
             assert torch.equal(w, w0[key])

@@ -27,16 +27,37 @@ from tests.tuners.matrix import TARGETS, TunerCase, TunerMatrix, batch, logits, 
 class TestSnellMatrix(TunerMatrix):
     cases = [
         # the generated delta is not zero at init (methods/snell.md pitfall 2)
-        TunerCase("snell", lambda: SnellConfig(r=4, sparsity=0.3, target_modules=TARGETS), identity_at_init=False, fresh_process=True),
+        TunerCase(
+            "snell",
+            lambda: SnellConfig(r=4, sparsity=0.3, target_modules=TARGETS),
+            identity_at_init=False,
+            fresh_process=True,
+        ),
         TunerCase(
             "snella_offset_rslora",
-            lambda: SnellConfig(r=4, kernel="snella", sparsity=0.5, zero_init_offset=True, lora_alpha=8, use_rslora=True,
-                                lora_dropout=0.1, drop_path=0.1, target_modules=TARGETS),
+            lambda: SnellConfig(
+                r=4,
+                kernel="snella",
+                sparsity=0.5,
+                zero_init_offset=True,
+                lora_alpha=8,
+                use_rslora=True,
+                lora_dropout=0.1,
+                drop_path=0.1,
+                target_modules=TARGETS,
+            ),
         ),
         TunerCase(
             "snell_square_dense_nockpt",
-            lambda: SnellConfig(r=4, heads=1, sparsity=0.0, snell_reference_square=True, checkpoint_kernel=False, norm_p=1.0,
-                                target_modules=TARGETS),
+            lambda: SnellConfig(
+                r=4,
+                heads=1,
+                sparsity=0.0,
+                snell_reference_square=True,
+                checkpoint_kernel=False,
+                norm_p=1.0,
+                target_modules=TARGETS,
+            ),
             identity_at_init=False,
         ),
     ]
@@ -87,13 +108,19 @@ def test_kernel_matches_brute_force_loop(norm_p, snella):
     coeffs = head_coefficients(2, 0.1)
     assert coeffs.tolist() == pytest.approx([0.1, -0.1])
     mix = torch.tensor([0.7, 1.3, -0.2]) if snella else None
-    got = kernel_matrix(p_in.double(), q_out.double(), coeffs.double(), norm_p=norm_p, mix=None if mix is None else mix.double())
+    got = kernel_matrix(
+        p_in.double(), q_out.double(), coeffs.double(), norm_p=norm_p, mix=None if mix is None else mix.double()
+    )
     assert got.shape == (5, 4)  # input-major (n, m)
     torch.testing.assert_close(got, _brute_kernel(p_in, q_out, coeffs, norm_p, mix), **TOL[torch.float64])
     got32 = kernel_matrix(p_in, q_out, coeffs, norm_p=norm_p, mix=mix)
     torch.testing.assert_close(got32.double(), _brute_kernel(p_in, q_out, coeffs, norm_p, mix), **TOL[torch.float32])
     if mix is None:
-        torch.testing.assert_close(_broadcast_kernel(p_in, q_out, coeffs, norm_p), _brute_kernel(p_in, q_out, coeffs, norm_p), **TOL[torch.float64])
+        torch.testing.assert_close(
+            _broadcast_kernel(p_in, q_out, coeffs, norm_p),
+            _brute_kernel(p_in, q_out, coeffs, norm_p),
+            **TOL[torch.float64],
+        )
 
 
 def test_keep_mask_hand_example_and_ties():
@@ -350,8 +377,10 @@ def test_zero_offset_step0_selection_follows_the_initial_kernel_not_position():
     for a, b in zip(_layers(pm), _layers(again)):
         assert torch.equal(a.selection("default"), b.selection("default"))
     torch.manual_seed(1)
-    assert not torch.equal(_layers(_snell_on(torch.float32, seed=1, r=4, sparsity=0.5, zero_init_offset=True))[0].selection("default"),
-                           _layers(other)[0].selection("default"))
+    assert not torch.equal(
+        _layers(_snell_on(torch.float32, seed=1, r=4, sparsity=0.5, zero_init_offset=True))[0].selection("default"),
+        _layers(other)[0].selection("default"),
+    )
 
 
 def test_zero_offset_after_a_step_selects_by_the_offset_delta():
@@ -385,7 +414,10 @@ def test_zero_offset_step0_selection_depends_only_on_the_saved_adapter(tmp_path)
     pm.save_pretrained(tmp_path)
     torch.manual_seed(12345)
     loaded = PeftModel.from_pretrained(tiny_llama(seed=7), str(tmp_path))
-    here, there = [layer.selection("default") for layer in _layers(pm)], [layer.selection("default") for layer in _layers(loaded)]
+    here, there = (
+        [layer.selection("default") for layer in _layers(pm)],
+        [layer.selection("default") for layer in _layers(loaded)],
+    )
     assert len(here) == len(there) == 2 and all(torch.equal(a, b) for a, b in zip(here, there))
 
 

@@ -8,7 +8,6 @@ Reference:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
 
 from peft.config import PeftConfig
 
@@ -50,12 +49,12 @@ class DyLoraConfig(PeftConfig):
     lora_alpha: float = field(default=16.0, metadata={"help": "alpha; scale alpha/b at rank b"})
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter input"})
     use_rslora: bool = field(default=False, metadata={"help": "scale alpha/sqrt(b) instead of alpha/b"})
-    target_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "modules to adapt"})
-    exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "modules to skip"})
+    target_modules: list[str] | str | None = field(default=None, metadata={"help": "modules to adapt"})
+    exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "modules to skip"})
     frozen_mode: bool = field(default=True, metadata={"help": "train only the b-th component at rank b"})
     rank_distribution: str = field(default="uniform", metadata={"help": "rank sampling distribution"})
     seed: int = field(default=0, metadata={"help": "seed of the per-step rank generator"})
-    eval_rank: Optional[int] = field(default=None, metadata={"help": "inference/merge/save rank; None = r"})
+    eval_rank: int | None = field(default=None, metadata={"help": "inference/merge/save rank; None = r"})
     init_weights: bool = field(default=True, metadata={"help": "B = 0 at init"})
     exact_unmerge: bool = field(default=True, metadata={"help": "keep the pre-merge weight so unmerge is bit-exact"})
 

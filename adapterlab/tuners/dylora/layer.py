@@ -71,7 +71,9 @@ class RankComponents(nn.Module):
         w = state_dict[key]
         expected = tuple(self.full().shape)
         if tuple(w.shape) != expected:
-            error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(w.shape)}, expected {expected}")
+            error_msgs.append(
+                f"size mismatch for {key}: copying a param with shape {tuple(w.shape)}, expected {expected}"
+            )
             return
         with torch.no_grad():
             for i, row in enumerate(w.unbind(self.dim)):
@@ -91,7 +93,17 @@ class DyLoraLayer(LowRankLayer):
     """
 
     adapter_layer_names = ("dylora_A", "dylora_B")
-    other_param_names = ("r", "r_min", "lora_alpha", "use_rslora", "exact_unmerge", "frozen_mode", "rank", "train_rank", "dylora_dropout")
+    other_param_names = (
+        "r",
+        "r_min",
+        "lora_alpha",
+        "use_rslora",
+        "exact_unmerge",
+        "frozen_mode",
+        "rank",
+        "train_rank",
+        "dylora_dropout",
+    )
     dropout_name = "dylora_dropout"
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: DyLoraConfig, **kwargs: Any) -> None:

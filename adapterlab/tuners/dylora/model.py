@@ -9,13 +9,11 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
-from torch import nn
 
 from adapterlab.tuners._lowrank import AdapterlabTuner, tuner_layers, write_lora_dir
-from adapterlab.tuners.dylora.config import NAME, PREFIX, DyLoraConfig
+from adapterlab.tuners.dylora.config import NAME, PREFIX
 from adapterlab.tuners.dylora.functional import sample_rank
 from adapterlab.tuners.dylora.layer import DyLoraLayer
 
@@ -88,7 +86,9 @@ class DyLoraModel(AdapterlabTuner):
         return b
 
     # -- export -------------------------------------------------------------------------------
-    def lora_factors(self, rank: int | None = None, adapter_name: str | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def lora_factors(
+        self, rank: int | None = None, adapter_name: str | None = None
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """``{module key: (A[:b] (b, d_in), B[:, :b] (d_out, b))}`` at ``rank`` (default: the inference rank)."""
         name = self._adapter(adapter_name)
         cfg = self.peft_config[name]

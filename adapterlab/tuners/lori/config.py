@@ -8,7 +8,6 @@ Reference:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
 
 from peft.config import PeftConfig
 
@@ -52,13 +51,13 @@ class LoriConfig(PeftConfig):
     lora_alpha: float = field(default=64.0, metadata={"help": "alpha; scale alpha/r"})
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter input"})
     use_rslora: bool = field(default=False, metadata={"help": "scale alpha/sqrt(r) instead of alpha/r"})
-    target_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "modules to adapt"})
-    exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "modules to skip"})
+    target_modules: list[str] | str | None = field(default=None, metadata={"help": "modules to adapt"})
+    exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "modules to skip"})
     variant: str = field(default="D", metadata={"help": "D (dense B) or S (sparse B)"})
     sparsity: float = field(default=0.9, metadata={"help": "fraction of B masked in LoRI-S"})
     mask_scope: str = field(default="global", metadata={"help": "global or matrix"})
-    task: Optional[str] = field(default=None, metadata={"help": "task name (derives a_seed)"})
-    a_seed: Optional[int] = field(default=None, metadata={"help": "seed of the frozen random A"})
+    task: str | None = field(default=None, metadata={"help": "task name (derives a_seed)"})
+    a_seed: int | None = field(default=None, metadata={"help": "seed of the frozen random A"})
     seed: int = field(default=0, metadata={"help": "global seed mixed into the derived a_seed"})
     store_a: bool = field(default=False, metadata={"help": "store A in the checkpoint too"})
     allow_shared_a: bool = field(default=False, metadata={"help": "allow two adapters with one a_seed"})
@@ -73,10 +72,16 @@ class LoriConfig(PeftConfig):
         check_common(self)
         if self.variant not in VARIANTS:
             raise ValueError(f"variant={self.variant!r} is not supported; choose one of: {', '.join(VARIANTS)}")
-        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) or not 0.0 <= self.sparsity < 1.0:
+        if (
+            isinstance(self.sparsity, bool)
+            or not isinstance(self.sparsity, (int, float))
+            or not 0.0 <= self.sparsity < 1.0
+        ):
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity!r}")
         if self.mask_scope not in MASK_SCOPES:
-            raise ValueError(f"mask_scope={self.mask_scope!r} is not supported; choose one of: {', '.join(MASK_SCOPES)}")
+            raise ValueError(
+                f"mask_scope={self.mask_scope!r} is not supported; choose one of: {', '.join(MASK_SCOPES)}"
+            )
         if self.a_init not in A_INITS:
             raise ValueError(f"a_init={self.a_init!r} is not supported; choose one of: {', '.join(A_INITS)}")
         check_int("seed", self.seed, minimum=0)

@@ -86,14 +86,18 @@ def magnitude_masks(
     exclude = dict(exclude or {})
     unknown = sorted(set(exclude) - set(names))
     if unknown:
-        raise ValueError(f"exclude has masks for unknown matrices {unknown[:3]}; expected keys of the B matrices, e.g. {names[0]!r}")
+        raise ValueError(
+            f"exclude has masks for unknown matrices {unknown[:3]}; expected keys of the B matrices, e.g. {names[0]!r}"
+        )
     mags, free = [], []
     for n in names:
         m = weights[n].detach().abs().float().flatten()  # (numel,)
         if n in exclude:
             ex = exclude[n]
             if tuple(ex.shape) != tuple(weights[n].shape):
-                raise ValueError(f"exclude[{n!r}] has shape {tuple(ex.shape)}, expected {tuple(weights[n].shape)} (the shape of its B)")
+                raise ValueError(
+                    f"exclude[{n!r}] has shape {tuple(ex.shape)}, expected {tuple(weights[n].shape)} (the shape of its B)"
+                )
             ex = ex.flatten().bool().to(m.device)
             m = torch.where(ex, torch.full_like(m, -1.0), m)  # |B| >= 0 > -1: excluded entries rank last
             free.append(m.numel() - int(ex.sum()))

@@ -100,8 +100,14 @@ class LoriB(nn.Module):
         return old, self.weight
 
     def _load_from_state_dict(
-        self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
-        missing_keys: list, unexpected_keys: list, error_msgs: list,
+        self,
+        state_dict: dict,
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list,
+        unexpected_keys: list,
+        error_msgs: list,
     ) -> None:
         """Adopt the checkpoint's form (dense or sparse, any nnz) before the tensors are copied."""
         vkey, ikey = prefix + "values", prefix + "indices"
@@ -109,7 +115,9 @@ class LoriB(nn.Module):
             values, indices = state_dict[vkey], state_dict[ikey]
             numel = self.shape[0] * self.shape[1]
             if values.shape != indices.shape or values.dim() != 1:
-                raise ValueError(f"{vkey} and {ikey} must be 1-D of equal length, got {tuple(values.shape)} and {tuple(indices.shape)}")
+                raise ValueError(
+                    f"{vkey} and {ikey} must be 1-D of equal length, got {tuple(values.shape)} and {tuple(indices.shape)}"
+                )
             if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= numel):
                 raise ValueError(
                     f"cannot load {ikey}: flat indices must be in [0, {numel}) for B of shape {self.shape}, "
@@ -123,7 +131,9 @@ class LoriB(nn.Module):
             )
         elif prefix + "weight" in state_dict and self.is_sparse:
             self.to_dense_()
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
 
 class LoriLayer(LowRankLayer):

@@ -18,7 +18,13 @@ from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
-from adapterlab.tuners._lowrank import check_loaded_shapes, check_target_modules, replace_with, tuner_layers, write_lora_dir
+from adapterlab.tuners._lowrank import (
+    check_loaded_shapes,
+    check_target_modules,
+    replace_with,
+    tuner_layers,
+    write_lora_dir,
+)
 from adapterlab.tuners.lori.config import NAME, PREFIX, LoriConfig
 from adapterlab.tuners.lori.functional import concat_factors, magnitude_masks
 from adapterlab.tuners.lori.layer import LoriLayer
@@ -165,7 +171,9 @@ class LoriModel(BaseTuner):
         layers = self._layers(name)
         missing = [k for k, _ in layers if k not in masks]
         if missing:
-            raise ValueError(f"masks has no entry for {len(missing)} layer(s), e.g. {missing[0]!r}; expected one per LoRI layer")
+            raise ValueError(
+                f"masks has no entry for {len(missing)} layer(s), e.g. {missing[0]!r}; expected one per LoRI layer"
+            )
         report = SparsifyReport(sparsity=float(self.peft_config[name].sparsity), kept=0, total=0)
         for key, layer in layers:
             lb = layer.lori_B[name]
@@ -175,7 +183,12 @@ class LoriModel(BaseTuner):
             report.total += lb.shape[0] * lb.shape[1]
             report.per_layer[key] = new.numel() / (lb.shape[0] * lb.shape[1])
         self.peft_config[name].variant = "S"
-        logger.info("LoRI-S: %d of %d B entries trainable (%.2f%% sparse)", report.kept, report.total, 100 * report.achieved_sparsity)
+        logger.info(
+            "LoRI-S: %d of %d B entries trainable (%.2f%% sparse)",
+            report.kept,
+            report.total,
+            100 * report.achieved_sparsity,
+        )
         return report
 
     def sparsify_(
@@ -238,7 +251,9 @@ class LoriModel(BaseTuner):
         keys = set(per[0])
         for n, layers in zip(names[1:], per[1:]):
             if set(layers) != keys:
-                raise ValueError(f"adapter {n!r} targets other modules than {names[0]!r}; concatenation needs the same targets")
+                raise ValueError(
+                    f"adapter {n!r} targets other modules than {names[0]!r}; concatenation needs the same targets"
+                )
         out = {}
         for key in sorted(keys):
             facs = []

@@ -8,7 +8,6 @@ Reference:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
 
 from peft.config import PeftConfig
 
@@ -55,8 +54,8 @@ class LorsConfig(PeftConfig):
     lors_grad: str = field(default="exact", metadata={"help": "exact or low_rank_ste"})
     lors_samples: int = field(default=128, metadata={"help": "samples for the gradient-based init"})
     stable_gamma: float = field(default=1.0, metadata={"help": "A = V^T[:r] / stable_gamma"})
-    target_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "modules to adapt"})
-    exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "modules to skip"})
+    target_modules: list[str] | str | None = field(default=None, metadata={"help": "modules to adapt"})
+    exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "modules to skip"})
     init_weights: bool = field(default=True, metadata={"help": "B = 0 at init"})
     exact_unmerge: bool = field(default=True, metadata={"help": "keep the pre-merge weight so unmerge is bit-exact"})
 

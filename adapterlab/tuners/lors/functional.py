@@ -193,7 +193,9 @@ def gradient_init_a(grad: Tensor, r: int, *, gamma: float = 1.0, niter: int = 4,
     """
     d_out, d_in = grad.shape
     if r > min(d_out, d_in):
-        raise ValueError(f"r={r} exceeds min(d_out, d_in)={min(d_out, d_in)} of a layer; choose r <= {min(d_out, d_in)}")
+        raise ValueError(
+            f"r={r} exceeds min(d_out, d_in)={min(d_out, d_in)} of a layer; choose r <= {min(d_out, d_in)}"
+        )
     q = min(4 * r, d_out, d_in)
     devices = [grad.device] if grad.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):

@@ -129,7 +129,7 @@ class LorsLayer(LowRankLayer):
         """Put the pre-merge weight back (bit-exact); adapters merged with ``exact_unmerge=False`` are
         subtracted, last merged first."""
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         self._restore_pre_merge()
         w = self.get_base_layer().weight
@@ -155,7 +155,9 @@ class LorsLayer(LowRankLayer):
         base = self.get_base_layer()
         drop = self.lors_dropout
         first = active[0]
-        if len(active) == 1 and not (drop[first].training and isinstance(drop[first], nn.Dropout) and drop[first].p > 0):
+        if len(active) == 1 and not (
+            drop[first].training and isinstance(drop[first], nn.Dropout) and drop[first].p > 0
+        ):
             a, b, s = self.factors(first)
             return lors_linear(x, base.weight, base.bias, a, b, s, grad_mode=self.lors_grad[first])
         result = self.base_layer(x, *args, **kwargs)

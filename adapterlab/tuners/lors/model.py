@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from adapterlab.tuners._lowrank import AdapterlabTuner, check_int, tuner_layers
-from adapterlab.tuners.lors.config import NAME, PREFIX, LorsConfig
+from adapterlab.tuners.lors.config import NAME, PREFIX
 from adapterlab.tuners.lors.functional import gradient_init_a
 from adapterlab.tuners.lors.layer import LorsLayer
 from adapterlab.tuners.spp.functional import check_patterns, zeros_preserved
@@ -57,7 +57,9 @@ def _init_batches(data: Any, n_samples: int, batch_size: int, device: torch.devi
             out.append({"input_ids": chunk, "labels": chunk})
         return out
     if not isinstance(data, Iterable):
-        raise ValueError(f"lors_init_ data must be an input-id tensor or an iterable of batches, got {type(data).__name__}")
+        raise ValueError(
+            f"lors_init_ data must be an input-id tensor or an iterable of batches, got {type(data).__name__}"
+        )
     seen = 0
     for batch in data:
         if not isinstance(batch, Mapping) or "input_ids" not in batch:
@@ -181,7 +183,9 @@ class LorsModel(AdapterlabTuner):
                 for (key, layer), w in zip(layers, weights):
                     grad = w.grad.float() / len(batches)  # mean over batches, (d_out, d_in)
                     report.grad_norms[key] = float(grad.norm())
-                    a = gradient_init_a(grad, layer.r[name], gamma=float(cfg.stable_gamma), seed=zlib.crc32(key.encode()))
+                    a = gradient_init_a(
+                        grad, layer.r[name], gamma=float(cfg.stable_gamma), seed=zlib.crc32(key.encode())
+                    )
                     layer.lors_A[name].copy_(a.to(layer.lors_A[name].dtype))  # (r, d_in)
                     layer.lors_B[name].zero_()
                     w.grad = None

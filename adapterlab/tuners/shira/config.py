@@ -7,7 +7,6 @@ Reference:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
 
 from peft.config import PeftConfig
 
@@ -46,10 +45,10 @@ class ShiraConfig(PeftConfig):
     """
 
     mask_type: str = field(default="random", metadata={"help": "random, struct, wm, grad or snip"})
-    density: Optional[float] = field(default=None, metadata={"help": "fraction of entries trained, in (0, 1]"})
-    r: Optional[int] = field(default=None, metadata={"help": "LoRA-equivalent budget: K = r (m + n)"})
-    target_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "modules to adapt"})
-    exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "modules to skip"})
+    density: float | None = field(default=None, metadata={"help": "fraction of entries trained, in (0, 1]"})
+    r: int | None = field(default=None, metadata={"help": "LoRA-equivalent budget: K = r (m + n)"})
+    target_modules: list[str] | str | None = field(default=None, metadata={"help": "modules to adapt"})
+    exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "modules to skip"})
     random_seed: int = field(default=0, metadata={"help": "seed of the random mask"})
     respect_base_sparsity: bool = field(default=False, metadata={"help": "choose only non-zero base entries"})
     grad_accum: str = field(default="sum", metadata={"help": "sum or abs (calibration gradient accumulation)"})

@@ -89,9 +89,7 @@ def _check_k(k: int, available: int, what: str) -> None:
 # mask strategies
 
 
-def random_indices(
-    m: int, n: int, k: int, *, seed: int, allowed: torch.Tensor | None = None
-) -> torch.Tensor:
+def random_indices(m: int, n: int, k: int, *, seed: int, allowed: torch.Tensor | None = None) -> torch.Tensor:
     """``k`` positions drawn uniformly without replacement (a seeded permutation), sorted.
 
     Args:

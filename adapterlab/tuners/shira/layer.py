@@ -108,8 +108,12 @@ class ShiraLayer(nn.Module, BaseTunerLayer):
             weight = base_weight(base) if config.mask_type == "wm" or config.respect_base_sparsity else None
             allowed = (weight != 0) if config.respect_base_sparsity else None
             idx = mask_indices(
-                config.mask_type, self.shape, k, weight=weight,
-                seed=layer_seed(config.random_seed, self.key), allowed=allowed,
+                config.mask_type,
+                self.shape,
+                k,
+                weight=weight,
+                seed=layer_seed(config.random_seed, self.key),
+                allowed=allowed,
             )
             self.shira_pending.pop(adapter_name, None)
         if idx is None:
@@ -117,7 +121,12 @@ class ShiraLayer(nn.Module, BaseTunerLayer):
         if config.init_weights:
             values = torch.zeros(k)
         else:
-            values = torch.randn(k, generator=torch.Generator().manual_seed(layer_seed(config.random_seed + 1, self.key) % 2**31)) * 0.02
+            values = (
+                torch.randn(
+                    k, generator=torch.Generator().manual_seed(layer_seed(config.random_seed + 1, self.key) % 2**31)
+                )
+                * 0.02
+            )
         self.adapterlab_shira_values[adapter_name] = nn.Parameter(values.to(device))
         self.adapterlab_shira_indices[adapter_name] = idx.to(index_dtype(m * n)).to(device)
         self.adapterlab_shira_dims[adapter_name] = torch.tensor([m, n], dtype=torch.int64, device=device)
@@ -138,7 +147,9 @@ class ShiraLayer(nn.Module, BaseTunerLayer):
         m, n = self.shape
         k = self.adapterlab_shira_values[adapter_name].numel()
         if indices.dim() != 1 or indices.numel() != k:
-            raise ValueError(f"{self.key}: expected {k} flat indices for adapter {adapter_name!r}, got shape {tuple(indices.shape)}")
+            raise ValueError(
+                f"{self.key}: expected {k} flat indices for adapter {adapter_name!r}, got shape {tuple(indices.shape)}"
+            )
         dev = self.adapterlab_shira_values[adapter_name].device
         self.adapterlab_shira_indices[adapter_name] = indices.to(index_dtype(m * n)).to(dev)
         self.shira_pending.pop(adapter_name, None)
@@ -146,7 +157,9 @@ class ShiraLayer(nn.Module, BaseTunerLayer):
     def delta_weight(self, adapter: str, weight: float = 1.0) -> torch.Tensor:
         """``weight * alpha * S`` as a dense fp32 ``(d_out, d_in)`` tensor (for tests and conversions)."""
         return scatter_delta(
-            self.adapterlab_shira_indices[adapter], self.adapterlab_shira_values[adapter], self.shape,
+            self.adapterlab_shira_indices[adapter],
+            self.adapterlab_shira_values[adapter],
+            self.shape,
             weight * self.shira_scaling[adapter],
         )
 
@@ -157,7 +170,9 @@ class ShiraLayer(nn.Module, BaseTunerLayer):
     def check_adapter(self, adapter: str) -> None:
         """Raise ``ValueError`` unless ``adapter`` fits this layer (dims, lengths, index range)."""
         if adapter not in self.adapterlab_shira_values:
-            raise ValueError(f"{self.key}: adapter {adapter!r} is not loaded; loaded: {', '.join(self.adapterlab_shira_values) or '(none)'}")
+            raise ValueError(
+                f"{self.key}: adapter {adapter!r} is not loaded; loaded: {', '.join(self.adapterlab_shira_values) or '(none)'}"
+            )
         dims = self._dims.get(adapter, self.shape)
         if dims != self.shape:
             raise ValueError(
@@ -165,8 +180,10 @@ class ShiraLayer(nn.Module, BaseTunerLayer):
                 f"{self.shape} (expected dims={self.shape})"
             )
         if self.adapterlab_shira_indices[adapter].numel() != self.adapterlab_shira_values[adapter].numel():
-            raise ValueError(f"{self.key}: adapter {adapter!r} has {self.adapterlab_shira_values[adapter].numel()} values but "
-                             f"{self.adapterlab_shira_indices[adapter].numel()} indices")
+            raise ValueError(
+                f"{self.key}: adapter {adapter!r} has {self.adapterlab_shira_values[adapter].numel()} values but "
+                f"{self.adapterlab_shira_indices[adapter].numel()} indices"
+            )
 
     # -- merge / unmerge ---------------------------------------------------------------------------
     def _writable_weight(self) -> torch.Tensor:
@@ -213,7 +230,9 @@ class ShiraLayer(nn.Module, BaseTunerLayer):
         if safe_merge and not torch.isfinite(new).all():
             if previous is not None:  # nothing changes on failure
                 flat.index_put_(previous[:1], previous[1])
-            raise ValueError(f"NaNs/Infs in the merged weights of adapter(s) {sorted(weights)!r}; the adapter is broken")
+            raise ValueError(
+                f"NaNs/Infs in the merged weights of adapter(s) {sorted(weights)!r}; the adapter is broken"
+            )
         flat.index_put_((pos,), new)
         self._merge_cache = (pos, orig)
         self._merged_weights = fused
@@ -258,7 +277,7 @@ class ShiraLayer(nn.Module, BaseTunerLayer):
     def unmerge(self) -> None:
         """Restore the cached base entries of every merged adapter (exact)."""
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         w = self._writable_weight()
         if self._merge_cache is not None:
@@ -289,7 +308,11 @@ class ShiraLayer(nn.Module, BaseTunerLayer):
         if not active:
             return self.base_layer(x, *args, **kwargs)
         for a in active:
-            if self.shira_pending.get(a) == "calibrate" and self.training and self.adapterlab_shira_values[a].requires_grad:
+            if (
+                self.shira_pending.get(a) == "calibrate"
+                and self.training
+                and self.adapterlab_shira_values[a].requires_grad
+            ):
                 raise PendingMaskError(
                     f"adapter {a!r} has mask_type grad/snip and its mask is not calibrated yet; call "
                     f"model.calibrate_masks_(batches) or train with adapterlab.callbacks.ShiraMaskCallback"
@@ -315,13 +338,23 @@ class ShiraLayer(nn.Module, BaseTunerLayer):
 
     # -- loading -----------------------------------------------------------------------------------
     def _load_from_state_dict(
-        self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
-        missing_keys: list, unexpected_keys: list, error_msgs: list,
+        self,
+        state_dict: dict,
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list,
+        unexpected_keys: list,
+        error_msgs: list,
     ) -> None:
         """Adopt the checkpoint's K (values/indices length) and check its shapes before copying."""
         m, n = self.shape
         for adapter in list(self.adapterlab_shira_values):
-            vkey, ikey, dkey = f"{prefix}{VALUES}.{adapter}", f"{prefix}{INDICES}.{adapter}", f"{prefix}{DIMS}.{adapter}"
+            vkey, ikey, dkey = (
+                f"{prefix}{VALUES}.{adapter}",
+                f"{prefix}{INDICES}.{adapter}",
+                f"{prefix}{DIMS}.{adapter}",
+            )
             if dkey in state_dict:
                 dims = tuple(int(d) for d in state_dict[dkey].flatten().tolist())
                 if dims != (m, n):
@@ -334,7 +367,9 @@ class ShiraLayer(nn.Module, BaseTunerLayer):
                 continue
             values, indices = state_dict[vkey], state_dict[ikey]
             if values.dim() != 1 or indices.shape != values.shape:
-                raise ValueError(f"{vkey} and {ikey} must be 1-D of equal length, got {tuple(values.shape)} and {tuple(indices.shape)}")
+                raise ValueError(
+                    f"{vkey} and {ikey} must be 1-D of equal length, got {tuple(values.shape)} and {tuple(indices.shape)}"
+                )
             if indices.is_floating_point():
                 raise ValueError(f"{ikey} must be an integer tensor, got {indices.dtype}")
             if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= m * n):
@@ -347,9 +382,13 @@ class ShiraLayer(nn.Module, BaseTunerLayer):
                 self.adapterlab_shira_values[adapter] = nn.Parameter(
                     torch.empty(values.shape, dtype=old.dtype, device=old.device), requires_grad=old.requires_grad
                 )
-            self.adapterlab_shira_indices[adapter] = torch.empty(indices.shape, dtype=index_dtype(m * n), device=old.device)
+            self.adapterlab_shira_indices[adapter] = torch.empty(
+                indices.shape, dtype=index_dtype(m * n), device=old.device
+            )
             self.shira_pending.pop(adapter, None)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def __repr__(self) -> str:
         return f"adapterlab_shira.{super().__repr__()}"

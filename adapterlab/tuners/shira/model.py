@@ -39,7 +39,8 @@ PEFT_VALUES, PEFT_INDICES = "shira_weight", "shira_indices"
 def shira_layers(model: nn.Module, adapter_name: str | None = None) -> list[tuple[str, ShiraLayer]]:
     """``(module key, layer)`` of every :class:`ShiraLayer` in ``model`` (holding ``adapter_name`` if given)."""
     return [
-        (m.key, m) for m in model.modules()
+        (m.key, m)
+        for m in model.modules()
         if isinstance(m, ShiraLayer) and (adapter_name is None or adapter_name in m.adapterlab_shira_values)
     ]
 
@@ -65,7 +66,9 @@ def _as_batch(batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
     if isinstance(batch, torch.Tensor):
         batch = {"input_ids": batch}
     if not isinstance(batch, Mapping) or "input_ids" not in batch:
-        raise ValueError(f"calibration batches must be tensors of input ids or dicts with 'input_ids', got {type(batch).__name__}")
+        raise ValueError(
+            f"calibration batches must be tensors of input ids or dicts with 'input_ids', got {type(batch).__name__}"
+        )
     out = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
     out.setdefault("labels", out["input_ids"])
     return out
@@ -179,7 +182,13 @@ def calibrate_masks_(
         layer.set_indices_(adapter_name, idx)
         acc[i] = None  # type: ignore[call-overload]  # freed layer by layer
         report.layers[key] = k
-    logger.info("calibrated %s masks of adapter %r on %d batches (%d layers)", cfg.mask_type, adapter_name, n_batches, len(layers))
+    logger.info(
+        "calibrated %s masks of adapter %r on %d batches (%d layers)",
+        cfg.mask_type,
+        adapter_name,
+        n_batches,
+        len(layers),
+    )
     return report
 
 
@@ -213,7 +222,9 @@ class ShiraModel(BaseTuner):
     def _remap_adapter_state_dict_for_load(
         cls, model: nn.Module, config: Any, adapter_name: str, state_dict: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, from_peft_state_dict(model, state_dict))
+        return super()._remap_adapter_state_dict_for_load(
+            model, config, adapter_name, from_peft_state_dict(model, state_dict)
+        )
 
     # -- helpers -------------------------------------------------------------------------------
     def _adapter(self, adapter_name: str | None) -> str:
@@ -254,25 +265,35 @@ class ShiraModel(BaseTuner):
         name = self._adapter(adapter_name)
         cfg = self.peft_config[name]
         if cfg.r is None:
-            raise ValueError(f"adapter {name!r} was built with density={cfg.density}; peft's SHiRA format needs r (K = r (m + n))")
+            raise ValueError(
+                f"adapter {name!r} was built with density={cfg.density}; peft's SHiRA format needs r (K = r (m + n))"
+            )
         tensors: dict[str, torch.Tensor] = {}
         for key, layer in shira_layers(self.model, name):
             m, n = layer.shape
             vals = layer.adapterlab_shira_values[name].detach()
             if vals.numel() != cfg.r * (m + n):
-                raise ValueError(f"{key}: {vals.numel()} entries, but peft's format needs exactly r (m + n) = {cfg.r * (m + n)}")
+                raise ValueError(
+                    f"{key}: {vals.numel()} entries, but peft's format needs exactly r (m + n) = {cfg.r * (m + n)}"
+                )
             tensors[f"base_model.model.{key}.{PEFT_VALUES}"] = (vals * layer.shira_scaling[name]).float().cpu()
-            tensors[f"base_model.model.{key}.{PEFT_INDICES}"] = flat_to_rowcol(layer.adapterlab_shira_indices[name], n).to(torch.int32).cpu()
+            tensors[f"base_model.model.{key}.{PEFT_INDICES}"] = (
+                flat_to_rowcol(layer.adapterlab_shira_indices[name], n).to(torch.int32).cpu()
+            )
         tm = cfg.target_modules
         pcfg = PeftShiraConfig(
-            r=cfg.r, mask_type="random", random_seed=cfg.random_seed,
+            r=cfg.r,
+            mask_type="random",
+            random_seed=cfg.random_seed,
             target_modules=sorted(tm) if isinstance(tm, (set, list, tuple)) else tm,
             base_model_name_or_path=cfg.base_model_name_or_path,
         )
         out = Path(save_directory)
         with staged_dir(out, overwrite=True) as stage:
             pcfg.save_pretrained(str(stage))
-            save_tensors(Path(stage) / "adapter_model.safetensors", tensors, metadata={"format": "pt", "adapterlab_source": NAME})
+            save_tensors(
+                Path(stage) / "adapter_model.safetensors", tensors, metadata={"format": "pt", "adapterlab_source": NAME}
+            )
         return out
 
 
@@ -299,7 +320,9 @@ def from_peft_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
             continue
         key = head.removeprefix("base_model.model.")
         if key not in widths:
-            raise ValueError(f"cannot load {k!r}: the model has no SHiRA layer {key!r} (expected one of: {', '.join(sorted(widths)) or '(none)'})")
+            raise ValueError(
+                f"cannot load {k!r}: the model has no SHiRA layer {key!r} (expected one of: {', '.join(sorted(widths)) or '(none)'})"
+            )
         m, n = widths[key]
         if leaf == PEFT_VALUES:
             out[f"{head}.{VALUES}"] = v.float()
@@ -357,8 +380,11 @@ def load_shira(
     raw = json.loads((path / "adapter_config.json").read_text())
     tm = raw.get("target_modules")
     cfg = ShiraConfig(
-        r=int(raw.get("r", 32)), mask_type="random", random_seed=int(raw.get("random_seed") or 0),
-        target_modules=sorted(tm) if isinstance(tm, list) else tm, inference_mode=not is_trainable,
+        r=int(raw.get("r", 32)),
+        mask_type="random",
+        random_seed=int(raw.get("random_seed") or 0),
+        target_modules=sorted(tm) if isinstance(tm, list) else tm,
+        inference_mode=not is_trainable,
         base_model_name_or_path=raw.get("base_model_name_or_path"),
     )
     if isinstance(model, PeftModel):

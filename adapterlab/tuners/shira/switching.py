@@ -38,7 +38,9 @@ class FuseReport:
 def _layers(model: nn.Module) -> list[ShiraLayer]:
     layers = [m for m in model.modules() if isinstance(m, ShiraLayer)]
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no adapterlab SHiRA layers; build it with get_peft_model(model, ShiraConfig(...))")
+        raise ValueError(
+            f"{type(model).__name__} has no adapterlab SHiRA layers; build it with get_peft_model(model, ShiraConfig(...))"
+        )
     return layers
 
 
@@ -55,7 +57,9 @@ def _validate(layers: list[ShiraLayer], weights: Mapping[str, float]) -> None:
                 found[name] = True
                 layer.check_adapter(name)
                 if layer.shira_pending.get(name) == "calibrate":
-                    raise ValueError(f"adapter {name!r} has an uncalibrated grad/snip mask (e.g. {layer.key}); call calibrate_masks_ first")
+                    raise ValueError(
+                        f"adapter {name!r} has an uncalibrated grad/snip mask (e.g. {layer.key}); call calibrate_masks_ first"
+                    )
     for name, w in weights.items():
         if not found[name]:
             loaded = sorted({a for layer in layers for a in layer.adapterlab_shira_values})

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Union
 
 from peft.config import PeftConfig
 
@@ -71,13 +70,13 @@ class SnellConfig(PeftConfig):
     sparsity: float = field(default=0.3, metadata={"help": "fraction of the delta zeroed per layer"})
     snell_reference_square: bool = field(default=False, metadata={"help": "reference code's squared sparsifier"})
     zero_init_offset: bool = field(default=False, metadata={"help": "output == base at init"})
-    lora_alpha: Optional[float] = field(default=None, metadata={"help": "optional scale alpha/r"})
+    lora_alpha: float | None = field(default=None, metadata={"help": "optional scale alpha/r"})
     use_rslora: bool = field(default=False, metadata={"help": "scale alpha/sqrt(r) instead of alpha/r"})
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter input"})
     drop_path: float = field(default=0.0, metadata={"help": "per-sample drop of the adapter branch"})
     checkpoint_kernel: bool = field(default=True, metadata={"help": "recompute the kernel in backward"})
-    target_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "modules to adapt"})
-    exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "modules to skip"})
+    target_modules: list[str] | str | None = field(default=None, metadata={"help": "modules to adapt"})
+    exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "modules to skip"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -100,7 +99,9 @@ class SnellConfig(PeftConfig):
         if self.lora_alpha is not None and (not _is_number(self.lora_alpha) or self.lora_alpha <= 0):
             raise ValueError(f"lora_alpha must be a positive number or None, got {self.lora_alpha!r}")
         if self.use_rslora and self.lora_alpha is None:
-            raise ValueError("use_rslora=True needs lora_alpha (the scale is lora_alpha / sqrt(r)); set lora_alpha or use_rslora=False")
+            raise ValueError(
+                "use_rslora=True needs lora_alpha (the scale is lora_alpha / sqrt(r)); set lora_alpha or use_rslora=False"
+            )
         for key in ("lora_dropout", "drop_path"):
             value = getattr(self, key)
             if not _is_number(value) or not 0.0 <= float(value) < 1.0:

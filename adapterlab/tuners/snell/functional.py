@@ -185,7 +185,9 @@ def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 # SNELLA: importance and budget
 
 
-def budget_schedule(step: int, total_steps: int, v_init: int, v_target: int, *, init_warmup: int = 0, final_warmup: int = 0) -> int:
+def budget_schedule(
+    step: int, total_steps: int, v_init: int, v_target: int, *, init_warmup: int = 0, final_warmup: int = 0
+) -> int:
     """Total kept entries ``V(t)`` at allocation step ``t``: cubic decay from ``v_init`` to ``v_target``.
 
     Semantics:

@@ -19,7 +19,14 @@ from torch.utils.checkpoint import checkpoint
 from adapterlab.quant import dequantize_weight, is_4bit, is_8bit, restore_weight_, set_weight_, snapshot_weight
 from adapterlab.tuners._lowrank import _base_features, lowrank_scale
 from adapterlab.tuners.snell.config import SnellConfig
-from adapterlab.tuners.snell.functional import drop_path, head_coefficients, keep_count, keep_mask, kernel_matrix, sparsify
+from adapterlab.tuners.snell.functional import (
+    drop_path,
+    head_coefficients,
+    keep_count,
+    keep_mask,
+    kernel_matrix,
+    sparsify,
+)
 
 
 def _branch(h: torch.Tensor, delta_fn: Any, *params: torch.Tensor) -> torch.Tensor:
@@ -146,8 +153,11 @@ class SnellLayer(nn.Module, BaseTunerLayer):
             with torch.no_grad():
                 mix0 = None if mix_t is None else torch.tensor([1.0, 1.0, 0.0], dtype=p_in.dtype, device=p_in.device)
                 k0 = kernel_matrix(
-                    self.snell_P0[adapter].to(p_in.dtype), self.snell_Q0[adapter].to(p_in.dtype), coeffs,
-                    norm_p=spec["norm_p"], mix=mix0,
+                    self.snell_P0[adapter].to(p_in.dtype),
+                    self.snell_Q0[adapter].to(p_in.dtype),
+                    coeffs,
+                    norm_p=spec["norm_p"],
+                    mix=mix0,
                 )  # (n, m)
             # Ties of |K - K0| (all n*m entries at step 0, where K == K0) go to the largest |K0|: the
             # entries the reference (no offset) keeps at step 0, decided by the seeded init alone.
@@ -219,7 +229,7 @@ class SnellLayer(nn.Module, BaseTunerLayer):
     def unmerge(self) -> None:
         """Undo :meth:`merge` exactly (restores the weight snapshots, last merged first)."""
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         base = self.get_base_layer()
         while self.merged_adapters:

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any
 
 import torch
-from torch import nn
 
 from adapterlab.tuners._lowrank import AdapterlabTuner, tuner_layers
-from adapterlab.tuners.snell.config import NAME, PREFIX, SnellConfig
+from adapterlab.tuners.snell.config import NAME, PREFIX
 from adapterlab.tuners.snell.functional import keep_count
 from adapterlab.tuners.snell.layer import SnellLayer
 
@@ -60,7 +58,9 @@ class SnellModel(AdapterlabTuner):
         layers = dict(self.snell_layers(name))
         unknown = sorted(set(counts) - set(layers))
         if unknown:
-            raise ValueError(f"not SNELL layers of adapter {name!r}: {unknown[:3]}; expected keys like {next(iter(layers), '')!r}")
+            raise ValueError(
+                f"not SNELL layers of adapter {name!r}: {unknown[:3]}; expected keys like {next(iter(layers), '')!r}"
+            )
         for key, count in counts.items():
             layers[key].set_keep_(name, int(count))
 
@@ -78,12 +78,16 @@ class SnellModel(AdapterlabTuner):
         numel = {k: layer.numel for k, layer in layers}
         unknown = sorted(set(values) - set(numel))
         if unknown:
-            raise ValueError(f"not SNELL layers of adapter {name!r}: {unknown[:3]}; expected keys like {next(iter(numel), '')!r}")
+            raise ValueError(
+                f"not SNELL layers of adapter {name!r}: {unknown[:3]}; expected keys like {next(iter(numel), '')!r}"
+            )
         self.set_keep_counts_({k: keep_count(numel[k], float(s)) for k, s in values.items()}, name)
         if not isinstance(sparsity, Mapping):
             self.peft_config[name].sparsity = float(sparsity)
 
-    def sparse_deltas(self, adapter_name: str | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor, tuple[int, int]]]:
+    def sparse_deltas(
+        self, adapter_name: str | None = None
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor, tuple[int, int]]]:
         """The merged update of each layer as ``(values fp32 (K,), flat row-major int64 indices (K,), (d_out, d_in))``.
 
         The mask is frozen from the current parameters (as at merge time); scatter ``values`` at

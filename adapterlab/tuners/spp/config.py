@@ -8,7 +8,6 @@ Reference:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
 
 from peft.config import PeftConfig
 
@@ -47,8 +46,8 @@ class SppConfig(PeftConfig):
     lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the adapter input"})
     use_rslora: bool = field(default=False, metadata={"help": "scale alpha/sqrt(r) instead of alpha/r"})
     groups: int = field(default=16, metadata={"help": "rows of alpha; must divide d_out"})
-    target_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "modules to adapt"})
-    exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "modules to skip"})
+    target_modules: list[str] | str | None = field(default=None, metadata={"help": "modules to adapt"})
+    exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "modules to skip"})
     forward_mode: str = field(default="auto", metadata={"help": "auto, materialized or grouped"})
     init_weights: bool = field(default=True, metadata={"help": "beta = 0 at init"})
 

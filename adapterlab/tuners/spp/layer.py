@@ -142,7 +142,7 @@ class SppLayer(nn.Module, BaseTunerLayer):
     def unmerge(self) -> None:
         """Restore the exact pre-merge weight (all merged adapters are unmerged)."""
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         self.merged_adapters.clear()
         if self._pre_merge is not None:

@@ -7,13 +7,12 @@ Reference:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 from torch import nn
 
 from adapterlab.tuners._lowrank import AdapterlabTuner, tuner_layers
-from adapterlab.tuners.spp.config import NAME, PREFIX, SppConfig
+from adapterlab.tuners.spp.config import NAME, PREFIX
 from adapterlab.tuners.spp.functional import check_patterns, zeros_preserved
 from adapterlab.tuners.spp.layer import SppLayer
 
@@ -45,7 +44,9 @@ class SppModel(AdapterlabTuner):
     def delta_weights(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
         """Module key -> ``Delta W`` (fp32, ``(d_out, d_in)``), one layer at a time in the caller's loop."""
         name = self._adapter(adapter_name)
-        return {k: layer.delta_weight(name) for k, layer in tuner_layers(self.model, SppLayer) if name in layer.spp_alpha}
+        return {
+            k: layer.delta_weight(name) for k, layer in tuner_layers(self.model, SppLayer) if name in layer.spp_alpha
+        }
 
     def check_sparsity(self, adapter_name: str | None = None) -> bool:
         """True when merging ``adapter_name`` keeps every zero of every adapted base weight zero."""
