@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from adapterlab import _lazy, _quiet
 
-__version__ = "0.1.0"
+from adapterlab._version import __version__
 
 _quiet.install()  # before anything imports bitsandbytes (``import peft`` does)
 
@@ -60,7 +60,7 @@ _EXPORTS: dict[str, str] = {
     "RMMBundle": "adapterlab.merging",
     "merge_adapters": "adapterlab.merging",
     "resolve_adapter": "adapterlab.merging",
-    "merge": "adapterlab.merging.into_base",
+    "merge": "adapterlab.folding",
     # registry and serving
     "AdapterRegistry": "adapterlab.registry",
     "BaseMismatchError": "adapterlab.registry",
@@ -79,8 +79,8 @@ if TYPE_CHECKING:  # static analysers and IDEs see the names as plain imports
     # bases: models, pruning, quantization, evaluation
     from adapterlab.evaluate import perplexity, sparsity_report, task_accuracy
     from adapterlab.extraction import ExtractResult, extract_lora
+    from adapterlab.folding import merge
     from adapterlab.merging import MergeResult, RMMBundle, merge_adapters, resolve_adapter
-    from adapterlab.merging.into_base import merge
     from adapterlab.models import load_default_model, load_model, load_tokenizer, tiny_llama
     from adapterlab.pruning import PruneReport, apply_masks_, get_masks, prune_
     from adapterlab.quant import load_quantized

@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -248,3 +250,22 @@ def register_tuner(
 def registered_tuners() -> dict[str, TunerInfo]:
     """The tuners registered through :func:`register_tuner` in this process, by name."""
     return dict(_REGISTERED)
+
+
+def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
+    """LoRA scale ``s = α / r`` (``α / √r`` with rsLoRA).
+
+    Reference:
+        rsLoRA — Kalajdzievski 2023, https://arxiv.org/abs/2312.03732
+    """
+    if r <= 0:
+        raise ValueError(f"LoRA rank must be positive, got {r}")
+    return float(alpha) / (math.sqrt(r) if use_rslora else r)
+
+
+def pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
+    """peft's ``rank_pattern`` / ``alpha_pattern`` lookup: first key that matches the name's tail."""
+    for key, value in patterns.items():
+        if re.fullmatch(rf"(.*\.)?{key}", name) or re.fullmatch(key, name):
+            return value
+    return default

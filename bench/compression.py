@@ -146,7 +146,7 @@ def bench_quality(args: argparse.Namespace) -> dict[str, Any]:
 def _synthetic(n: int, templates: list[Any], modules: list[str], noise: float, seed: int) -> list[Any]:
     """n in-memory LoRA sources: a task LoRA's factors, rotated by a random orthogonal r×r matrix,
     plus Gaussian noise of relative size ``noise`` on both factors (scale folded, weight layout)."""
-    from adapterlab.merging.adapters import LoraModule, LoraSource
+    from adapterlab.adapters import LoraModule, LoraSource
 
     g = torch.Generator().manual_seed(seed)
     base = {m: [t.factors(m) for t in templates] for m in modules}

@@ -39,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from adapterlab import data, evaluate, models  # noqa: E402
-from adapterlab.merging.into_base import merge  # noqa: E402
+from adapterlab.folding import merge  # noqa: E402
 from adapterlab.pruning import prune_, sparsity_of  # noqa: E402
 from adapterlab.retrain import merge_perp_, perp_, retrain_  # noqa: E402
 from bench._common import write_json, write_markdown  # noqa: E402

@@ -81,7 +81,7 @@ def test_star_import_and_from_import_in_a_fresh_process() -> None:
     assert last_json(proc) == {
         "missing": [],
         "shira": "adapterlab.tuners.shira.config",
-        "merge": "adapterlab.merging.into_base",
+        "merge": "adapterlab.folding",
     }
 
 

@@ -99,8 +99,8 @@ def command(
 ) -> None:
     from adapterlab.compression import MODES, compress_adapters
     from adapterlab.compression.functional import INITS, NORMALIZATIONS
-    from adapterlab.merging.lora_dir import check_output_dir
     from adapterlab.progress import rich_factory
+    from adapterlab.staging import check_output_dir
 
     setup_logging(verbose)
     if mode not in MODES:

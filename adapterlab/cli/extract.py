@@ -95,8 +95,8 @@ def command(
 
     from adapterlab.extraction import extract_lora
     from adapterlab.extraction.phlora import _check_settings
-    from adapterlab.merging.lora_dir import check_output_dir
     from adapterlab.progress import rich_factory
+    from adapterlab.staging import check_output_dir
 
     setup_logging(verbose)
     if rank is not None and energy is not None:

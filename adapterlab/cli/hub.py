@@ -113,7 +113,7 @@ def get(
     if output is None:
         typer.echo(str(folder))  # plain: scripts read it
         return
-    from adapterlab.merging.lora_dir import staged_dir
+    from adapterlab.staging import staged_dir
 
     with staged_dir(output, overwrite) as stage:
         for f in folder.iterdir():

@@ -216,10 +216,10 @@ def command(
 ) -> None:
     import torch
 
+    from adapterlab.adapters import check_compatible
     from adapterlab.merging import MERGERS, merge_adapters, resolve_adapter
-    from adapterlab.merging.adapters import check_compatible
-    from adapterlab.merging.lora_dir import check_output_dir
     from adapterlab.progress import rich_factory
+    from adapterlab.staging import check_output_dir
 
     setup_logging(verbose)
     cfg = load_config(config, set_)

@@ -26,12 +26,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from adapterlab.adapters import AdapterLike, LoraSource, check_compatible, resolve_adapter, resolve_adapters
 from adapterlab.compression import functional as F
 from adapterlab.io import load_tensors, save_tensors
-from adapterlab.merging.adapters import AdapterLike, LoraSource, check_compatible, resolve_adapter, resolve_adapters
+from adapterlab.lora_dir import write_lora_dir
 from adapterlab.merging.functional import derive_seed
-from adapterlab.merging.lora_dir import staged_dir, write_lora_dir
 from adapterlab.progress import ProgressFactory, track
+from adapterlab.staging import staged_dir
 
 __all__ = ["MODES", "CompressionErrors", "SharedBasisBundle", "compress_adapters"]
 

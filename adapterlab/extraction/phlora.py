@@ -227,7 +227,8 @@ class ExtractResult:
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
         """Write a PEFT LoRA folder (``rank_pattern``/``alpha_pattern`` per module, dense
         ``modules_to_save``) plus ``phlora_report.json``; staged, nothing partial on error."""
-        from adapterlab.merging.lora_dir import staged_dir, write_lora_dir
+        from adapterlab.lora_dir import write_lora_dir
+        from adapterlab.staging import staged_dir
 
         with staged_dir(path, overwrite) as stage:
             write_lora_dir(

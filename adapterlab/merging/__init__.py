@@ -7,8 +7,8 @@ import it below.
 
 from __future__ import annotations
 
+from adapterlab.adapters import LoraSource, LoriSource, ShiraSource, resolve_adapter, resolve_adapters
 from adapterlab.merging import dare, linear, rmm, ties  # noqa: F401  (registers the methods)
-from adapterlab.merging.adapters import LoraSource, LoriSource, ShiraSource, resolve_adapter, resolve_adapters
 from adapterlab.merging.base import (
     MERGERS,
     MergeContext,

@@ -5,7 +5,7 @@ rsLoRA-aware), one module at a time: for each module the T deltas ``[T, d_out, d
 merged and turned into the output right away (truncated-SVD LoRA factors, sparse entries, or added
 into a copy of the base), so memory holds one module of T adapters plus the output — never T models.
 Base weights are written by one rounding rule: ``(W.float() + ΔW).to(W.dtype)`` (fp32 add, one cast;
-:func:`~adapterlab.merging.functional.add_to_weight`), optionally masked by the base's zeros
+:func:`~adapterlab.folding.add_to_weight`), optionally masked by the base's zeros
 (``keep_sparsity``), and the zeros of the base a merge fills are counted (``base_zeros_hit``).
 Methods that need whole-model statistics (TIES with ``trim_scope="model"``) make extra passes over
 the same stream. Merging the A and B factors separately (``factorwise=True``) is available for
@@ -42,11 +42,12 @@ import torch
 from torch import Tensor, nn
 
 from adapterlab._registry import Registry
+from adapterlab.adapters import AdapterLike, LoraSource, check_compatible, resolve_adapters
 from adapterlab.extraction.functional import low_rank_factors
-from adapterlab.merging.adapters import AdapterLike, LoraSource, check_compatible, resolve_adapters
-from adapterlab.merging.functional import add_to_weight
-from adapterlab.merging.lora_dir import staged_dir, write_lora_dir
+from adapterlab.folding import add_to_weight, write_merged_, zeros_hit_note
+from adapterlab.lora_dir import write_lora_dir
 from adapterlab.progress import ProgressFactory, track
+from adapterlab.staging import staged_dir
 
 if TYPE_CHECKING:
     from adapterlab.merging.rmm import RMMBundle
@@ -253,55 +254,6 @@ class Merger(ABC):
 
 # ------------------------------------------------------------------------------------------------
 # outputs
-
-
-def write_merged_(
-    model: nn.Module, name: str, delta: Tensor, *, keep_sparsity: bool = False, index: Tensor | None = None
-) -> int:
-    """Write ``(W.float() + Δ).to(W.dtype)`` into ``model``'s weight ``name`` (one rounding), in place.
-
-    Args:
-        model: the model whose weight is written (a copy of the base).
-        name: module name.
-        delta: ``[d_out, d_in]`` fp32 merged delta, or ``[U]`` values at the flat positions ``index``.
-        keep_sparsity: mask the delta by the base's zeros (``W != 0``) and check afterwards that every
-            zero of the base is still zero.
-        index: ``[U]`` int64 flat row-major positions (sparse form), or None for a dense delta.
-
-    Returns:
-        How many zeros of the base weight are non-zero after the write (counted on the written weight).
-
-    Raises:
-        SparsityError: ``keep_sparsity`` and a zero of the base became non-zero (never expected).
-    """
-    w = model.get_submodule(name).weight
-    with torch.no_grad():
-        if index is None:
-            zero = w == 0  # [d_out, d_in]
-            w.copy_(add_to_weight(w, delta, keep_sparsity=keep_sparsity))
-            hit = int((zero & (w != 0)).sum())
-        else:
-            flat = w.data.view(-1)  # [d_out * d_in], a view: index_put_ writes the weight in place
-            old = flat.index_select(0, index)  # [U]
-            flat.index_put_((index,), add_to_weight(old, delta, keep_sparsity=keep_sparsity))
-            hit = int(((old == 0) & (flat.index_select(0, index) != 0)).sum())  # entries off the union are untouched
-    if keep_sparsity and hit:
-        from adapterlab.merging.into_base import SparsityError
-
-        raise SparsityError(f"module {name!r}: {hit} zero weight(s) of the base became non-zero in the merge")
-    return hit
-
-
-def zeros_hit_note(hits: Mapping[str, int]) -> str | None:
-    """The warning for a full merge that filled zeros of the base (None when it filled none)."""
-    hit = {n: h for n, h in hits.items() if h}
-    if not hit:
-        return None
-    return (
-        f"output='full': {sum(hit.values())} zero weight(s) of the base in {len(hit)} module(s) (e.g. "
-        f"{next(iter(hit))!r}) are non-zero after the merge where the base weight is 0, so the base's sparsity is "
-        f"not kept there; pass keep_sparsity=True to mask the merge by the base's zeros"
-    )
 
 
 @dataclass

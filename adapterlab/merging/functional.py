@@ -12,7 +12,6 @@ Reference:
 from __future__ import annotations
 
 import hashlib
-import math
 
 import torch
 from torch import Tensor
@@ -20,7 +19,6 @@ from torch import Tensor
 __all__ = [
     "HIST_BINS",
     "abs_bits_histogram",
-    "add_to_weight",
     "bits_to_float",
     "canonical_gauge",
     "dare_drop",
@@ -29,7 +27,6 @@ __all__ = [
     "elect_sign",
     "histogram_select",
     "kth_largest_abs",
-    "lora_scaling",
     "rmm_fit",
     "rmm_fit_positions",
     "topk_trim",
@@ -40,44 +37,6 @@ __all__ = [
 
 #: Bins of each level of the two-level float-bit histogram (16 bits per level).
 HIST_BINS = 1 << 16
-
-
-def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
-    """LoRA scale ``s = α / r`` (``α / √r`` with rsLoRA).
-
-    Reference:
-        rsLoRA — Kalajdzievski 2023, https://arxiv.org/abs/2312.03732
-    """
-    if r <= 0:
-        raise ValueError(f"LoRA rank must be positive, got {r}")
-    return float(alpha) / (math.sqrt(r) if use_rslora else r)
-
-
-# ------------------------------------------------------------------------------------------------
-# writing a merged delta into base weights: one rounding rule
-
-
-def add_to_weight(w: Tensor, delta: Tensor, *, keep_sparsity: bool = False) -> Tensor:
-    """The merged weight ``(w.float() + Δ).to(w.dtype)``: fp32 add, one cast (Δ is never rounded first).
-
-    Args:
-        w: ``[*shape]`` base weight (or a gathered subset of its entries), any float dtype.
-        delta: ``[*shape]`` merged delta (any float dtype; added in fp32).
-        keep_sparsity: add ``Δ ⊙ 1[w != 0]`` instead, so that every zero of ``w`` stays zero.
-
-    Returns:
-        ``[*shape]`` in ``w.dtype``.
-
-    Semantics:
-        base = float32(w)
-        d = where(base == 0, 0, delta) if keep_sparsity else delta
-        merged = cast(base + float32(d), w.dtype)
-    """
-    base = w.detach().to(torch.float32)
-    d = delta.to(device=base.device, dtype=torch.float32)
-    if keep_sparsity:
-        d = torch.where(base == 0, torch.zeros((), dtype=torch.float32, device=base.device), d)  # NaN-safe mask
-    return (base + d).to(w.dtype)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -32,17 +32,11 @@ import torch
 from torch import Tensor
 
 from adapterlab.io import load_tensors, save_tensors
-from adapterlab.merging.base import (
-    MergeContext,
-    Merger,
-    MergeResult,
-    ModuleReport,
-    _check_choice,
-    register_merger,
-)
+from adapterlab.lora_dir import write_lora_dir
+from adapterlab.merging.base import MergeContext, Merger, MergeResult, ModuleReport, _check_choice, register_merger
 from adapterlab.merging.functional import canonical_gauge, rmm_fit, rmm_fit_positions
-from adapterlab.merging.lora_dir import staged_dir, write_lora_dir
 from adapterlab.progress import track
+from adapterlab.staging import staged_dir
 
 __all__ = ["COEFF_SCOPES", "GAUGES", "RMMBundle", "RmmMerger"]
 

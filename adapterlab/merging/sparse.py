@@ -50,10 +50,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from adapterlab.merging.adapters import LoraSource
-from adapterlab.merging.base import Merger, MergeResult, ModuleReport, write_merged_, zeros_hit_note
+from adapterlab.adapters import LoraSource
+from adapterlab.folding import write_merged_, zeros_hit_note
+from adapterlab.lora_dir import _PREFIX, safetensors_metadata
+from adapterlab.merging.base import Merger, MergeResult, ModuleReport
 from adapterlab.merging.functional import union_support
-from adapterlab.merging.lora_dir import _PREFIX, safetensors_metadata
 from adapterlab.progress import ProgressFactory, track
 
 logger = logging.getLogger(__name__)
@@ -361,7 +362,7 @@ def write_shira_dir(
     """Write a SHiRA adapter folder (``adapterlab_shira``) from merged entries.
 
     Args:
-        stage: the folder to write into (see :func:`adapterlab.merging.lora_dir.staged_dir`).
+        stage: the folder to write into (see :func:`adapterlab.lora_dir.staged_dir`).
         entries: module -> ``(sorted flat indices [K] int64, values [K])``; modules with K = 0 are left out.
         shapes: module -> ``(d_out, d_in)``.
 

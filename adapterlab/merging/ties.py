@@ -40,14 +40,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import Tensor
 
-from adapterlab.merging.base import (
-    MergeContext,
-    Merger,
-    _check_choice,
-    _check_fraction,
-    _check_number,
-    register_merger,
-)
+from adapterlab.merging.base import MergeContext, Merger, _check_choice, _check_fraction, _check_number, register_merger
 from adapterlab.merging.functional import (
     HIST_BINS,
     abs_bits_histogram,

@@ -24,7 +24,10 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "DETECTED_PATTERNS",
     "PATTERN_CHOICES",
+    "SparsityError",
+    "detect_nm",
     "accumulate_hessian",
     "accumulate_sq_norm",
     "check_nm",
@@ -456,3 +459,22 @@ def sparsegpt_solve(
         wt[i2:] -= hinv[i1:i2, i2:].t() @ err1
     w = wt.t().contiguous()  # (d_in, d_out) -> (d_out, d_in)
     return SparseGPTSolution(w, losses, damping, retries)
+
+
+# ------------------------------------------------------------------------------------------------
+# the sparsity a merge must keep
+
+#: N:M patterns recognised on a base when ``pattern`` is not given (checked in this order).
+DETECTED_PATTERNS = ((2, 4), (4, 8), (1, 4))
+
+
+class SparsityError(RuntimeError):
+    """A merge would have (or has) made a pruned weight non-zero."""
+
+
+def detect_nm(zero: torch.Tensor) -> tuple[int, int] | None:
+    """The first of :data:`DETECTED_PATTERNS` that the zero pattern ``zero`` (d_out, d_in) satisfies."""
+    for n, m in DETECTED_PATTERNS:
+        if zero.shape[1] % m == 0 and check_nm((~zero).to(torch.float32), n, m):
+            return n, m
+    return None

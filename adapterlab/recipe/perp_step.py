@@ -24,10 +24,10 @@ def run_perp(body: Any, progress: ProgressFactory) -> dict[str, Any]:
     from adapterlab.callbacks.logger import SparsityRankLogger, base_sparsity
     from adapterlab.data import calibration_ids, eval_ids
     from adapterlab.evaluate import perplexity
-    from adapterlab.merging.lora_dir import staged_dir
     from adapterlab.models import load_model, load_tokenizer
     from adapterlab.recipe.training import ProgressBarCallback
     from adapterlab.retrain import has_perp_layers, merge_perp_, perp_, retrain_
+    from adapterlab.staging import staged_dir
 
     t0 = time.perf_counter()
     tok = load_tokenizer(body.model)

@@ -352,9 +352,9 @@ class PruneRunner(StepRunner):
     inputs = ("model",)
 
     def check(self, body: Any, where: str, ctx: Context, steps: list[StepEntry], index: int) -> None:
-        from adapterlab.merging.lora_dir import check_output_dir
         from adapterlab.pruning import PRUNERS
         from adapterlab.pruning.functional import parse_pattern, resolve_sparsity
+        from adapterlab.staging import check_output_dir
 
         try:
             cls = PRUNERS.get(body.method)
@@ -428,7 +428,7 @@ class MergeRunner(StepRunner):
 
     def check(self, body: Any, where: str, ctx: Context, steps: list[StepEntry], index: int) -> None:
         from adapterlab.merging import MERGERS
-        from adapterlab.merging.lora_dir import check_output_dir
+        from adapterlab.staging import check_output_dir
 
         try:
             MERGERS.get(body.method).from_params(body.params)
@@ -461,7 +461,7 @@ class ExtractRunner(StepRunner):
 
     def check(self, body: Any, where: str, ctx: Context, steps: list[StepEntry], index: int) -> None:
         from adapterlab.extraction.phlora import _check_settings
-        from adapterlab.merging.lora_dir import check_output_dir
+        from adapterlab.staging import check_output_dir
 
         try:
             _check_settings(
@@ -519,7 +519,7 @@ class CompressRunner(StepRunner):
     inputs = ("adapters.*",)
 
     def check(self, body: Any, where: str, ctx: Context, steps: list[StepEntry], index: int) -> None:
-        from adapterlab.merging.lora_dir import check_output_dir
+        from adapterlab.staging import check_output_dir
 
         _import_or_fail("adapterlab.compression", "compress_adapters", f"{where.rstrip('.')}")
         if body.put is not None:
@@ -533,7 +533,7 @@ class CompressRunner(StepRunner):
         return f"shared basis rank {body.rank} ({body.mode}) of {len(body.adapters)} adapters -> {body.output}"
 
     def run(self, body: Any, ctx: Context) -> dict[str, Any]:
-        from adapterlab.merging.lora_dir import staged_dir
+        from adapterlab.staging import staged_dir
 
         compress = _import_or_fail("adapterlab.compression", "compress_adapters", "compress")
         bundle = compress(body.adapters, rank=body.rank, mode=body.mode, clusters=body.clusters, seed=body.seed)
@@ -650,7 +650,7 @@ class PerpRunner(StepRunner):
     inputs = ("model",)
 
     def check(self, body: Any, where: str, ctx: Context, steps: list[StepEntry], index: int) -> None:
-        from adapterlab.merging.lora_dir import check_output_dir
+        from adapterlab.staging import check_output_dir
 
         _import_or_fail("adapterlab.retrain", "perp_", where.rstrip("."))
         from adapterlab.retrain import resolve_scope

@@ -175,10 +175,10 @@ def check_train_recipe(recipe: TrainRecipe, *, where: str = "", base_path: Path 
             skipped when the base is produced by an earlier pipeline step).
     """
     from adapterlab.data import get_task
-    from adapterlab.merging.lora_dir import check_output_dir
     from adapterlab.models import resolve_model_path
     from adapterlab.pruning import PRUNERS
     from adapterlab.pruning.functional import parse_pattern
+    from adapterlab.staging import check_output_dir
 
     config = adapter_config(recipe.adapter, f"{where}adapter")
     callbacks = adapter_callbacks(recipe.adapter, f"{where}adapter")
@@ -333,8 +333,8 @@ def _prune(model: nn.Module, tok: Any, recipe: TrainRecipe, progress: ProgressFa
 
 
 def _save_pruned(model: nn.Module, tok: Any, out: str, overwrite: bool, info: dict[str, Any]) -> None:
-    from adapterlab.merging.lora_dir import staged_dir
     from adapterlab.pruning import get_masks, save_masks
+    from adapterlab.staging import staged_dir
 
     with staged_dir(out, overwrite) as stage:
         model.save_pretrained(str(stage))
@@ -415,8 +415,8 @@ def train_adapter(
     from adapterlab.callbacks.logger import SparsityRankLogger
     from adapterlab.data import tokenize_for_training
     from adapterlab.evaluate import task_accuracy
-    from adapterlab.merging.lora_dir import staged_dir
     from adapterlab.models import load_tokenizer
+    from adapterlab.staging import staged_dir
 
     t0 = time.perf_counter()
     progress = progress or _silent

@@ -309,7 +309,7 @@ def build_manifest(
     fingerprint: Mapping[str, Any] | None,
 ) -> dict[str, Any]:
     """The manifest of a staged object (everything recorded about it), with its checksum."""
-    from adapterlab import __version__
+    from adapterlab._version import __version__
 
     dtypes = sorted({d for info in tensor_info.values() for d in info["dtypes"]})
     keys = [k for info in tensor_info.values() for k in info["keys"]]

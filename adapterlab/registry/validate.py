@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from adapterlab.io import load_tensors
-from adapterlab.merging.adapters import _pattern_value
+from adapterlab.peft_compat import pattern_value
 
 __all__ = ["METHOD_TENSORS", "check_adapter"]
 
@@ -154,7 +154,7 @@ def _check_config(config: Any, where: str) -> str:
 def _rank_of(config: Mapping[str, Any], module: str, rank_key: str | None) -> int | None:
     if rank_key is None:
         return None
-    return int(_pattern_value(config.get("rank_pattern") or {}, module, config[rank_key]))
+    return int(pattern_value(config.get("rank_pattern") or {}, module, config[rank_key]))
 
 
 def _base_io(module: nn.Module, embedding: bool, fan_in_fan_out: bool) -> tuple[int, int] | None:

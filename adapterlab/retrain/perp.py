@@ -420,7 +420,7 @@ def merge_perp_(model: nn.Module, *, pattern: str | None = None) -> PerpMergeRep
         ValueError: the model has no PERP layers, or a bad ``pattern``.
         RuntimeError: a pruned weight became non-zero (never expected).
     """
-    from adapterlab.merging.into_base import SparsityError, _detect_nm
+    from adapterlab.pruning.functional import SparsityError, detect_nm
 
     nm_arg = parse_pattern(pattern)
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, PerpLayer)]
@@ -453,7 +453,7 @@ def merge_perp_(model: nn.Module, *, pattern: str | None = None) -> PerpMergeRep
         lost = zero & (base.weight != 0)
         if bool(lost.any()):
             raise SparsityError(f"layer {name!r}: {int(lost.sum())} pruned weight(s) became non-zero in the merge")
-        nm = nm_arg or _detect_nm(zero)
+        nm = nm_arg or detect_nm(zero)
         if nm is not None:
             ok = check_nm(base.weight, *nm)
             nm_results.append(ok)

@@ -288,7 +288,7 @@ def run_perp_pipeline(
         output_dir=str(output_dir) if output_dir is not None else None,
     )
     if output_dir is not None:
-        from adapterlab.merging.lora_dir import staged_dir
+        from adapterlab.staging import staged_dir
 
         with staged_dir(Path(output_dir), overwrite=True) as stage:
             model.save_pretrained(str(stage), safe_serialization=True)

@@ -30,7 +30,7 @@ from adapterlab.serving.kernels import (
     shared_basis_apply,
     sparse_delta,
 )
-from adapterlab.serving.reference import MultiAdapterLinear, reference_delta
+from adapterlab.serving.reference import MultiAdapterLinear, dense_shira, reference_delta
 
 __all__ = ["BatchRouter", "RowSpec", "wrap_linear"]
 
@@ -259,8 +259,6 @@ class BatchRouter:
 
     def dense_delta(self, name: str, spec: RowSpec | None) -> Tensor | None:
         """The weight-layout delta of one row's adapter in module ``name`` (reference path)."""
-        from adapterlab.serving.reference import dense_shira
-
         if spec is None:
             return None
         if spec.kind == "lora":

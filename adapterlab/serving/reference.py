@@ -10,15 +10,21 @@ output. The fast paths in :mod:`adapterlab.serving.kernels` are tested against
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
-if TYPE_CHECKING:  # pragma: no cover
-    from adapterlab.serving.batched import BatchRouter
+__all__ = ["MultiAdapterLinear", "RowDeltas", "reference_delta"]
 
-__all__ = ["MultiAdapterLinear", "reference_delta"]
+
+class RowDeltas(Protocol):
+    """What a :class:`MultiAdapterLinear` asks of its router (the server's
+    :class:`~adapterlab.serving.batched.BatchRouter`): the per-row delta of one layer, or None."""
+
+    def delta(self, name: str, x: Tensor) -> Tensor | None:
+        """``[B, T, d_out]`` adapter output of layer ``name`` for ``x [B, T, d_in]``, None if no row has one."""
+        ...
 
 
 def reference_delta(x: Tensor, deltas: Sequence[Tensor | None]) -> Tensor:
@@ -69,7 +75,7 @@ class MultiAdapterLinear(nn.Module):
         router: the server's :class:`~adapterlab.serving.batched.BatchRouter`.
     """
 
-    def __init__(self, base_layer: nn.Module, name: str, router: BatchRouter) -> None:
+    def __init__(self, base_layer: nn.Module, name: str, router: RowDeltas) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.name = name

@@ -423,7 +423,7 @@ class AdapterServer:
 
     def _read(self, name: str, source: Any) -> tuple[str, dict[str, tuple[Tensor, Tensor]], str]:
         """Read one adapter into ``(kind, {module: tensors}, description)`` and validate it."""
-        from adapterlab.merging.adapters import LoraSource, resolve_adapter
+        from adapterlab.adapters import LoraSource, resolve_adapter
 
         desc = self._describe(source)
         if isinstance(source, Mapping):  # in-memory {module: (B, A)}

@@ -384,7 +384,7 @@ def write_lora_dir(
 ) -> Path:
     """Write a plain peft LoRA adapter directory (``adapter_config.json`` + safetensors), atomically.
 
-    A thin front of :func:`adapterlab.merging.lora_dir.write_lora_dir` (the one PEFT LoRA writer)
+    A thin front of :func:`adapterlab.lora_dir.write_lora_dir` (the one PEFT LoRA writer)
     that keeps the adapter's own ``r`` / ``lora_alpha`` / ``use_rslora``.
 
     Args:
@@ -399,8 +399,8 @@ def write_lora_dir(
     Returns:
         The directory.
     """
-    from adapterlab.merging.lora_dir import staged_dir
-    from adapterlab.merging.lora_dir import write_lora_dir as write_peft_lora
+    from adapterlab.lora_dir import write_lora_dir as write_peft_lora
+    from adapterlab.staging import staged_dir
 
     bad = sorted(k for k, (a, _) in factors.items() if a.shape[0] != r)
     if bad:

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from adapterlab.adapters import LoraModule, LoraSource, resolve_adapter
 from adapterlab.compression import SharedBasisBundle, compress_adapters
-from adapterlab.merging.adapters import LoraModule, LoraSource, resolve_adapter
 from adapterlab.models import tiny_llama
 from tests.merging._helpers import make_lora_dirs
 from tests.tolerances import assert_close

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from adapterlab.adapters import resolve_adapter
 from adapterlab.compression import compress_adapters
-from adapterlab.merging.adapters import resolve_adapter
 from adapterlab.models import tiny_llama
 from tests.tolerances import TOL
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from adapterlab.merging.adapters import LoraModule, LoraSource
+from adapterlab.adapters import LoraModule, LoraSource
 
 
 def delta_source(name: str, deltas: dict[str, list[list[float]] | torch.Tensor]) -> LoraSource:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import adapterlab
-from adapterlab.merging.into_base import IntoBaseReport
+from adapterlab.folding import IntoBaseReport
 from adapterlab.models import tiny_llama
 from adapterlab.pruning import check_nm, get_masks, prune_
 from tests.merging._helpers import dyadic_

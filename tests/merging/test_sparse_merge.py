@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from adapterlab.adapters import ShiraSource
 from adapterlab.merging import merge_adapters, resolve_adapter
-from adapterlab.merging.adapters import ShiraSource
 from tests.merging._helpers import delta_source, make_lora_dirs
 from tests.tolerances import assert_close
 

@@ -260,7 +260,7 @@ class ShiraModel(BaseTuner):
         from peft import ShiraConfig as PeftShiraConfig
 
         from adapterlab.io import save_tensors
-        from adapterlab.merging.lora_dir import staged_dir
+        from adapterlab.staging import staged_dir
 
         name = self._adapter(adapter_name)
         cfg = self.peft_config[name]

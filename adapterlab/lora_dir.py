@@ -1,4 +1,4 @@
-"""Writing PEFT LoRA folders (merge and extraction outputs) with staged, all-or-nothing writes.
+"""Writing PEFT LoRA folders (merge and extraction outputs), staged through :mod:`adapterlab.staging`.
 
 Factors are given in the layout of the base weight (``delta = B @ A`` has ``weight.shape``) with
 scale 1; the writer sets ``lora_alpha = r`` per module (``rank_pattern`` / ``alpha_pattern`` when
@@ -8,12 +8,8 @@ into peft's storage layout.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +18,7 @@ from torch import Tensor
 
 from adapterlab.io import save_tensors
 
-__all__ = ["check_output_dir", "staged_dir", "write_lora_dir"]
+__all__ = ["safetensors_metadata", "write_lora_dir"]
 
 _PREFIX = "base_model.model."
 
@@ -33,39 +29,6 @@ def safetensors_metadata(metadata: Any = None) -> dict[str, str]:
     if metadata is not None:
         meta["adapterlab"] = json.dumps(metadata, sort_keys=True, default=str)
     return meta
-
-
-def check_output_dir(path: str | os.PathLike[str], overwrite: bool = False) -> Path:
-    """Refuse a file, or a non-empty folder unless ``overwrite``."""
-    out = Path(path).expanduser()
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"output {str(out)!r} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"output folder {str(out)!r} exists and is not empty (pass overwrite=True / --overwrite)")
-    return out
-
-
-@contextlib.contextmanager
-def staged_dir(path: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces ``path`` by rename, on error it is removed.
-
-    Nothing partial is ever left at ``path``.
-    """
-    out = check_output_dir(path, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.stage-", dir=out.parent))
-    old: Path | None = None
-    try:
-        yield stage
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-        os.replace(stage, out)
-    finally:
-        if stage.exists():
-            shutil.rmtree(stage, ignore_errors=True)
-        if old is not None and old.exists():
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def _peft_tensors(name: str, B: Tensor, A: Tensor, transpose: bool, embedding: bool) -> dict[str, Tensor]:
@@ -93,7 +56,7 @@ def write_lora_dir(
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` into an (already staged) folder.
 
     Args:
-        stage: the folder to write into (see :func:`staged_dir`).
+        stage: the folder to write into (see :func:`adapterlab.staging.staged_dir`).
         factors: module name -> ``(B [d_out, k], A [k, d_in])`` in weight layout, scale 1; k = 0 is skipped.
         embeddings: names of embedding modules among ``factors``.
         fan_in_fan_out: the base stores these weights as ``[d_in, d_out]`` (GPT-2 Conv1D).

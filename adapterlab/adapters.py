@@ -1,4 +1,4 @@
-"""Adapters as merge inputs: PEFT LoRA folders, in-memory peft models, registry refs.
+"""Adapters as inputs (of merging, compression, serving): PEFT LoRA folders, in-memory peft models, registry refs.
 
 A :class:`LoraSource` reads one LoRA adapter lazily, module by module (``safe_open`` on the
 ``adapter_model.safetensors`` of a folder), and hands out its factors in the **layout of the base
@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from adapterlab.io import sha256_file
-from adapterlab.merging.functional import lora_scaling
+from adapterlab.peft_compat import lora_scaling, pattern_value
 
 __all__ = [
     "AdapterLike",
@@ -71,14 +71,6 @@ class LoraModule:
     transpose: bool  # embeddings and fan_in_fan_out layers: delta = (B A)ᵀ
     embedding: bool
     shape: tuple[int, int]  # shape of the base weight (= of the delta)
-
-
-def _pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
-    """peft's ``rank_pattern`` / ``alpha_pattern`` lookup: first key that matches the name's tail."""
-    for key, value in patterns.items():
-        if re.fullmatch(rf"(.*\.)?{key}", name) or re.fullmatch(key, name):
-            return value
-    return default
 
 
 @dataclass
@@ -475,7 +467,7 @@ def _parse(
                 f"(only Linear and Embedding LoRA layers can be merged)"
             )
         r = a_shape[0]
-        alpha = float(_pattern_value(alpha_pat, mod, alpha0))
+        alpha = float(pattern_value(alpha_pat, mod, alpha0))
         transpose = emb or fan
         shape = (a_shape[1], b_shape[0]) if transpose else (b_shape[0], a_shape[1])
         modules[mod] = LoraModule(mod, a_key, b_key, r, lora_scaling(alpha, r, rslora), transpose, emb, shape)

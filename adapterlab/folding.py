@@ -37,9 +37,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, overload
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from adapterlab.pruning.functional import check_nm, parse_pattern
+from adapterlab.pruning.functional import SparsityError, check_nm, detect_nm, parse_pattern
 from adapterlab.quant import (
     check_cpu_4bit_inference,
     dequantize_weight,
@@ -50,12 +50,6 @@ from adapterlab.quant import (
 logger = logging.getLogger(__name__)
 
 SUPPORTED_ADAPTERS = "LoRA (incl. rsLoRA), DyLoRA, LoRI"
-#: N:M patterns recognised on a base when ``pattern`` is not given (checked in this order).
-DETECTED_PATTERNS = ((2, 4), (4, 8), (1, 4))
-
-
-class SparsityError(RuntimeError):
-    """A merge would have (or has) made a pruned weight non-zero."""
 
 
 @dataclass
@@ -198,14 +192,6 @@ def _lora_bias(site: _Site, adapter: str) -> torch.Tensor | None:
         return None
     bias = site.layer.lora_B[adapter].bias
     return None if bias is None else bias.detach().float() * float(site.layer.scaling[adapter])
-
-
-def _detect_nm(zero: torch.Tensor) -> tuple[int, int] | None:
-    """The first of :data:`DETECTED_PATTERNS` that the zero pattern ``zero`` (d_out, d_in) satisfies."""
-    for n, m in DETECTED_PATTERNS:
-        if zero.shape[1] % m == 0 and check_nm((~zero).to(torch.float32), n, m):
-            return n, m
-    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,7 +375,7 @@ def merge(
         if bias is not None and base.bias is not None:
             base.bias.data = (base.bias.data.float() + bias.to(base.bias.device)).to(base.bias.dtype)
         after = dequantize_weight(base)
-        nm = nm_arg or (_detect_nm(zero) if keep_sparsity else None)
+        nm = nm_arg or (detect_nm(zero) if keep_sparsity else None)
         nm_ok = None
         if keep_sparsity:
             lost = zero & (after != 0)
@@ -435,3 +421,77 @@ def merge(
         "n/a" if report.output_rel_change is None else f"{report.output_rel_change:.3g} (relative)",
     )
     return (merged_model, report) if return_report else merged_model
+
+
+# ------------------------------------------------------------------------------------------------
+# writing a delta into base weights: one rounding rule
+
+
+def add_to_weight(w: Tensor, delta: Tensor, *, keep_sparsity: bool = False) -> Tensor:
+    """The merged weight ``(w.float() + Δ).to(w.dtype)``: fp32 add, one cast (Δ is never rounded first).
+
+    Args:
+        w: ``[*shape]`` base weight (or a gathered subset of its entries), any float dtype.
+        delta: ``[*shape]`` merged delta (any float dtype; added in fp32).
+        keep_sparsity: add ``Δ ⊙ 1[w != 0]`` instead, so that every zero of ``w`` stays zero.
+
+    Returns:
+        ``[*shape]`` in ``w.dtype``.
+
+    Semantics:
+        base = float32(w)
+        d = where(base == 0, 0, delta) if keep_sparsity else delta
+        merged = cast(base + float32(d), w.dtype)
+    """
+    base = w.detach().to(torch.float32)
+    d = delta.to(device=base.device, dtype=torch.float32)
+    if keep_sparsity:
+        d = torch.where(base == 0, torch.zeros((), dtype=torch.float32, device=base.device), d)  # NaN-safe mask
+    return (base + d).to(w.dtype)
+
+
+def write_merged_(
+    model: nn.Module, name: str, delta: Tensor, *, keep_sparsity: bool = False, index: Tensor | None = None
+) -> int:
+    """Write ``(W.float() + Δ).to(W.dtype)`` into ``model``'s weight ``name`` (one rounding), in place.
+
+    Args:
+        model: the model whose weight is written (a copy of the base).
+        name: module name.
+        delta: ``[d_out, d_in]`` fp32 merged delta, or ``[U]`` values at the flat positions ``index``.
+        keep_sparsity: mask the delta by the base's zeros (``W != 0``) and check afterwards that every
+            zero of the base is still zero.
+        index: ``[U]`` int64 flat row-major positions (sparse form), or None for a dense delta.
+
+    Returns:
+        How many zeros of the base weight are non-zero after the write (counted on the written weight).
+
+    Raises:
+        SparsityError: ``keep_sparsity`` and a zero of the base became non-zero (never expected).
+    """
+    w = model.get_submodule(name).weight
+    with torch.no_grad():
+        if index is None:
+            zero = w == 0  # [d_out, d_in]
+            w.copy_(add_to_weight(w, delta, keep_sparsity=keep_sparsity))
+            hit = int((zero & (w != 0)).sum())
+        else:
+            flat = w.data.view(-1)  # [d_out * d_in], a view: index_put_ writes the weight in place
+            old = flat.index_select(0, index)  # [U]
+            flat.index_put_((index,), add_to_weight(old, delta, keep_sparsity=keep_sparsity))
+            hit = int(((old == 0) & (flat.index_select(0, index) != 0)).sum())  # entries off the union are untouched
+    if keep_sparsity and hit:
+        raise SparsityError(f"module {name!r}: {hit} zero weight(s) of the base became non-zero in the merge")
+    return hit
+
+
+def zeros_hit_note(hits: Mapping[str, int]) -> str | None:
+    """The warning for a full merge that filled zeros of the base (None when it filled none)."""
+    hit = {n: h for n, h in hits.items() if h}
+    if not hit:
+        return None
+    return (
+        f"output='full': {sum(hit.values())} zero weight(s) of the base in {len(hit)} module(s) (e.g. "
+        f"{next(iter(hit))!r}) are non-zero after the merge where the base weight is 0, so the base's sparsity is "
+        f"not kept there; pass keep_sparsity=True to mask the merge by the base's zeros"
+    )

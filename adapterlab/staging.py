@@ -1,0 +1,49 @@
+"""All-or-nothing output folders: every writer stages next to the target and renames into place.
+
+``staged_dir`` is the one way a command or library call writes an output folder (a pruned model, an
+adapter, a merge, a bundle): on an error nothing partial is left at the target path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["check_output_dir", "staged_dir"]
+
+
+def check_output_dir(path: str | os.PathLike[str], overwrite: bool = False) -> Path:
+    """Refuse a file, or a non-empty folder unless ``overwrite``."""
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"output {str(out)!r} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"output folder {str(out)!r} exists and is not empty (pass overwrite=True / --overwrite)")
+    return out
+
+
+@contextlib.contextmanager
+def staged_dir(path: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces ``path`` by rename, on error it is removed.
+
+    Nothing partial is ever left at ``path``.
+    """
+    out = check_output_dir(path, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.stage-", dir=out.parent))
+    old: Path | None = None
+    try:
+        yield stage
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+        os.replace(stage, out)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
+        if old is not None and old.exists():
+            shutil.rmtree(old, ignore_errors=True)
