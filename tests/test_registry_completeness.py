@@ -31,16 +31,21 @@ def test_every_tuner_package_is_registered_with_peft_and_exported() -> None:
 
 
 def test_every_pruning_and_merging_method_file_is_registered() -> None:
-    from adapterlab.merging.base import MERGERS
+    from adapterlab.merging.merger import MERGERS
+    from adapterlab.merging.routes import ROUTES
     from adapterlab.pruning.base import PRUNERS
 
     assert _modules("pruning", {"base", "functional"}) <= set(PRUNERS.names())
-    merge_files = _modules("merging", {"base", "functional", "adapters", "lora_dir", "into_base", "sparse"})
+    # every other file of merging/ is a method (registers a merger) or a route (registers a route)
+    infra = {"functional", "merger", "result", "routes", "combine", "writers"}
     names = set(MERGERS.names())
-    for f in merge_files:
-        assert any(n == f or n.startswith(f"{f}_") or n.endswith(f"_{f}") for n in names), (
-            f"adapterlab/merging/{f}.py registers no merge method (have: {sorted(names)})"
+    routes = {ROUTES.get(n).__module__.rsplit(".", 1)[-1] for n in ROUTES.names()}
+    for f in _modules("merging", infra):
+        assert f in routes or any(n == f or n.startswith(f"{f}_") or n.endswith(f"_{f}") for n in names), (
+            f"adapterlab/merging/{f}.py registers no merge method or route (methods: {sorted(names)}, "
+            f"routes in {sorted(routes)})"
         )
+    assert {"sparse", "concat", "dense", "basis"} <= set(ROUTES.names())
 
 
 def test_every_callback_file_is_exported() -> None:

@@ -22,8 +22,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from adapterlab.merging.base import Merger, _check_choice, _check_fraction, _check_number, register_merger
 from adapterlab.merging.functional import dare_drop, derive_seed, disjoint_merge, elect_sign
+from adapterlab.merging.merger import Merger, check_choice, check_fraction, check_number, register_merger
 
 __all__ = ["DareLinearMerger", "DareTiesMerger"]
 
@@ -36,8 +36,8 @@ class _Dare(Merger):
     sparse_form: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        self.density = _check_fraction("params.density", self.density)
-        self.lambda_ = _check_number("params.lambda", self.lambda_)
+        self.density = check_fraction("params.density", self.density)
+        self.lambda_ = check_number("params.lambda", self.lambda_)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"params.seed must be an integer, got {self.seed!r}")
 
@@ -89,7 +89,7 @@ class DareTiesMerger(_Dare):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.elect = _check_choice("params.elect", self.elect, ("mass", "frequency"))
+        self.elect = check_choice("params.elect", self.elect, ("mass", "frequency"))
 
     def _combine(self, dropped: Tensor, weights: Tensor) -> Tensor:
         sign = elect_sign(dropped, self.elect)  # [*shape]

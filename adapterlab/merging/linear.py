@@ -12,7 +12,7 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from adapterlab.merging.base import Merger, _check_number, register_merger
+from adapterlab.merging.merger import Merger, check_number, register_merger
 
 __all__ = ["LinearMerger", "TaskArithmeticMerger"]
 
@@ -53,7 +53,7 @@ class TaskArithmeticMerger(Merger):
     sparse_form: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        self.lambda_ = _check_number("params.lambda", self.lambda_)
+        self.lambda_ = check_number("params.lambda", self.lambda_)
 
     def merge(self, key: tuple[str, str], x: Tensor, weights: Tensor) -> Tensor:
         return self.lambda_ * _weighted_sum(x, weights)

@@ -33,12 +33,14 @@ from torch import Tensor
 
 from adapterlab.io import load_tensors, save_tensors
 from adapterlab.lora_dir import write_lora_dir
-from adapterlab.merging.base import MergeContext, Merger, MergeResult, ModuleReport, _check_choice, register_merger
 from adapterlab.merging.functional import canonical_gauge, rmm_fit, rmm_fit_positions
+from adapterlab.merging.merger import MergeContext, Merger, check_choice, register_merger
+from adapterlab.merging.result import MergeResult, ModuleReport
+from adapterlab.merging.routes import MergePlan, Route, register_route
 from adapterlab.progress import track
 from adapterlab.staging import staged_dir
 
-__all__ = ["COEFF_SCOPES", "GAUGES", "RMMBundle", "RmmMerger"]
+__all__ = ["COEFF_SCOPES", "GAUGES", "BasisRoute", "RMMBundle", "RmmMerger"]
 
 COEFF_SCOPES = ("layer", "position")
 GAUGES = ("canonical", "as_is")
@@ -252,6 +254,7 @@ class RmmMerger(Merger):
     """
 
     takes_weights: ClassVar[bool] = False
+    route: ClassVar[str | None] = "basis"
 
     n_basis: int = 2
     coeff_scope: str = "layer"
@@ -260,8 +263,8 @@ class RmmMerger(Merger):
     def __post_init__(self) -> None:
         if isinstance(self.n_basis, bool) or not isinstance(self.n_basis, int) or self.n_basis < 1:
             raise ValueError(f"params.K must be a positive integer, got {self.n_basis!r}")
-        self.coeff_scope = _check_choice("params.coeff_scope", self.coeff_scope, COEFF_SCOPES)
-        self.gauge = _check_choice("params.gauge", self.gauge, GAUGES)
+        self.coeff_scope = check_choice("params.coeff_scope", self.coeff_scope, COEFF_SCOPES)
+        self.gauge = check_choice("params.gauge", self.gauge, GAUGES)
 
     def describe(self) -> dict[str, Any]:
         return {"K": self.n_basis, "coeff_scope": self.coeff_scope, "gauge": self.gauge}
@@ -323,3 +326,23 @@ class RmmMerger(Merger):
             bundle.errors[name] = {"factor_B": errB, "factor_A": errA, "delta": deltas}
             bundle.seconds[name] = time.perf_counter() - t0
         return bundle
+
+
+@register_route("basis", order=30)
+class BasisRoute(Route):
+    """RMM: a shared basis per module that keeps every task (the merger names this route itself)."""
+
+    @classmethod
+    def check(cls, plan: MergePlan) -> None:
+        if plan.output != "lora" or plan.rank is not None or plan.energy is not None or plan.factorwise:
+            raise ValueError("output/rank/energy/factorwise: rmm keeps a basis of factors; these options do not apply")
+
+    @classmethod
+    def run(cls, plan: MergePlan) -> MergeResult:
+        merger = plan.merger
+        assert isinstance(merger, RmmMerger)
+        ctx = MergeContext(plan.sources, plan.shapes, plan.weights, progress=plan.progress)
+        bundle = merger.fit(ctx, dtype=plan.common["dtype"])
+        return MergeResult(
+            params=merger.describe(), output="rmm", modules=bundle.module_reports(), bundle=bundle, **plan.common
+        )

@@ -35,12 +35,11 @@ import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from adapterlab.merging.base import MergeContext, Merger, _check_choice, _check_fraction, _check_number, register_merger
 from adapterlab.merging.functional import (
     HIST_BINS,
     abs_bits_histogram,
@@ -52,9 +51,15 @@ from adapterlab.merging.functional import (
     ties_tensor,
     topk_trim,
 )
-
-if TYPE_CHECKING:
-    from adapterlab.merging.sparse import SparseMergeContext
+from adapterlab.merging.merger import (
+    MergeContext,
+    Merger,
+    SparseMergeContext,
+    check_choice,
+    check_fraction,
+    check_number,
+    register_merger,
+)
 
 __all__ = ["TRIM_SCOPES", "TiesMerger", "keep_count"]
 
@@ -91,10 +96,10 @@ class TiesMerger(Merger):
     )
 
     def __post_init__(self) -> None:
-        self.density = _check_fraction("params.density", self.density)
-        self.lambda_ = _check_number("params.lambda", self.lambda_)
-        self.elect = _check_choice("params.elect", self.elect, ("mass", "frequency"))
-        self.trim_scope = _check_choice("params.trim_scope", self.trim_scope, TRIM_SCOPES)
+        self.density = check_fraction("params.density", self.density)
+        self.lambda_ = check_number("params.lambda", self.lambda_)
+        self.elect = check_choice("params.elect", self.elect, ("mass", "frequency"))
+        self.trim_scope = check_choice("params.trim_scope", self.trim_scope, TRIM_SCOPES)
 
     def describe(self) -> dict:
         return {
