@@ -17,8 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from adapterlab import _lazy, _quiet
-
-from adapterlab._version import __version__
+from adapterlab._version import __version__ as __version__
 
 _quiet.install()  # before anything imports bitsandbytes (``import peft`` does)
 
