@@ -7,8 +7,8 @@ basis, SHiRA fused switching). ``adapterlab.serving.http.ServingHTTP`` puts it b
 
 from __future__ import annotations
 
-from adapterlab.serving.batched import BatchRouter, RowSpec
-from adapterlab.serving.reference import MultiAdapterLinear, reference_delta
+from adapterlab.serving.layer import MultiAdapterLinear, reference_delta
+from adapterlab.serving.router import BatchRouter, RowSpec
 from adapterlab.serving.server import AdapterServer, Completion, Request, UnknownAdapterError
 
 __all__ = [

@@ -2,7 +2,7 @@
 
 Every function here is pure tensor math over a batch ``x [B, T, d_in]`` (B requests, T tokens each)
 and an adapter index per row; none loops over tokens or rows. They are tested against the plain loop
-in :mod:`adapterlab.serving.reference` (its ``Semantics:`` block is the definition).
+in :mod:`adapterlab.serving.layer` (its ``Semantics:`` block is the definition).
 
 * :func:`plan_rows` groups the rows of a batch by adapter once per batch (shared by every layer).
 * :func:`lora_delta` — grouped LoRA: the rows of each distinct adapter are packed into one padded

@@ -30,8 +30,7 @@ from typing import Any, Literal, overload
 import torch
 from torch import Tensor, nn
 
-from adapterlab.serving.batched import BatchRouter, RowSpec, wrap_linear
-from adapterlab.serving.reference import MultiAdapterLinear
+from adapterlab.serving.layer import MultiAdapterLinear
 from adapterlab.serving.requests import (
     Completion,
     Request,
@@ -40,6 +39,7 @@ from adapterlab.serving.requests import (
     context_length_of,
     vocab_size_of,
 )
+from adapterlab.serving.router import BatchRouter, RowSpec, wrap_linear
 from adapterlab.serving.sharing import claim, model_lock, set_child
 
 __all__ = ["AdapterServer", "Completion", "Request", "UnknownAdapterError"]

@@ -15,8 +15,8 @@ import weakref
 
 from torch import nn
 
-from adapterlab.serving.batched import BatchRouter
-from adapterlab.serving.reference import MultiAdapterLinear
+from adapterlab.serving.layer import MultiAdapterLinear
+from adapterlab.serving.router import BatchRouter
 
 __all__ = ["claim", "model_lock", "set_child"]
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from adapterlab.serving.kernels import lora_delta, plan_rows, shared_basis_delta, sparse_delta
-from adapterlab.serving.reference import dense_shira, reference_delta
+from adapterlab.serving.layer import dense_shira, reference_delta
 from tests.tolerances import assert_close
 
 S, R, D_IN, D_OUT, T = 5, 3, 12, 10, 4

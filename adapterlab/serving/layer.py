@@ -1,7 +1,7 @@
 """The multi-adapter linear layer and the plain reference loop that defines what it computes.
 
 The server wraps each targeted ``nn.Linear`` of the base model in a :class:`MultiAdapterLinear`.
-Before every forward it tells the shared :class:`~adapterlab.serving.batched.BatchRouter` which
+Before every forward it tells the shared :class:`~adapterlab.serving.router.BatchRouter` which
 adapter each batch row (= request) uses; the layer then adds that row's adapter delta to the base
 output. The fast paths in :mod:`adapterlab.serving.kernels` are tested against
 :func:`reference_delta`.
@@ -20,7 +20,7 @@ __all__ = ["MultiAdapterLinear", "RowDeltas", "reference_delta"]
 
 class RowDeltas(Protocol):
     """What a :class:`MultiAdapterLinear` asks of its router (the server's
-    :class:`~adapterlab.serving.batched.BatchRouter`): the per-row delta of one layer, or None."""
+    :class:`~adapterlab.serving.router.BatchRouter`): the per-row delta of one layer, or None."""
 
     def delta(self, name: str, x: Tensor) -> Tensor | None:
         """``[B, T, d_out]`` adapter output of layer ``name`` for ``x [B, T, d_in]``, None if no row has one."""
@@ -72,7 +72,7 @@ class MultiAdapterLinear(nn.Module):
     Args:
         base_layer: the wrapped ``nn.Linear`` (or a bitsandbytes linear) of the base model.
         name: its module path in the base model (``model.layers.0.self_attn.q_proj``).
-        router: the server's :class:`~adapterlab.serving.batched.BatchRouter`.
+        router: the server's :class:`~adapterlab.serving.router.BatchRouter`.
     """
 
     def __init__(self, base_layer: nn.Module, name: str, router: RowDeltas) -> None:

@@ -30,7 +30,7 @@ from adapterlab.serving.kernels import (
     shared_basis_apply,
     sparse_delta,
 )
-from adapterlab.serving.reference import MultiAdapterLinear, dense_shira, reference_delta
+from adapterlab.serving.layer import MultiAdapterLinear, dense_shira, reference_delta
 
 __all__ = ["BatchRouter", "RowSpec", "wrap_linear"]
 
