@@ -91,65 +91,32 @@ def command(
     ),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
-    import torch
-
-    from adapterlab.extraction import extract_lora
-    from adapterlab.extraction.phlora import _check_settings
+    from adapterlab.jobs.extract import check_extract, put_extract, run_extract
     from adapterlab.progress import rich_factory
-    from adapterlab.staging import check_output_dir
 
     setup_logging(verbose)
-    if rank is not None and energy is not None:
-        raise ValueError("--rank/--energy: give exactly one of them")
-    if rank is None and energy is None:
-        raise ValueError("--rank/--energy: give one of them (e.g. --energy 0.9 or --rank 16)")
-    _check_settings(rank, energy, min_rank, max_rank, randomized, "skip" if skip_extras else "save")
-    if dtype is not None and dtype not in ("float32", "float16", "bfloat16"):
-        raise ValueError(f"--dtype {dtype!r}: choose one of float32, float16, bfloat16")
-    check_output_dir(output, overwrite)
-    if put is not None:
-        from adapterlab.registry.manifest import check_name
-
-        check_name(put, "--put")
+    plan = check_extract(
+        base=base,
+        tuned=tuned,
+        output=output,
+        rank=rank,
+        energy=energy,
+        energy_scope=energy_scope,
+        min_rank=min_rank,
+        max_rank=max_rank,
+        randomized=randomized,
+        solver=solver,
+        skip_extras=skip_extras,
+        threshold=threshold,
+        dtype=dtype,
+        overwrite=overwrite,
+        put=put,
+        hub=hub,
+    )
     with progress() as prog:
-        result = extract_lora(
-            base,
-            tuned,
-            rank=rank,
-            energy=energy,
-            energy_scope=energy_scope,
-            randomized=randomized,
-            solver=solver,
-            min_rank=min_rank,
-            max_rank=max_rank,
-            extras="skip" if skip_extras else "save",
-            threshold=threshold,
-            dtype=getattr(torch, dtype) if dtype else None,
-            progress=rich_factory(prog),
-        )
-    result.save(output, overwrite=overwrite)
-    console.print(_summary(result, output))
+        job = run_extract(plan, progress=rich_factory(prog))
+    console.print(_summary(job.result, output))
     console.print(f"wrote {output}")
-    if put is not None:
-        from adapterlab.cli.hub import put_output
-        from adapterlab.io import base_fingerprint
-        from adapterlab.models import load_model
-
-        settings = {
-            "rank": rank,
-            "energy": energy,
-            "energy_scope": energy_scope,
-            "min_rank": min_rank,
-            "max_rank": max_rank,
-            "randomized": randomized,
-            "skip_extras": skip_extras,
-            "threshold": threshold,
-            "dtype": dtype,
-        }
-        provenance = {
-            "kind": "extracted",
-            "parents": [tuned],
-            "base": base,
-            "recipe": {"command": "adapterlab extract", "settings": settings},
-        }
-        put_output(hub, output, put, provenance, base=base_fingerprint(load_model(base)))
+    digest = put_extract(plan, job)
+    if digest is not None:
+        console.print(f"put {output} -> hub:{put} ({digest[:12]})", highlight=False)

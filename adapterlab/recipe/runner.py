@@ -10,14 +10,14 @@ reference exists (relative paths: the current folder, then the recipe's folder),
 folder is free (or ``overwrite``), and each step's own checks pass. A bad pipeline fails with one
 line naming the key path and nothing is written.
 
-The prune, merge and extract steps run the same code as their single-verb commands.
+The prune, merge and extract steps run the same jobs (:mod:`adapterlab.jobs`) as their single-verb
+commands.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,6 +49,8 @@ class Context:
     outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
     put: bool = True
     progress: ProgressFactory = _silent
+    #: The running step, for error messages (``RECIPE: steps.3.merge``).
+    where: str = ""
 
 
 class StepRunner:
@@ -301,6 +303,7 @@ def run_pipeline(
         body = validate(type(step.body), data, f"{ctx.source}: steps.{i}.{step.verb}")
         logger.info("step %d/%d: %s (%s) %s", i + 1, len(recipe.steps), name, step.verb, runner.describe(body))
         t0 = time.perf_counter()
+        ctx.where = f"{ctx.source}: steps.{i}.{step.verb}"
         if "${" in json.dumps(step.body.model_dump(), default=str):
             runner.check(body, f"{ctx.source}: steps.{i}.{step.verb}.", ctx, recipe.steps, i)
         ctx.outputs[name] = runner.run(body, ctx)
@@ -310,30 +313,6 @@ def run_pipeline(
 
 # ---------------------------------------------------------------------------------------------
 # the steps
-
-
-def call_verb(command: Callable[..., Any], **given: Any) -> Any:
-    """Call a CLI verb's function (``adapterlab.cli.<verb>.command``) as a library function.
-
-    Options not given take their declared defaults (typer's ``OptionInfo.default``), so verbs
-    that gain options keep working here; library exceptions propagate (the CLI's one-line error
-    wrapper is skipped).
-    """
-    import inspect
-
-    fn = getattr(command, "__wrapped__", command)
-    kwargs: dict[str, Any] = {}
-    for name, param in inspect.signature(fn).parameters.items():
-        if name in given:
-            kwargs[name] = given.pop(name)
-            continue
-        default = getattr(param.default, "default", param.default)
-        if default is ... or default is inspect.Parameter.empty:
-            raise TypeError(f"{fn.__module__}.{fn.__name__}: required option {name!r} not given")
-        kwargs[name] = default
-    if given:
-        raise TypeError(f"{fn.__module__}.{fn.__name__} has no option {', '.join(map(repr, given))}")
-    return fn(**kwargs)
 
 
 def _is_ref(value: Any) -> bool:
@@ -372,10 +351,10 @@ class PruneRunner(StepRunner):
         return f"{body.method} {what} of {body.model} -> {body.output}"
 
     def run(self, body: Any, ctx: Context) -> dict[str, Any]:
-        from adapterlab.cli import prune as verb
+        from adapterlab.jobs.prune import prune_folder
 
-        call_verb(
-            verb.command,
+        job = prune_folder(
+            body.output,
             model=body.model,
             method=body.method,
             sparsity=body.sparsity,
@@ -385,12 +364,10 @@ class PruneRunner(StepRunner):
             seqlen=body.seqlen,
             seed=body.seed,
             batch_size=body.batch_size,
-            output=Path(body.output),
             overwrite=body.overwrite,
-            verbose=False,
+            progress=ctx.progress,
         )
-        report = json.loads((Path(body.output) / "sparsity_report.json").read_text(encoding="utf-8"))
-        return {"output": body.output, "sparsity": report.get("global_sparsity")}
+        return {"output": body.output, "sparsity": job.info.get("global_sparsity")}
 
 
 @register_step("train")
@@ -443,15 +420,19 @@ class MergeRunner(StepRunner):
         return f"{body.method} of {len(body.adapters)} adapters -> {body.output_dir} ({body.output.format or 'auto'})"
 
     def run(self, body: Any, ctx: Context) -> dict[str, Any]:
-        import yaml
+        from adapterlab.jobs.merge import MergeConfig, merge_folder
 
-        from adapterlab.cli import merge as verb
-
-        config = body.model_dump(mode="json", exclude={"output_dir", "overwrite"})
-        with tempfile.TemporaryDirectory(prefix="adapterlab-merge-") as tmp:
-            path = Path(tmp) / "merge.yaml"
-            path.write_text(yaml.safe_dump(config), encoding="utf-8")
-            call_verb(verb.command, config=path, output=Path(body.output_dir), overwrite=body.overwrite)
+        config = MergeConfig.model_validate(body.model_dump(mode="json", exclude={"output_dir", "overwrite"}))
+        job = merge_folder(
+            config,
+            body.output_dir,
+            overwrite=body.overwrite,
+            source=ctx.where or str(ctx.source),
+            config_dir=ctx.source.parent,
+            progress=ctx.progress,
+        )
+        for note in job.result.warnings:
+            logger.warning(note)
         return {"output": body.output_dir}
 
 
@@ -481,13 +462,12 @@ class ExtractRunner(StepRunner):
         return f"PHLoRA {how} of {body.tuned} - {body.base} -> {body.output}"
 
     def run(self, body: Any, ctx: Context) -> dict[str, Any]:
-        from adapterlab.cli import extract as verb
+        from adapterlab.jobs.extract import extract_folder
 
-        call_verb(
-            verb.command,
+        extract_folder(
+            body.output,
             base=body.base,
             tuned=body.tuned,
-            output=Path(body.output),
             rank=body.rank,
             energy=body.energy,
             min_rank=body.min_rank,
@@ -497,7 +477,7 @@ class ExtractRunner(StepRunner):
             threshold=body.threshold,
             dtype=body.dtype,
             overwrite=body.overwrite,
-            verbose=False,
+            progress=ctx.progress,
         )
         return {"output": body.output}
 

@@ -34,7 +34,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from adapterlab.cli.merge import MergeConfig, apply_set
+from adapterlab.config import apply_set, format_validation_error, read_yaml_mapping
+from adapterlab.jobs.merge import MergeConfig
 
 __all__ = [
     "STEP_OUTPUTS",
@@ -357,31 +358,9 @@ class PipelineRecipe(_Strict):
 # loading
 
 
-def format_validation_error(exc: ValidationError, source: str) -> str:
-    """One line: ``SOURCE: key.path: message`` for the first error."""
-    err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"])
-    msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-    msg = msg.removeprefix("Value error, ")
-    sub = re.match(r"^([\w.-]+): (unknown key.*)$", msg)
-    if sub:  # a validator that checks the keys of a dict field names the key itself
-        loc, msg = f"{loc}.{sub.group(1)}" if loc else sub.group(1), sub.group(2)
-    return f"{source}: {loc or '(top level)'}: {msg}"
-
-
 def load_yaml(path: str | Path, sets: list[str] | None = None) -> dict[str, Any]:
     """Read a YAML mapping and apply ``--set a.b=c`` overrides (values parsed as YAML)."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"recipe file {str(path)!r} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    raw = read_yaml_mapping(path, kind="recipe")
     for s in sets or []:
         apply_set(raw, s)
     return raw

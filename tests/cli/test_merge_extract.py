@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from adapterlab.cli import extract as extract_cli
 from adapterlab.cli import merge as merge_cli
+from adapterlab.jobs.merge import load_config
 from adapterlab.models import tiny_llama
 from tests.merging._helpers import make_lora_dirs
 
@@ -195,7 +196,7 @@ def test_merge_recipes_validate(recipe: Path) -> None:
     from adapterlab.merging import MERGERS
 
     raw = yaml.safe_load(recipe.read_text())
-    cfg = merge_cli.load_config(recipe)
+    cfg = load_config(recipe)
     merger = MERGERS.get(cfg.method).from_params(cfg.params)
     # every parameter the recipe writes reaches the merger with its value (nothing dropped or defaulted)
     described = merger.describe()
@@ -208,7 +209,7 @@ def test_merge_cli_shira_stays_sparse_and_goes_to_the_registry(tmp_path: Path) -
     """SHiRA inputs with no output format give a SHiRA folder equal to the library's sparse merge."""
     from adapterlab.merging import merge_adapters, resolve_adapter
     from adapterlab.registry import AdapterRegistry
-    from tests.merging.test_sparse_merge import _set_entries, _shira_model
+    from tests.merging.test_sparse import _set_entries, _shira_model
 
     dirs = []
     for i, how in enumerate(("even", "random")):

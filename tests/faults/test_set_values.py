@@ -47,7 +47,7 @@ def test_bad_set_value_is_one_line_exit_2_nothing_written(argv, key, value, reas
 
 
 def test_a_quoted_value_is_a_string(tmp_path):
-    from adapterlab.cli.merge import apply_set
+    from adapterlab.config import apply_set
 
     raw: dict = {}
     apply_set(raw, "output.path='['")

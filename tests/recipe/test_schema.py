@@ -51,7 +51,7 @@ def test_every_recipe_validates_through_the_schema(path: Path):
         recipe = load_train_recipe(str(path))
         _check_adapters([recipe])
     elif kind == "merge":
-        from adapterlab.cli.merge import load_config
+        from adapterlab.jobs.merge import load_config
 
         load_config(path)
     elif "steps" in raw or any(k in VERBS for k in raw):
