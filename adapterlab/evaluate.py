@@ -15,8 +15,8 @@ import torch
 
 from adapterlab.models import decoder_layers
 from adapterlab.progress import ProgressFactory, track
-from adapterlab.pruning.base import LayerSparsity
 from adapterlab.pruning.functional import check_nm, parse_pattern
+from adapterlab.pruning.pruner import LayerSparsity
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:

@@ -67,7 +67,7 @@ def test_dylora_accuracy_from_json_file(tmp_path):
 
 
 def test_layer_sparsity_single_and_compared(tmp_path):
-    from adapterlab.pruning.base import LayerSparsity, PruneReport
+    from adapterlab.pruning.pruner import LayerSparsity, PruneReport
 
     rows = [
         LayerSparsity(f"model.layers.{i}.mlp.{p}", (4, 4), 8 + i, 16)

@@ -33,9 +33,9 @@ def test_every_tuner_package_is_registered_with_peft_and_exported() -> None:
 def test_every_pruning_and_merging_method_file_is_registered() -> None:
     from adapterlab.merging.merger import MERGERS
     from adapterlab.merging.routes import ROUTES
-    from adapterlab.pruning.base import PRUNERS
+    from adapterlab.pruning.pruner import PRUNERS
 
-    assert _modules("pruning", {"base", "functional"}) <= set(PRUNERS.names())
+    assert _modules("pruning", {"pruner", "functional"}) <= set(PRUNERS.names())
     # every other file of merging/ is a method (registers a merger) or a route (registers a route)
     infra = {"functional", "merger", "result", "routes", "combine", "writers"}
     names = set(MERGERS.names())

@@ -84,7 +84,7 @@ class MaskKeeperCallback(TrainerCallback):
                     )
                 self._kept.append((name, w, ~keep.to(device=w.device, dtype=torch.bool)))
         else:
-            from adapterlab.pruning.base import prunable_linears
+            from adapterlab.pruning.pruner import prunable_linears
 
             decoder = {id(m) for m in prunable_linears(model).values()}
             for name, module in by_name.items():

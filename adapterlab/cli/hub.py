@@ -225,13 +225,4 @@ def gc(
     console.print(f"{verb} {len(removed)} object(s)", highlight=False)
 
 
-def put_output(hub: Path | None, folder: Path, name: str, provenance: dict[str, Any], base: Any = None) -> str:
-    """Put a CLI output folder into the registry (used by `merge --put` / `extract --put`)."""
-    from adapterlab.registry import AdapterRegistry
-
-    digest = AdapterRegistry(hub).put(folder, name, provenance=provenance, base=base)
-    console.print(f"put {folder} -> hub:{name} ({digest[:12]})", highlight=False)
-    return digest
-
-
-__all__ = ["app", "put_output"]
+__all__ = ["app"]

@@ -7,7 +7,9 @@ import it below.
 from __future__ import annotations
 
 from adapterlab.pruning import magnitude, sparsegpt, wanda  # noqa: F401  (registers the methods)
-from adapterlab.pruning.base import (
+from adapterlab.pruning.functional import check_nm, parse_pattern
+from adapterlab.pruning.magnitude import MagnitudePruner
+from adapterlab.pruning.pruner import (
     PRUNERS,
     LayerSparsity,
     Pruner,
@@ -22,8 +24,6 @@ from adapterlab.pruning.base import (
     save_masks,
     sparsity_of,
 )
-from adapterlab.pruning.functional import check_nm, parse_pattern
-from adapterlab.pruning.magnitude import MagnitudePruner
 from adapterlab.pruning.sparsegpt import SparseGPTPruner
 from adapterlab.pruning.wanda import WandaPruner
 

@@ -10,8 +10,8 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
-from adapterlab.pruning.base import Pruner, register_pruner
 from adapterlab.pruning.functional import magnitude_mask
+from adapterlab.pruning.pruner import Pruner, register_pruner
 
 
 @register_pruner("magnitude")

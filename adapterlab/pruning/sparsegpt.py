@@ -15,8 +15,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from adapterlab.pruning.base import Pruner, register_pruner
 from adapterlab.pruning.functional import accumulate_hessian, sparsegpt_solve
+from adapterlab.pruning.pruner import Pruner, register_pruner
 
 logger = logging.getLogger(__name__)
 

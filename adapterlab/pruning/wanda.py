@@ -12,8 +12,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from adapterlab.pruning.base import Pruner, register_pruner
 from adapterlab.pruning.functional import accumulate_sq_norm, wanda_mask
+from adapterlab.pruning.pruner import Pruner, register_pruner
 
 #: Wanda's statistic: (running mean of ||X_j||^2 of shape (d_in,), sequences seen).
 WandaStats = tuple[Tensor, int]

@@ -44,8 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapterlab.pruning.base import prunable_linears
 from adapterlab.pruning.functional import check_nm, parse_pattern
+from adapterlab.pruning.pruner import prunable_linears
 from adapterlab.quant import module_quantization
 
 logger = logging.getLogger(__name__)

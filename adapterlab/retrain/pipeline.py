@@ -44,7 +44,7 @@ class _Windows(torch.utils.data.Dataset):
 
 
 def _needs_mask_keeper(model: nn.Module) -> bool:
-    from adapterlab.pruning.base import prunable_linears
+    from adapterlab.pruning.pruner import prunable_linears
     from adapterlab.quant import base_named_modules
 
     base = {id(m) for _, m in base_named_modules(model)}  # adapter factors (LoRA B = 0 at init) are not pruned
