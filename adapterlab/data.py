@@ -251,7 +251,12 @@ def _articles(name: str) -> tuple[tuple[str, str], ...]:
         arts = [(f"lee-{i}", ln.strip()) for i, ln in enumerate(lines) if ln.strip()]
     # Exact duplicates (the Lee file repeats 7 articles) would straddle the split: keep the first.
     seen: set[str] = set()
-    arts = [a for a in arts if not (a[1] in seen or seen.add(a[1]))]
+    kept: list[tuple[str, str]] = []
+    for a in arts:
+        if a[1] not in seen:
+            seen.add(a[1])
+            kept.append(a)
+    arts = kept
     logger.debug("parsed %d %s articles from %s", len(arts), name, path.name)
     return tuple(arts)
 

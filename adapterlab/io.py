@@ -21,7 +21,7 @@ import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -252,7 +252,7 @@ def base_fingerprint(model: nn.Module) -> dict[str, Any]:
 
     from adapterlab.quant import base_named_modules, dequantize_weight, module_quantization
 
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = cast(Any, model).get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel
     config = getattr(inner, "config", None)
     architectures = getattr(config, "architectures", None) or [type(inner).__name__]
 

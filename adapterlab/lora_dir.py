@@ -83,7 +83,8 @@ def write_lora_dir(
     mts = dict(modules_to_save or {})
     cfg = LoraConfig(
         r=r,
-        lora_alpha=r if lora_alpha is None else float(lora_alpha),
+        # peft annotates lora_alpha as int, but takes a float (scale = lora_alpha / r)
+        lora_alpha=r if lora_alpha is None else float(lora_alpha),  # type: ignore[arg-type]
         use_rslora=bool(use_rslora),
         target_modules=sorted(ranks),
         rank_pattern=pattern,

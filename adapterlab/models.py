@@ -63,8 +63,9 @@ def default_model_dir() -> Path:
     # The dequantized model is a plain fp32 model now: drop the GGUF quantizer so it serializes.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.hf_quantizer = None
-    model.is_quantized = False
+    plain: Any = model  # hf_quantizer / is_quantized: attributes nn.Module's typed __setattr__ does not allow
+    plain.hf_quantizer = None
+    plain.is_quantized = False
     model.config._name_or_path = DEFAULT_MODEL_ID
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".stage-", dir=target.parent))
@@ -111,7 +112,8 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+    # typed as nn.Module: transformers wraps .to() with functools.wraps, whose stub does not bind self
+    model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
     model.to(device)
     model.eval()
     return model
@@ -166,7 +168,8 @@ def tiny_llama(
         eos_token_id=2,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).to(dtype)
+    built: torch.nn.Module = LlamaForCausalLM(cfg)  # as nn.Module: see load_model on .to()
+    model = built.to(dtype)
     model.eval()
     return model
 

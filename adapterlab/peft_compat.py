@@ -35,7 +35,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, cast
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ PEFT_MAX_VERSION = "0.22"
 SKIP_VERSION_CHECK_ENV = "ADAPTERLAB_SKIP_PEFT_VERSION_CHECK"
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*[a-z0-9]$")
+_E = TypeVar("_E", bound=enum.Enum)
 
 
 class PeftVersionError(RuntimeError):
@@ -101,20 +102,20 @@ def _validate_name(name: str) -> None:
         )
 
 
-def _add_enum_member(enum_cls: type[enum.Enum], name: str, value: str) -> enum.Enum:
+def _add_enum_member(enum_cls: type[_E], name: str, value: str) -> _E:
     """Add ``name = value`` to an existing ``str`` enum (no-op if it is already a member)."""
     if name in enum_cls.__members__:
-        member = enum_cls[name]
-        if member.value != value:
-            raise ValueError(f"{enum_cls.__name__}.{name} already exists with value {member.value!r}")
-        return member
+        existing = enum_cls[name]
+        if existing.value != value:
+            raise ValueError(f"{enum_cls.__name__}.{name} already exists with value {existing.value!r}")
+        return existing
     if value in enum_cls._value2member_map_:
         raise ValueError(f"{enum_cls.__name__} already has a member with value {value!r}")
     if hasattr(enum_cls, name):
         raise ValueError(f"{name!r} clashes with an attribute of {enum_cls.__name__}")
 
-    new_member = getattr(enum_cls, "_new_member_", str.__new__)
-    member = new_member(enum_cls, value)
+    new_member: Any = getattr(enum_cls, "_new_member_", str.__new__)
+    member: Any = new_member(enum_cls, value)  # a member built by hand: enum's private attributes are set below
     member._name_ = name
     member._value_ = value
     member.__objclass__ = enum_cls
@@ -211,7 +212,7 @@ def register_tuner(
     key = name.upper()
     previous = _REGISTERED.get(name)
     if previous is None and key in PeftType.__members__:
-        owner_cfg = PEFT_TYPE_TO_CONFIG_MAPPING.get(key)
+        owner_cfg = PEFT_TYPE_TO_CONFIG_MAPPING.get(cast(Any, key))  # PeftType is a str enum: the name finds it
         if owner_cfg is not None and not _same_class(owner_cfg, config_cls):
             raise ValueError(
                 f"PEFT type {key!r} already belongs to {owner_cfg.__module__}.{owner_cfg.__name__}; "

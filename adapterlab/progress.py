@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator
-from typing import TypeVar
+from typing import TypeVar, cast
 
 T = TypeVar("T")
 logger = logging.getLogger("adapterlab")
@@ -19,7 +19,7 @@ ProgressFactory = Callable[[str, int | None], Callable[[int], None]]
 
 def _silent(description: str, total: int | None) -> Callable[[int], None]:
     logger.debug("%s (%s steps)", description, total)
-    return lambda n=1: None
+    return cast("Callable[[int], None]", lambda n=1: None)  # mypy cannot infer a lambda with a default
 
 
 _default: ProgressFactory = _silent

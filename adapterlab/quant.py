@@ -55,13 +55,16 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
 from adapterlab._paths import cache_dir
 from adapterlab.models import is_default, resolve_model_path
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +111,7 @@ def module_quantization(module: nn.Module) -> str | None:
 def _base_layer(module: nn.Module) -> nn.Module:
     """Unwrap peft tuner layers (anything with a ``base_layer`` submodule)."""
     while isinstance(getattr(module, "base_layer", None), nn.Module):
-        module = module.base_layer
+        module = cast(nn.Module, module.base_layer)
     return module
 
 
@@ -167,7 +170,7 @@ def dequantize_weight(module: nn.Module) -> torch.Tensor:
     never aliases the module's storage. Accepts peft tuner layers (uses their base layer).
     """
     module = _base_layer(module)
-    weight = module.weight
+    weight: Any = module.weight  # Params4bit / Int8Params (quant_state, SCB) or a plain tensor
     if is_4bit(module):
         import bitsandbytes.functional as bnbF
 
@@ -200,7 +203,8 @@ def set_cpu_repack_(model: nn.Module, enabled: bool) -> int:
     count = 0
     for module in model.modules():
         if is_4bit(module):
-            module.support_avx512bf16_for_cpu = bool(enabled) and _cpu_has_avx512bf16()
+            linear4bit: Any = module  # bitsandbytes Linear4bit
+            linear4bit.support_avx512bf16_for_cpu = bool(enabled) and _cpu_has_avx512bf16()
             count += 1
     return count
 
@@ -227,11 +231,12 @@ def unpack_cpu_(model: nn.Module) -> int:
     for module in model.modules():
         if not is_4bit(module):
             continue
-        qs = module.weight.quant_state
+        linear4bit: Any = module  # bitsandbytes Linear4bit: weight.quant_state, quant_state
+        qs = linear4bit.weight.quant_state
         if not getattr(qs, "packing_format_for_cpu", False):
             continue
         n, k = (int(s) for s in qs.shape)
-        packed = module.weight.data.reshape(-1, CPU_REPACK_BLOCK_N)
+        packed = linear4bit.weight.data.reshape(-1, CPU_REPACK_BLOCK_N)
         codes = torch.cat([packed & 0xF, (packed >> 4) & 0xF], dim=-1)
         codes = codes.reshape(n // CPU_REPACK_BLOCK_N, k // 2, CPU_REPACK_BLOCK_N, 2)
         codes = codes.transpose(1, 2).reshape(-1)  # [N*K] row-major codes
@@ -249,10 +254,10 @@ def unpack_cpu_(model: nn.Module) -> int:
             quant_type=qs.quant_type,
             dtype=getattr(qs, "original_dtype", torch.float32),
         )
-        module.weight.data = qweight
-        module.weight.quant_state = new_qs
-        if hasattr(module, "quant_state"):
-            module.quant_state = new_qs
+        linear4bit.weight.data = qweight
+        linear4bit.weight.quant_state = new_qs
+        if hasattr(linear4bit, "quant_state"):
+            linear4bit.quant_state = new_qs
         count += 1
     return count
 
@@ -295,7 +300,7 @@ def _default_skips(skeleton: nn.Module) -> list[str]:
 
         return list(get_keys_to_not_convert(skeleton))
     except Exception:  # pragma: no cover - transformers layout changed
-        out = skeleton.get_output_embeddings() if hasattr(skeleton, "get_output_embeddings") else None
+        out = cast(Any, skeleton).get_output_embeddings() if hasattr(skeleton, "get_output_embeddings") else None
         return [n for n, m in skeleton.named_modules() if out is not None and m is out]
 
 
@@ -387,7 +392,7 @@ def load_quantized(
 
     use_cache = is_default(model_id_or_path) if cache is None else bool(cache)
     cached = cache_dir() / "quantized" / _cache_key(path, qcfg) if use_cache else None
-    model = _load_cached(cached, compute_dtype) if cached is not None else None
+    model: PreTrainedModel | None = _load_cached(cached, compute_dtype) if cached is not None else None
     if model is None:
         model = AutoModelForCausalLM.from_pretrained(
             str(path),
@@ -423,7 +428,7 @@ def _cache_key(path: Path, qcfg: Any) -> str:
     return h.hexdigest()[:24]
 
 
-def _load_cached(cached: Path, compute_dtype: torch.dtype) -> nn.Module | None:
+def _load_cached(cached: Path, compute_dtype: torch.dtype) -> PreTrainedModel | None:
     if not (cached / "config.json").is_file():
         return None
     from transformers import AutoModelForCausalLM
@@ -437,11 +442,13 @@ def _load_cached(cached: Path, compute_dtype: torch.dtype) -> nn.Module | None:
         return None
 
 
-def _store_cached(model: nn.Module, cached: Path) -> None:
+def _store_cached(model: PreTrainedModel, cached: Path) -> None:
     """Save a freshly quantized model (never run forward, so no CPU repack) by atomic rename."""
     import shutil
 
-    if any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in model.modules() if is_4bit(m)):
+    if any(
+        getattr(cast(Any, m.weight).quant_state, "packing_format_for_cpu", False) for m in model.modules() if is_4bit(m)
+    ):
         return
     staging: Path | None = None
     try:
@@ -470,10 +477,10 @@ def quantize_model(model: nn.Module, bits: int = 4, **kwargs: Any) -> nn.Module:
         raise ValueError("the model is already quantized")
     name = getattr(getattr(model, "config", None), "_name_or_path", None)
     with tempfile.TemporaryDirectory(prefix="adapterlab-quant-") as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        cast(Any, model).save_pretrained(tmp, safe_serialization=True)  # a transformers PreTrainedModel
         qmodel = load_quantized(tmp, bits, **{"cache": False, **kwargs})
     if name is not None:
-        qmodel.config._name_or_path = name
+        cast(Any, qmodel).config._name_or_path = name
     return qmodel
 
 
@@ -497,7 +504,7 @@ def quant_info(model: nn.Module) -> dict[str, Any]:
         if is_4bit(m):
             n_quant += 1
             bits.add(4)
-            qs = m.weight.quant_state
+            qs = cast(Any, m.weight).quant_state
             qtypes.add(qs.quant_type)
             double = double or bool(getattr(qs, "nested", False)) or bool(getattr(qs, "original_nested", False))
             if getattr(qs, "packing_format_for_cpu", False):
@@ -544,10 +551,11 @@ def check_cpu_4bit_inference(model: nn.Module) -> None:
     for name, m in base_named_modules(model):
         if not is_4bit(m) or not getattr(m, "support_avx512bf16_for_cpu", False):
             continue
-        if getattr(m.weight.quant_state, "packing_format_for_cpu", False):
+        qs = cast(Any, m.weight).quant_state
+        if getattr(qs, "packing_format_for_cpu", False):
             continue  # already repacked: it ran
-        n, k = (int(s) for s in m.weight.quant_state.shape)
-        if not _linear_is_cpu_4bit_safe(k, n, int(m.weight.quant_state.blocksize)):
+        n, k = (int(s) for s in qs.shape)
+        if not _linear_is_cpu_4bit_safe(k, n, int(qs.blocksize)):
             bad.append(f"{name} (out_features={n}, in_features={k})")
     if bad:
         raise ValueError(
@@ -563,14 +571,14 @@ def snapshot_weight(module: nn.Module) -> dict[str, Any]:
     """An exact copy of a linear layer's stored weight (4-bit codes + quant state, 8-bit codes +
     scales, or the plain tensor), for :func:`restore_weight_`."""
     module = _base_layer(module)
-    w = module.weight
+    w: Any = module.weight  # Params4bit / Int8Params (quant_state, SCB) or a plain tensor
     if is_4bit(module):
         return {"kind": "4bit", "data": w.data.clone(), "quant_state": w.quant_state}
     if is_8bit(module):
         scb = getattr(w, "SCB", None)
         on_weight = scb is not None
         if scb is None:
-            scb = module.state.SCB
+            scb = cast(Any, module).state.SCB  # Linear8bitLt.state after the first forward
         return {"kind": "8bit", "data": w.data.clone(), "SCB": scb.clone(), "on_weight": on_weight}
     return {"kind": "plain", "data": w.data.clone()}
 
@@ -580,10 +588,11 @@ def restore_weight_(module: nn.Module, snapshot: dict[str, Any]) -> None:
     module = _base_layer(module)
     kind = snapshot["kind"]
     if kind == "4bit":
-        module.weight.data = snapshot["data"]
-        module.weight.quant_state = snapshot["quant_state"]
-        if hasattr(module, "quant_state"):
-            module.quant_state = snapshot["quant_state"]
+        linear4bit: Any = module  # bitsandbytes Linear4bit: weight.quant_state, quant_state
+        linear4bit.weight.data = snapshot["data"]
+        linear4bit.weight.quant_state = snapshot["quant_state"]
+        if hasattr(linear4bit, "quant_state"):
+            linear4bit.quant_state = snapshot["quant_state"]
     elif kind == "8bit":
         _set_int8_(module, snapshot["data"], snapshot["SCB"])
     else:
@@ -591,7 +600,7 @@ def restore_weight_(module: nn.Module, snapshot: dict[str, Any]) -> None:
 
 
 def _set_int8_(module: nn.Module, cb: torch.Tensor, scb: torch.Tensor) -> None:
-    weight = module.weight
+    weight: Any = module.weight  # bitsandbytes Int8Params: CB, SCB
     weight.data = cb
     if getattr(weight, "SCB", None) is not None:
         weight.CB = cb
@@ -619,7 +628,8 @@ def requantize_4bit_(module: nn.Module, weight: torch.Tensor) -> None:
     module = _base_layer(module)
     if not is_4bit(module):
         raise TypeError(f"{type(module).__name__} is not a bitsandbytes Linear4bit")
-    p = module.weight
+    linear4bit: Any = module  # bitsandbytes Linear4bit: weight.quant_state, quant_state
+    p = linear4bit.weight
     old = p.quant_state
     shape = tuple(int(s) for s in old.shape)
     if tuple(weight.shape) != shape:
@@ -637,8 +647,8 @@ def requantize_4bit_(module: nn.Module, weight: torch.Tensor) -> None:
     qs.dtype = orig_dtype  # dequantize to the layer's original dtype, as before
     p.data = qweight
     p.quant_state = qs
-    if hasattr(module, "quant_state"):
-        module.quant_state = qs
+    if hasattr(linear4bit, "quant_state"):
+        linear4bit.quant_state = qs
 
 
 def requantize_8bit_(module: nn.Module, weight: torch.Tensor) -> None:
@@ -661,7 +671,7 @@ def set_weight_(module: nn.Module, weight: torch.Tensor) -> None:
     elif is_8bit(base):
         requantize_8bit_(base, weight)
     else:
-        w = base.weight
+        w = cast(torch.Tensor, base.weight)
         if tuple(weight.shape) != tuple(w.shape):
             raise ValueError(f"new weight has shape {tuple(weight.shape)}, the layer has {tuple(w.shape)}")
         w.data = weight.detach().to(device=w.device, dtype=w.dtype)

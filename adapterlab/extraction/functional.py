@@ -8,6 +8,7 @@ Reference:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -141,7 +142,7 @@ def low_rank_factors(
         if rank is not None:
             k = min(int(rank), full)
         else:
-            k = energy_rank(S, float(energy), total)
+            k = energy_rank(S, float(cast(float, energy)), total)  # rank is None: energy is set
             k = max(k, min(min_rank, full))
             if max_rank is not None:
                 k = min(k, max_rank)
@@ -169,7 +170,7 @@ def _gram_factors(
     if rank is not None:
         k = min(int(rank), full)
     else:
-        k = energy_rank(S, float(energy), total)
+        k = energy_rank(S, float(cast(float, energy)), total)  # rank is None: energy is set
         k = max(k, min(min_rank, full))
         if max_rank is not None:
             k = min(k, max_rank)
