@@ -40,7 +40,7 @@ from typing import Any, Literal
 
 import torch
 
-from adapterlab._registry import Registry
+from adapterlab._named import Registry
 from adapterlab.assets import gensim_file, vader_file
 
 logger = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import Tensor
 
-from adapterlab._registry import Registry
+from adapterlab._named import Registry
 from adapterlab.adapters import LoraSource
 from adapterlab.merging.functional import union_support
 from adapterlab.progress import ProgressFactory, track

@@ -7,7 +7,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 from torch import Tensor, nn
@@ -115,7 +115,7 @@ class MergeResult:
         if self.output == "full":
             raise ValueError("output='full' is already a merged model (result.model)")
         for name in self.shapes:
-            w = model.get_submodule(name).weight
+            w = cast(Tensor, model.get_submodule(name).weight)  # a linear / embedding weight
             with torch.no_grad():
                 w.copy_(add_to_weight(w, self.delta(name)))
 
@@ -187,7 +187,7 @@ class MergeResult:
                 (stage / "sparse_adapter.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
             elif self.output == "full":
                 assert self.model is not None
-                self.model.save_pretrained(str(stage))
+                cast(Any, self.model).save_pretrained(str(stage))  # a transformers PreTrainedModel
                 if tokenizer is not None:
                     tokenizer.save_pretrained(str(stage))
             elif self.output == "rmm":

@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from adapterlab._registry import Registry
+from adapterlab._named import Registry
 from adapterlab.adapters import LoraSource
 from adapterlab.merging.merger import Merger, check_fraction
 from adapterlab.merging.result import MergeResult

@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from adapterlab._registry import Registry
+from adapterlab._named import Registry
 from adapterlab.models import block_linears, decoder_layers
 from adapterlab.progress import ProgressFactory, track
 from adapterlab.pruning.functional import check_nm, parse_pattern, resolve_sparsity

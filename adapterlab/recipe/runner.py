@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adapterlab._registry import Registry
+from adapterlab._named import Registry
 from adapterlab.progress import ProgressFactory, _silent
 from adapterlab.recipe.schema import (
     REF_PATTERN,

@@ -1,4 +1,5 @@
-"""One generic named registry used for pruners, mergers, tuners and callbacks."""
+"""Named registries: one generic name -> implementation table (pruners, merge methods and routes, tasks,
+pipeline steps). Not the adapter registry, which is :mod:`adapterlab.registry`."""
 
 from __future__ import annotations
 
