@@ -1,0 +1,56 @@
+"""staged_dir: an output folder appears whole or not at all."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from adapterlab.staging import check_output_dir, staged_dir
+
+
+def _listing(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_success_renames_the_stage_into_place(tmp_path: Path) -> None:
+    out = tmp_path / "sub" / "out"
+    with staged_dir(out) as stage:
+        assert stage.parent == out.parent and stage != out and not out.exists()
+        (stage / "a.txt").write_text("x", encoding="utf-8")
+    assert (out / "a.txt").read_text(encoding="utf-8") == "x"
+    assert _listing(tmp_path) == ["sub", "sub/out", "sub/out/a.txt"]  # no stage or backup left
+
+
+def test_an_error_leaves_nothing_and_keeps_the_old_folder(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old", encoding="utf-8")
+    with pytest.raises(RuntimeError, match="boom"), staged_dir(out, overwrite=True) as stage:
+        (stage / "new.txt").write_text("new", encoding="utf-8")
+        raise RuntimeError("boom")
+    assert _listing(tmp_path) == ["out", "out/old.txt"]
+
+
+def test_overwrite_replaces_the_whole_folder(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old", encoding="utf-8")
+    with staged_dir(out, overwrite=True) as stage:
+        (stage / "new.txt").write_text("new", encoding="utf-8")
+    assert _listing(tmp_path) == ["out", "out/new.txt"]
+
+
+def test_refusals_name_the_path(tmp_path: Path) -> None:
+    afile = tmp_path / "f"
+    afile.write_text("", encoding="utf-8")
+    with pytest.raises(FileExistsError, match="exists and is not a folder"):
+        check_output_dir(afile)
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "x").write_text("", encoding="utf-8")
+    with pytest.raises(FileExistsError, match=r"'.*full' exists and is not empty \(pass overwrite=True"):
+        with staged_dir(full):
+            pass  # pragma: no cover
+    assert _listing(full) == ["x"]
+    assert check_output_dir(tmp_path / "new") == tmp_path / "new"  # a missing folder is fine
