@@ -24,7 +24,6 @@ Reference:
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -35,7 +34,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from adapterlab.io import sha256_file
+from adapterlab.adapter_config import read_adapter_config
+from adapterlab.io import TensorFile, check_finite, open_tensors, sha256_file
 from adapterlab.peft_compat import lora_scaling, pattern_value
 
 __all__ = [
@@ -46,6 +46,7 @@ __all__ = [
     "LoriSource",
     "ShiraModule",
     "ShiraSource",
+    "check_recorded_bases",
     "resolve_adapter",
     "resolve_adapters",
 ]
@@ -83,6 +84,9 @@ class LoraSource:
         modules: module name -> :class:`LoraModule`.
         path: the folder (None for in-memory models).
         sha256: hex digest of ``adapter_model.safetensors`` (None in memory).
+        ref: the registry ref it was resolved from (``"hub:NAME"``), else None.
+        recorded_base: the base fingerprint the registry recorded for it (``manifest["base"]``), else None;
+            a merge into a base (``output="full"``) refuses another base (:func:`check_recorded_bases`).
     """
 
     name: str
@@ -91,6 +95,8 @@ class LoraSource:
     get: Callable[[str], Tensor] = field(repr=False)
     path: Path | None = None
     sha256: str | None = None
+    ref: str | None = field(default=None, kw_only=True)
+    recorded_base: dict[str, Any] | None = field(default=None, repr=False, kw_only=True)
 
     #: ``"lora"``; ``"shira"`` / ``"lori"`` for the sparse-adapter sources (subclasses).
     kind: ClassVar[str] = "lora"
@@ -115,14 +121,23 @@ class LoraSource:
         b = self.get(m.b_key).to(torch.float32)
         if m.transpose:  # stored delta is (b a)ᵀ: weight-layout B = aᵀ, A = bᵀ
             a, b = b.T, a.T
-        return (b * m.scale).contiguous(), a.contiguous()
+        return self._overflow_checked(name, "s · B", (b * m.scale).contiguous()), a.contiguous()
 
     def delta(self, name: str) -> Tensor:
         """Dense fp32 delta ``[d_out, d_in]`` (shape of the base weight); zeros if not targeted."""
         if name not in self.modules:
             raise KeyError(name)
         b, a = self.factors(name)
-        return b @ a  # [d_out, r] @ [r, d_in] -> [d_out, d_in]
+        return self._overflow_checked(name, "delta s · B @ A", b @ a)  # [d_out, r] @ [r, d_in] -> [d_out, d_in]
+
+    def _overflow_checked(self, module: str, what: str, t: Tensor) -> Tensor:
+        """``t``, or one line naming the adapter and module: the stored values are finite (checked as read),
+        so a non-finite product is an fp32 overflow."""
+        return check_finite(
+            t,
+            f"adapter {self.name!r}: module {module!r}: {what}",
+            " (an fp32 overflow: the adapter's values are too large); nothing was written",
+        )
 
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "path": str(self.path) if self.path else None, "sha256": self.sha256}
@@ -477,42 +492,45 @@ def _parse(
 
 
 def _finite(get: Callable[[str], Tensor], name: str, where: str) -> Callable[[str], Tensor]:
-    """``get`` that refuses floating tensors holding NaN or Inf."""
+    """``get`` that refuses floating tensors holding NaN or Inf (:func:`adapterlab.io.check_finite`)."""
 
     def checked(key: str) -> Tensor:
-        t = get(key)
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{where} {name!r}: tensor {key!r} holds NaN or Inf; nothing was merged or written")
-        return t
+        return check_finite(get(key), f"{where} {name!r}: tensor {key!r}", "; nothing was merged or written")
 
     return checked
 
 
 def _from_folder(path: Path, name: str, where: str) -> LoraSource:
-    from safetensors import safe_open
-
+    """A source over a PEFT folder: the config through the one schema, the tensors through the one reader."""
     cfg_path = path / "adapter_config.json"
     weights = path / "adapter_model.safetensors"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{where}: {str(path)!r} is not a PEFT adapter folder (no adapter_config.json)")
-    if not weights.is_file():
+    if not weights.exists():
         if (path / "adapter_model.bin").is_file():
             raise ValueError(
                 f"{where}: {str(path)!r} holds adapter_model.bin (pickle); adapterlab reads safetensors only"
             )
         raise FileNotFoundError(f"{where}: {str(path)!r} has no adapter_model.safetensors")
-    config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    with safe_open(str(weights), framework="pt") as fh:
-        keys = list(fh.keys())
-        shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in keys}
-    handle: dict[str, Any] = {}
+    try:
+        config, _ = read_adapter_config(cfg_path)  # garbage values: one line naming the key path
+        with open_tensors(weights) as fh:  # corrupt files: one line naming the file
+            keys = fh.keys()
+            shapes = {k: fh.shape(k) for k in keys}
+        sha256 = sha256_file(weights)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    handle: dict[str, TensorFile] = {}
 
     def get(key: str) -> Tensor:
         if "fh" not in handle:
-            handle["fh"] = safe_open(str(weights), framework="pt")
-        return handle["fh"].get_tensor(key)
+            handle["fh"] = open_tensors(weights)
+        try:
+            return handle["fh"].get(key)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
 
-    return _build(name, config, keys, shapes.__getitem__, get, where, path=path, sha256=sha256_file(weights))
+    return _build(name, config, keys, shapes.__getitem__, get, where, path=path, sha256=sha256)
 
 
 def _build(
@@ -592,8 +610,10 @@ def resolve_adapter(
     if isinstance(ref, (str, os.PathLike)):
         text = os.fspath(ref)
         if text.startswith("hub:"):
-            folder = _resolve_hub_ref(text[4:], where, registry)
-            return _from_folder(Path(folder), name or text[4:], where)
+            folder, recorded = _resolve_hub_ref(text[4:], where, registry)
+            src = _from_folder(Path(folder), name or text[4:], where)
+            src.ref, src.recorded_base = text, recorded
+            return src
         path = Path(text).expanduser()
         if not path.exists():
             raise FileNotFoundError(f"{where}: adapter folder {text!r} does not exist")
@@ -604,8 +624,9 @@ def resolve_adapter(
     )
 
 
-def _resolve_hub_ref(ref: str, where: str, registry: Any) -> Path:
-    """Resolve ``hub:NAME`` through an AdapterRegistry (``registry.get(name)`` -> folder)."""
+def _resolve_hub_ref(ref: str, where: str, registry: Any) -> tuple[Path, dict[str, Any] | None]:
+    """Resolve ``hub:NAME`` through an AdapterRegistry: ``(registry.get(name) -> folder, the recorded base
+    fingerprint or None)``."""
     if not ref:
         raise ValueError(f"{where}: empty registry ref 'hub:'; write 'hub:NAME'")
     if registry is None:
@@ -619,10 +640,12 @@ def _resolve_hub_ref(ref: str, where: str, registry: Any) -> Path:
         registry = AdapterRegistry(os.environ.get("ADAPTERLAB_HUB", "hub"))
     try:
         folder = registry.get(ref)  # verified: every file re-hashed against the manifest
+        show = getattr(registry, "show", None)
+        recorded = show(ref).get("base") if callable(show) else None
     except (KeyError, ValueError, FileNotFoundError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
         raise type(exc)(f"{where}: 'hub:{ref}': {msg}") from None
-    return Path(getattr(folder, "path", folder))
+    return Path(getattr(folder, "path", folder)), (dict(recorded) if isinstance(recorded, Mapping) else None)
 
 
 def resolve_adapters(
@@ -673,3 +696,36 @@ def check_compatible(sources: Sequence[LoraSource], check_base: bool = True) -> 
                     f"has {bases[0][1]!r}; pass check_base=False if both are the same base"
                 )
     return dict(sorted(shapes.items()))
+
+
+def check_recorded_bases(sources: Sequence[LoraSource], base: Any) -> None:
+    """Refuse merging registry adapters into a base other than the one the registry recorded for them.
+
+    Args:
+        sources: resolved adapters; those with a ``recorded_base`` (``hub:`` refs put with ``--base``) are checked.
+        base: the base model the merge writes into (its :func:`adapterlab.io.base_fingerprint` is compared
+            by :func:`adapterlab.io.fingerprint_digest`: shapes, quantization and zero pattern).
+
+    Raises:
+        ValueError: one line naming the adapter, its ref and both bases.
+    """
+    recorded = [(i, s) for i, s in enumerate(sources) if s.recorded_base]
+    if not recorded:
+        return
+    from adapterlab.io import base_fingerprint, fingerprint_digest
+    from adapterlab.registry.manifest import describe_base
+
+    fp = base_fingerprint(base)
+    have = fingerprint_digest(fp)
+    for i, src in recorded:
+        want = src.recorded_base or {}
+        try:
+            same = fingerprint_digest(want) == have
+        except ValueError:  # a manifest of an older fingerprint format: compare what both have
+            same = all(want.get(k) == fp.get(k) for k in ("shapes_digest", "quantization", "mask_digest"))
+        if not same:
+            raise ValueError(
+                f"adapters[{i}] ({src.name!r}, {src.ref}): the registry recorded it for base {describe_base(want)}, "
+                f"but the base to merge into is {describe_base(fp)}; merge it into the base it was made for "
+                f"(output: full writes the adapter into this base)"
+            )

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -73,7 +74,11 @@ def _prepare(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def save_tensors(
-    path: PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+    path: PathLike,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    allow_nonfinite: bool = False,
 ) -> Path:
     """Write ``tensors`` to a ``.safetensors`` file atomically (tmp + fsync + rename).
 
@@ -81,9 +86,15 @@ def save_tensors(
         path: the target file; its folder is created if needed.
         tensors: name -> tensor (moved to CPU and made contiguous; shared storage is copied).
         metadata: string -> string header metadata.
+        allow_nonfinite: write floating tensors holding NaN or Inf (refused by default: every output
+            adapterlab writes is checked finite here, before anything reaches the disk).
 
     Returns:
         The written path. On any failure the target is left as it was and no temporary file remains.
+
+    Raises:
+        ValueError: a non-``.safetensors`` name, bad metadata or values, or (unless ``allow_nonfinite``)
+            a tensor holding NaN or Inf — one line naming the file and the tensor; nothing is written.
     """
     from safetensors.torch import save_file
 
@@ -97,6 +108,13 @@ def save_tensors(
             raise ValueError(f"safetensors metadata must map str to str; bad entries: {bad}")
         meta = dict(metadata)
     data = _prepare(tensors)
+    if not allow_nonfinite:
+        for key, t in data.items():
+            check_finite(
+                t,
+                f"refusing to write {path.name!r}: tensor {key!r}",
+                " (an fp32 overflow, or NaN/Inf in the inputs); nothing was written",
+            )
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
     os.close(fd)
@@ -113,15 +131,194 @@ def save_tensors(
     return path
 
 
-def _looks_like_safetensors(path: Path) -> bool:
-    """Header check: 8-byte little-endian header length, then a JSON object."""
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        head = fh.read(9)
+# ---------------------------------------------------------------------------------------------
+# the one validated reader: every tensor file adapterlab reads is checked here first
+
+#: The largest safetensors header the reader accepts (the safetensors library's own limit).
+MAX_HEADER_BYTES = 100_000_000
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def describe_path(path: PathLike) -> str:
+    """``'path'`` for messages, with ``(a symlink to 'target')`` when it is one."""
+    p = Path(path)
+    text = repr(str(p))
+    if p.is_symlink():
+        text += f" (a symlink to {os.path.realpath(p)!r})"
+    return text
+
+
+def _file_kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "folder"
+    if stat.S_ISFIFO(mode):
+        return "FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device file"
+    return "special file"
+
+
+def _is_pickle(head: bytes) -> bool:
+    """torch.save's zip archive (``PK\\x03\\x04``) or a raw pickle stream (protocol 2-5)."""
+    return head[:4] == b"PK\x03\x04" or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+
+
+def _sniff(path: Path) -> tuple[str, str]:
+    """``(kind, reason)`` of a regular file: ``safetensors`` (header framing is plausible), ``pickle``,
+    or ``bad`` with the reason. Raises a one-line error for a missing, unreadable or special file."""
+    desc = describe_path(path)
+    try:
+        st = os.stat(path)  # follows symlinks: what is read is the target
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such tensor file: {desc}") from None
+    except OSError as exc:
+        raise ValueError(f"{desc} cannot be read ({exc.strerror or exc}); check the path") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(
+            f"{desc} is a {_file_kind(st.st_mode)}, not a regular file; a tensor file must be a plain .safetensors file"
+        )
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(9)
+    except OSError as exc:
+        raise ValueError(f"{desc} cannot be read ({exc.strerror or exc}); check its permissions") from None
+    size = st.st_size
+    n = int.from_bytes(head[:8], "little") if len(head) >= 8 else 0
+    if len(head) == 9 and 0 < n <= size - 8 and head[8:9] == b"{":
+        if n > MAX_HEADER_BYTES:
+            return "bad", f"its header of {n} bytes exceeds the {MAX_HEADER_BYTES}-byte limit"
+        return "safetensors", ""
+    if size == 0:
+        return "bad", "the file is empty"
+    if _is_pickle(head):
+        return "pickle", ""
     if len(head) < 9:
-        return False
-    n = int.from_bytes(head[:8], "little")
-    return 0 < n <= size - 8 and head[8:9] == b"{"
+        return "bad", f"{size} bytes is too short for a safetensors header"
+    if n == 0 or n > size - 8:
+        return "bad", (
+            f"its first 8 bytes give a header of {n} bytes but the file has {size}: truncated, or not safetensors"
+        )
+    return "bad", "its header is not a JSON object"
+
+
+def _bad_file(path: Path, reason: str) -> ValueError:
+    return ValueError(f"{describe_path(path)} is not a valid safetensors file ({reason}); re-save or remove it")
+
+
+def _pickle_file(path: Path, hint: str = "") -> ValueError:
+    return ValueError(
+        f"{describe_path(path)} is not a valid safetensors file (it is a pickle / torch.save file, which adapterlab "
+        f"does not read: pickle can run code); re-save it as safetensors{hint}"
+    )
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+class TensorFile:
+    """A validated safetensors file read lazily: names, shapes and dtypes from the header, tensors one
+    at a time (``safe_open`` underneath). Use :func:`open_tensors` to make one.
+
+    Every problem is a one-line ``ValueError`` naming the file (and the tensor): not a regular file,
+    empty, a pickle, truncated, a header that is not valid JSON, offsets outside the file or
+    overlapping, an unreadable tensor. A missing file is a ``FileNotFoundError``.
+    """
+
+    def __init__(self, path: PathLike) -> None:
+        from safetensors import SafetensorError, safe_open
+
+        self.path = Path(path)
+        kind, reason = _sniff(self.path)
+        if kind == "pickle":
+            raise _pickle_file(self.path)
+        if kind != "safetensors":
+            raise _bad_file(self.path, reason)
+        try:
+            self._fh: Any = safe_open(str(self.path), framework="pt")  # parses and checks the whole header
+            self._keys = list(self._fh.keys())
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise _bad_file(self.path, _reason(exc)) from None
+
+    def __enter__(self) -> TensorFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        fh, self._fh = self._fh, None
+        if fh is not None:
+            fh.__exit__(None, None, None)
+
+    def _handle(self) -> Any:
+        if self._fh is None:
+            raise ValueError(f"{describe_path(self.path)} was closed")
+        return self._fh
+
+    def keys(self) -> list[str]:
+        """The tensor names, in the file's order."""
+        return list(self._keys)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+    def _slice(self, key: str) -> Any:
+        if key not in self._keys:
+            raise ValueError(f"{describe_path(self.path)} has no tensor {key!r}")
+        return self._handle().get_slice(key)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(int(s) for s in self._slice(key).get_shape())
+
+    def dtype(self, key: str) -> torch.dtype | None:
+        """The tensor's torch dtype (None for a safetensors dtype torch has no name for)."""
+        return _ST_DTYPES.get(str(self._slice(key).get_dtype()))
+
+    def get(self, key: str) -> torch.Tensor:
+        """One tensor (CPU)."""
+        from safetensors import SafetensorError
+
+        if key not in self._keys:
+            raise ValueError(f"{describe_path(self.path)} has no tensor {key!r}")
+        try:
+            return cast(torch.Tensor, self._handle().get_tensor(key))
+        except (SafetensorError, OSError, RuntimeError, TypeError, ValueError) as exc:
+            raise ValueError(
+                f"{describe_path(self.path)}: tensor {key!r} cannot be read ({_reason(exc)}); re-save or remove the file"
+            ) from None
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self._handle().metadata() or {})
+
+
+def open_tensors(path: PathLike) -> TensorFile:
+    """Open a safetensors file for reading tensor by tensor, after validating it (see :class:`TensorFile`).
+
+    This is the one door for lazy reads (merging's adapter sources, PHLoRA's model folders, the
+    registry's checks, serving); :func:`load_tensors` reads a whole file through the same checks.
+    """
+    return TensorFile(path)
+
+
+def check_safetensors(path: PathLike) -> None:
+    """Validate a safetensors file's framing and header without reading its tensors (one-line errors)."""
+    with open_tensors(path):
+        pass
 
 
 def load_tensors(
@@ -135,29 +332,22 @@ def load_tensors(
     Raises:
         ValueError: the file is pickle (or unknown) and ``allow_pickle`` is False, or a corrupt
             safetensors file (empty, truncated, bad header, offsets outside the file or
-            overlapping): one line naming the file.
+            overlapping), or not a regular file: one line naming the file.
         FileNotFoundError: no such file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such tensor file: {path}")
-    if _looks_like_safetensors(path):
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path), device=str(device))
-        except SafetensorError as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise ValueError(
-                f"{str(path)!r} is not a valid safetensors file ({reason}); re-save or remove it"
-            ) from None
-    if path.suffix == ".safetensors" and not allow_pickle:
-        raise ValueError(
-            f"{str(path)!r} is not a valid safetensors file (empty, truncated or no JSON header); if it is a pickle "
-            f"renamed '.safetensors', pass allow_pickle=True only if you trust it"
-        )
+    kind, reason = _sniff(path)
+    if kind == "safetensors":
+        with open_tensors(path) as fh:
+            out = {k: fh.get(k) for k in fh.keys()}
+        if str(device) != "cpu":
+            out = {k: v.to(device) for k, v in out.items()}
+        return out
     if not allow_pickle:
+        if kind == "pickle":
+            raise _pickle_file(path, ", or pass allow_pickle=True only if you trust it")
+        if path.suffix == ".safetensors" or path.suffix not in PICKLE_SUFFIXES:
+            raise _bad_file(path, reason)
         raise ValueError(
             f"refusing to read {path.name!r}: it is not safetensors (pickle can run code); "
             f"pass allow_pickle=True only if you trust it"
@@ -170,11 +360,55 @@ def load_tensors(
 
 
 def load_metadata(path: PathLike) -> dict[str, str]:
-    """The string metadata of a safetensors file (empty dict if none)."""
-    from safetensors import safe_open
+    """The string metadata of a safetensors file (empty dict if none); the file is validated first."""
+    with open_tensors(path) as fh:
+        return fh.metadata()
 
-    with safe_open(str(path), framework="pt") as fh:
-        return dict(fh.metadata() or {})
+
+def read_json(path: PathLike) -> Any:
+    """Parse a JSON file; one-line errors naming the file (not UTF-8, not JSON, nested too deeply,
+    not a regular file). A missing file is a ``FileNotFoundError``."""
+    p = Path(path)
+    desc = describe_path(p)
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such file: {desc}") from None
+    except OSError as exc:
+        raise ValueError(f"{desc} cannot be read ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{desc} is a {_file_kind(st.st_mode)}, not a regular file; a JSON file must be a plain file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{p}: not valid JSON (not UTF-8 text)") from None
+    except OSError as exc:
+        raise ValueError(f"{desc} cannot be read ({exc.strerror or exc})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{p}: not valid JSON ({exc.msg}: line {exc.lineno} column {exc.colno})") from None
+    except RecursionError:
+        raise ValueError(f"{p}: not valid JSON (nested too deeply)") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# finite values
+
+
+def nonfinite_count(t: torch.Tensor) -> int:
+    """How many entries of a floating tensor are NaN or ±Inf (0 for other dtypes)."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return 0
+    finite = torch.isfinite(t)
+    return 0 if bool(finite.all()) else int((~finite).sum())
+
+
+def check_finite(t: torch.Tensor, what: str, then: str = "") -> torch.Tensor:
+    """``t`` itself, or a one-line ``ValueError``: ``{what} holds NaN or Inf{then}``."""
+    if nonfinite_count(t):
+        raise ValueError(f"{what} holds NaN or Inf{then}")
+    return t
 
 
 def sha256_file(path: PathLike, *, chunk_size: int = 1 << 20) -> str:

@@ -26,9 +26,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from adapterlab.adapter_config import read_bundle_config
 from adapterlab.adapters import AdapterLike, LoraSource, check_compatible, resolve_adapter, resolve_adapters
 from adapterlab.compression import functional as F
-from adapterlab.io import load_tensors, save_tensors
+from adapterlab.io import check_finite, load_tensors, nonfinite_count, save_tensors
 from adapterlab.lora_dir import write_lora_dir
 from adapterlab.merging.functional import derive_seed
 from adapterlab.progress import ProgressFactory, track
@@ -382,20 +383,13 @@ class SharedBasisBundle:
         cfg_path = root / CONFIG_FILE
         if not cfg_path.is_file():
             raise FileNotFoundError(f"{str(root)!r} is not a shared-basis bundle (no {CONFIG_FILE})")
-        try:
-            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{cfg_path}: not valid JSON ({exc.msg})") from None
-        if cfg.get("type") != "shared_basis":
-            raise ValueError(f"{cfg_path}: type is {cfg.get('type')!r}, expected 'shared_basis'")
-        if cfg.get("mode") not in MODES:
-            raise ValueError(f"{cfg_path}: mode {cfg.get('mode')!r} is not one of {', '.join(MODES)}")
-        bases_t = load_tensors(root / BASES_FILE)
+        cfg = read_bundle_config(cfg_path)  # the one bundle schema: garbage values name the key path
+        bases_t = load_tensors(root / BASES_FILE)  # the one validated reader: corrupt files name the file
         sig_t = load_tensors(root / SIGMAS_FILE)
-        modules = list(cfg["module_names"])
-        names = list(cfg["names"])
-        c, n = int(cfg["rank_c"]), len(names)
-        G = len(cfg["clusters"])
+        modules = list(cfg.module_names)
+        names = list(cfg.names)
+        c, n = int(cfg.rank_c), len(names)
+        G = len(cfg.clusters)
 
         def need(store: dict[str, Tensor], key: str, file: str) -> Tensor:
             if key not in store:
@@ -406,12 +400,12 @@ class SharedBasisBundle:
             return t
 
         bases, cores, norms = {}, {}, {}
-        shapes = {m: (int(s[0]), int(s[1])) for m, s in cfg["shapes"].items()}
+        shapes = {m: (int(s[0]), int(s[1])) for m, s in cfg.shapes.items()}
         for mod in modules:
             U = torch.stack([need(bases_t, f"{mod}.{g}.U", BASES_FILE) for g in range(G)]).float()
             V = torch.stack([need(bases_t, f"{mod}.{g}.V", BASES_FILE).T for g in range(G)]).float()
             core = need(sig_t, f"{mod}.sigma", SIGMAS_FILE).float()
-            want = (n, c, c) if cfg["mode"] == "full" else (n, c)
+            want = (n, c, c) if cfg.mode == "full" else (n, c)
             if (
                 tuple(U.shape) != (G, *shapes[mod][:1], c)
                 or tuple(V.shape) != (G, c, shapes[mod][1])
@@ -423,10 +417,26 @@ class SharedBasisBundle:
             bases[mod], cores[mod] = (U.contiguous(), V.contiguous()), core
             norms[mod] = need(sig_t, f"{mod}.norm", SIGMAS_FILE).float()
         group = need(sig_t, "group", SIGMAS_FILE).long()
-        errors = CompressionErrors(names, modules, need(sig_t, "errors", SIGMAS_FILE).double())
+        if tuple(group.shape) != (n,) or (n and (int(group.min()) < 0 or int(group.max()) >= G)):
+            raise ValueError(
+                f"{root / SIGMAS_FILE}: tensor 'group' must hold one cluster id in [0, {G}) per adapter ({n}); "
+                f"got shape {list(group.shape)} (truncated or edited bundle?)"
+            )
+        errors_t = need(sig_t, "errors", SIGMAS_FILE).double()
+        if tuple(errors_t.shape) != (n, len(modules)):
+            raise ValueError(
+                f"{root / SIGMAS_FILE}: tensor 'errors' has shape {list(errors_t.shape)}, expected [{n}, {len(modules)}] "
+                f"(truncated or edited bundle?)"
+            )
+        for mod in modules:
+            if tuple(norms[mod].shape) != (n,):
+                raise ValueError(
+                    f"{root / SIGMAS_FILE}: tensor {mod + '.norm'!r} has shape {list(norms[mod].shape)}, expected [{n}]"
+                )
+        errors = CompressionErrors(names, modules, errors_t)
         return cls(
             names=names,
-            mode=cfg["mode"],
+            mode=cfg.mode,
             rank=c,
             module_names=modules,
             shapes=shapes,
@@ -435,14 +445,14 @@ class SharedBasisBundle:
             group=group,
             norms=norms,
             errors=errors,
-            embeddings=list(cfg.get("embeddings", [])),
-            fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)),
-            base_model=cfg.get("base_model_name_or_path"),
-            module_ranks={k: int(v) for k, v in cfg.get("module_ranks", {}).items()},
-            raw_params=[int(x) for x in cfg.get("raw_params", [])],
-            settings=dict(cfg.get("settings", {})),
-            sources=list(cfg.get("sources", [])),
-            history=dict(cfg.get("history", {})),
+            embeddings=list(cfg.embeddings or []),
+            fan_in_fan_out=bool(cfg.fan_in_fan_out),
+            base_model=cfg.base_model_name_or_path,
+            module_ranks={k: int(v) for k, v in cfg.module_ranks.items()},
+            raw_params=[int(x) for x in cfg.raw_params or []],
+            settings=dict(cfg.settings),
+            sources=list(cfg.sources or []),
+            history=dict(cfg.history),
         )
 
 
@@ -462,9 +472,12 @@ def _stack(sources: Sequence[LoraSource], module: str, shape: tuple[int, int]) -
     for src in sources:
         if module in src.modules:
             b, a = src.factors(module)
-            for what, t in (("B", b), ("A", a)):
-                if not bool(torch.isfinite(t).all()):
-                    raise ValueError(f"adapter {src.name!r}: module {module!r} factor {what} holds NaN or Inf weights")
+            for what, t in (("B (LoRA scale folded in)", b), ("A", a)):  # stored tensors are checked as read
+                check_finite(
+                    t,
+                    f"adapter {src.name!r}: module {module!r}: factor {what}",
+                    " (an fp32 overflow: the adapter's values are too large); nothing was written",
+                )
             pairs.append((b, a))
         else:
             pairs.append((torch.zeros(d_out, 0), torch.zeros(0, d_in)))
@@ -524,9 +537,72 @@ def _fit_module(
     module: str,
     device: torch.device,
     want_cost: bool,
+    names: Sequence[str] | None = None,
+) -> tuple[_ModuleFit, Tensor | None]:
+    """Fit one module's bases and cores; a fit that leaves fp32's range (extreme factor values) is one line
+    naming the module and the adapter with the largest values."""
+    try:
+        fit, cost = _fit_module_raw(
+            B,
+            A,
+            group,
+            G,
+            mode=mode,
+            c=c,
+            niter=niter,
+            init=init,
+            solver=solver,
+            normalization=normalization,
+            ridge=ridge,
+            seed=seed,
+            module=module,
+            device=device,
+            want_cost=want_cost,
+        )
+    except torch.linalg.LinAlgError as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(_overflow(module, B, A, names, f"the fit failed ({reason})")) from None
+    for what, t in (("U", fit.U), ("V", fit.V), ("cores", fit.cores), ("norms", fit.norms), ("errors", fit.errors)):
+        if nonfinite_count(t):
+            raise ValueError(_overflow(module, B, A, names, f"the fitted {what} hold NaN or Inf"))
+    if cost is not None and nonfinite_count(cost):
+        raise ValueError(_overflow(module, B, A, names, "the cluster costs hold NaN or Inf"))
+    return fit, cost
+
+
+def _overflow(module: str, B: Tensor, A: Tensor, names: Sequence[str] | None, what: str) -> str:
+    """One line for a fit that left fp32's range, naming the module and the adapter with the largest factors."""
+    if not B.numel() or not A.numel():
+        return f"module {module!r}: {what}; nothing was written"
+    peak = B.abs().flatten(1).amax(1) * A.abs().flatten(1).amax(1)  # [n] bound of each adapter's |delta| / r
+    i = int(peak.argmax())
+    who = f"adapter {names[i]!r}" if names is not None and i < len(names) else f"adapter #{i}"
+    return (
+        f"module {module!r}: {what}: the adapters' factors are too large for an fp32 fit ({who} has |B| up to "
+        f"{float(B[i].abs().max()):.3g} and |A| up to {float(A[i].abs().max()):.3g}); rescale or leave it out; "
+        f"nothing was written"
+    )
+
+
+def _fit_module_raw(
+    B: Tensor,
+    A: Tensor,
+    group: Tensor,
+    G: int,
+    *,
+    mode: str,
+    c: int,
+    niter: int,
+    init: str,
+    solver: str,
+    normalization: str,
+    ridge: float,
+    seed: int,
+    module: str,
+    device: torch.device,
+    want_cost: bool,
 ) -> tuple[_ModuleFit, Tensor | None]:
     n, d_out, _ = B.shape
-    A.shape[2]
     Bd, Ad = B.to(device), A.to(device)
     Us, Vs, hist = [], [], []
     per_core = (c, c) if mode == "full" else (c,)
@@ -723,12 +799,14 @@ def compress_adapters(
         device=dev,
     )
 
+    names = [s.name for s in sources]
+
     def run_pass(labels: Tensor, want_cost: bool, what: str) -> tuple[dict[str, _ModuleFit], Tensor | None]:
         fits: dict[str, _ModuleFit] = {}
         total = torch.zeros(n, G, dtype=torch.float64) if want_cost else None
         for mod in track(modules, what, progress=progress):
             B, A = _stack(sources, mod, shapes[mod])
-            fit, cost = _fit_module(B, A, labels, G, module=mod, want_cost=want_cost, **kw)
+            fit, cost = _fit_module(B, A, labels, G, module=mod, want_cost=want_cost, names=names, **kw)
             fits[mod] = fit
             if total is not None and cost is not None:
                 total += cost

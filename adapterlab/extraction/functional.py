@@ -7,6 +7,7 @@ Reference:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import cast
 
@@ -123,6 +124,24 @@ def low_rank_factors(
         return LowRankFactors(d.new_zeros(d_out, 0), d.new_zeros(0, d_in), d.new_zeros(0), 0, 1.0, 0.0)
     if solver not in ("svd", "gram"):
         raise ValueError(f"solver must be 'svd' or 'gram', got {solver!r}")
+    if not bool(torch.isfinite(d).all()):
+        raise ValueError("delta holds NaN or Inf; an SVD needs finite values")
+    e = _scale_exponent(d)
+    if e:  # extreme magnitudes: factorise d / 2^e (exact), so that σ² and the Gram matrix stay in fp32's range
+        lr = low_rank_factors(
+            d * 2.0**-e,
+            rank=rank,
+            energy=energy,
+            min_rank=min_rank,
+            max_rank=max_rank,
+            randomized=randomized,
+            oversample=oversample,
+            n_iter=n_iter,
+            seed=seed,
+            solver=solver,
+        )
+        half = 2.0 ** (e // 2)  # e is even: B A = 2^e B' A' with B = 2^(e/2) B', A = 2^(e/2) A'
+        return LowRankFactors(lr.B * half, lr.A * half, lr.spectrum * 2.0**e, lr.rank, lr.energy, total)
     if solver == "gram" and not randomized:
         return _gram_factors(d, total, rank=rank, energy=energy, min_rank=min_rank, max_rank=max_rank)
     if randomized:
@@ -150,6 +169,20 @@ def low_rank_factors(
     B = U[:, :k] * root  # [d_out, k]
     A = root[:, None] * Vh[:k]  # [k, d_in]
     return LowRankFactors(B.contiguous(), A.contiguous(), S, k, retained_energy(S, k, total), total)
+
+
+#: Matrices whose largest |entry| is outside ``[2^-SCALE_LIMIT, 2^SCALE_LIMIT]`` are factorised scaled by a
+#: power of two (exact): the Gram matrix (``n · max²``) and σ² then neither overflow nor underflow fp32.
+SCALE_LIMIT = 40
+
+
+def _scale_exponent(d: Tensor) -> int:
+    """An even e with ``max|d| / 2^e`` near 1 when ``max|d|`` is extreme, else 0 (no scaling)."""
+    peak = float(d.abs().max()) if d.numel() else 0.0
+    if peak == 0.0 or 2.0**-SCALE_LIMIT <= peak <= 2.0**SCALE_LIMIT:
+        return 0
+    e = math.frexp(peak)[1]
+    return e - (e % 2)
 
 
 def _gram_factors(
@@ -191,6 +224,9 @@ def singular_values(delta: Tensor, solver: str = "svd") -> Tensor:
     """The singular values of ``delta`` (fp32, descending); ``"gram"`` takes them from ``eigvalsh``
     of the smaller Gram matrix (the same values as :func:`low_rank_factors` with that solver)."""
     d = delta.detach().to(torch.float32)
+    e = _scale_exponent(d) if bool(torch.isfinite(d).all()) else 0
+    if e:  # extreme magnitudes: the values of d / 2^e, scaled back (see low_rank_factors)
+        return singular_values(d * 2.0**-e, solver) * 2.0**e
     if solver == "gram":
         gram = d @ d.T if d.shape[0] < d.shape[1] else d.T @ d  # the smaller side
         return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0).sqrt()

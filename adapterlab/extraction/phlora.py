@@ -25,7 +25,7 @@ import os
 import re
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from adapterlab.extraction.functional import global_energy_ranks, low_rank_factors, singular_values
+from adapterlab.io import check_finite
 from adapterlab.progress import ProgressFactory, track
 
 logger = logging.getLogger(__name__)
@@ -86,9 +87,9 @@ class _Weights:
             self.dtype = next((v.dtype for v in self._state.values() if v.is_floating_point()), torch.float32)
             self.name_or_path = getattr(getattr(inner, "config", None), "_name_or_path", None) or None
             return
-        from safetensors import safe_open
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        from adapterlab.io import open_tensors, read_json
         from adapterlab.models import resolve_model_path
 
         path = resolve_model_path(model)
@@ -96,36 +97,58 @@ class _Weights:
             raise FileNotFoundError(f"{where}: {str(model)!r} is not a model folder (no config.json)")
         self.path, self.name_or_path = path, str(model)
         index = path / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            self.files = sorted({path / f for f in weight_map.values()})
-        else:
-            self.files = sorted(path.glob("*.safetensors"))
-        if not self.files:
-            pickles = [p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth")]
-            hint = f" (it holds {pickles[0]!r}: pickle is not read)" if pickles else ""
-            raise FileNotFoundError(f"{where}: no .safetensors weights in {str(path)!r}{hint}")
-        self._handles = [safe_open(str(f), framework="pt") for f in self.files]
+        try:
+            if index.is_file():
+                raw = read_json(index)
+                weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+                if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                    raise ValueError(f"{index}: key 'weight_map' must be an object of tensor name -> shard file")
+                self.files = sorted({path / f for f in weight_map.values()})
+            else:
+                self.files = sorted(path.glob("*.safetensors"))
+            if not self.files:
+                pickles = [p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth")]
+                hint = f" (it holds {pickles[0]!r}: pickle is not read)" if pickles else ""
+                raise FileNotFoundError(f"no .safetensors weights in {str(path)!r}{hint}")
+            # the project's one validated reader: a corrupt shard is one line naming the file
+            self._handles = [open_tensors(f) for f in self.files]
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"{where}: {exc}") from None
         self._owner: dict[str, Any] = {}
         self.shapes = {}
-        self.dtype = torch.float32
         for h in self._handles:
             for k in h.keys():
-                sl = h.get_slice(k)
                 self._owner[k] = h
-                self.shapes[k] = tuple(sl.get_shape())
+                self.shapes[k] = h.shape(k)
+        if not self._owner:
+            raise ValueError(f"{where}: the model folder {str(path)!r} holds no tensors")
         first = next(iter(self._owner))
-        self.dtype = self._owner[first].get_slice(first).get_dtype()
-        self.dtype = getattr(torch, {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}.get(self.dtype, "float32"))
-        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
-        with torch.device("meta"):
-            self.skeleton = AutoModelForCausalLM.from_config(config)
+        self.dtype = self._owner[first].dtype(first) or torch.float32
+        try:
+            config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+            with torch.device("meta"):
+                self.skeleton = AutoModelForCausalLM.from_config(config)
+        except (ValueError, KeyError, TypeError, OSError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ValueError(
+                f"{where}: {str(path / 'config.json')!r} is not a config transformers can build a causal LM from "
+                f"({reason})"
+            ) from None
         self._state = None
 
     def get(self, key: str) -> Tensor:
+        """One tensor, refused when it holds NaN or Inf (one line naming the model and the tensor)."""
         if self._state is not None:
-            return self._state[key]
-        return self._owner[key].get_tensor(key)
+            t = self._state[key]
+        else:
+            try:
+                t = self._owner[key].get(key)
+            except ValueError as exc:
+                raise ValueError(f"{self.where}: {exc}") from None
+        label = repr(self.name_or_path) if self.name_or_path else "(in memory)"
+        return check_finite(t, f"{self.where} {label}: tensor {key!r}", "; nothing was extracted or written")
 
     def hashes(self) -> dict[str, str] | None:
         if not self.files:
@@ -266,6 +289,28 @@ def _check_settings(rank: Any, energy: Any, min_rank: int, max_rank: int | None,
         raise ValueError(f"extras is {extras!r}; choose one of: {', '.join(EXTRAS)}")
 
 
+def _delta(wb: _Weights, wt: _Weights, key: str) -> Tensor:
+    """``fp32(W_tuned) − fp32(W_base)`` ``[d_out, d_in]``; refused when the difference overflows fp32."""
+    delta = wt.get(key).to(torch.float32) - wb.get(key).to(torch.float32)
+    return check_finite(
+        delta,
+        f"tuned: tensor {key!r}: tuned − base",
+        " (an fp32 overflow: the weights are too large to subtract); nothing was extracted or written",
+    )
+
+
+def _svd_guard(key: str, fn: Callable[[], Any]) -> Any:
+    """Run one factorisation; a LAPACK failure (ill-conditioned, extreme values) is one line naming the tensor."""
+    try:
+        return fn()
+    except torch.linalg.LinAlgError as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(
+            f"tuned: tensor {key!r}: the SVD of tuned − base failed ({reason}); its values are too extreme to "
+            f"factorise in fp32; nothing was extracted or written"
+        ) from None
+
+
 def _groups(keys: Sequence[str]) -> Iterator[tuple[str, list[str]]]:
     by_mod: dict[str, list[str]] = {}
     for k in keys:
@@ -355,10 +400,10 @@ def extract_lora(
         spectra: dict[str, Tensor] = {}
         totals: dict[str, float] = {}
         for key in track(sorted(target_keys), "phlora: spectra (global energy)", progress=progress):
-            delta = wt.get(key).to(torch.float32) - wb.get(key).to(torch.float32)  # [d_out, d_in]
+            delta = _delta(wb, wt, key)  # [d_out, d_in]
             totals[key] = float(delta.double().square().sum())
             if totals[key] > 0.0:
-                spectra[key] = singular_values(delta, solver)
+                spectra[key] = _svd_guard(key, lambda d=delta: singular_values(d, solver))
         global_ranks = global_energy_ranks(
             spectra,
             {k: sum(wb.shapes[k]) for k in spectra},
@@ -371,24 +416,33 @@ def extract_lora(
         t0 = time.perf_counter()
         name = key[: -len(".weight")]
         wbase = wb.get(key).to(torch.float32)
-        delta = wt.get(key).to(torch.float32) - wbase  # [d_out, d_in], fp32 before subtracting
+        delta = _delta(wb, wt, key)  # [d_out, d_in], fp32 before subtracting
         dn = float(delta.norm())
         rel = dn / max(float(wbase.norm()), 1e-30)
         if dn == 0.0:
             rows.append(ModuleExtraction(name, tuple(delta.shape), "unchanged", seconds=time.perf_counter() - t0))
             continue
         if global_ranks is not None:
-            lr = low_rank_factors(delta, rank=global_ranks[key], solver=solver)
+            lr = _svd_guard(key, lambda d=delta, k=global_ranks[key]: low_rank_factors(d, rank=k, solver=solver))
         else:
-            lr = low_rank_factors(
-                delta,
-                rank=rank,
-                energy=energy,
-                min_rank=min_rank,
-                max_rank=max_rank,
-                randomized=randomized,
-                seed=seed,
-                solver=solver,
+            lr = _svd_guard(
+                key,
+                lambda d=delta: low_rank_factors(
+                    d,
+                    rank=rank,
+                    energy=energy,
+                    min_rank=min_rank,
+                    max_rank=max_rank,
+                    randomized=randomized,
+                    seed=seed,
+                    solver=solver,
+                ),
+            )
+        for part, t in (("B", lr.B), ("A", lr.A)):  # σ can overflow fp32 even when every entry is finite
+            check_finite(
+                t,
+                f"tuned: tensor {key!r}: the extracted factor {part}",
+                " (its singular values overflow fp32: the delta is too large); nothing was extracted or written",
             )
         factors[name] = (lr.B, lr.A)
         kept += lr.energy * lr.total_energy

@@ -28,7 +28,8 @@ import torch
 from torch import Tensor, nn
 
 # the routes register themselves on import; merge_adapters picks among them
-from adapterlab.adapters import AdapterLike, check_compatible, resolve_adapters
+from adapterlab.adapters import AdapterLike, check_compatible, check_recorded_bases, resolve_adapters
+from adapterlab.io import check_finite
 from adapterlab.merging import concat, dense, rmm, sparse  # noqa: F401
 from adapterlab.merging.merger import MERGERS, OUTPUTS, Merger, check_choice, check_number
 from adapterlab.merging.result import MergeResult
@@ -211,6 +212,10 @@ def merge_adapters(
         _check_base_shapes(_skeleton(base), shapes)
         if plan.output == "full":
             plan.model = _load_base(base)
+            label = f"base {str(base)!r}" if isinstance(base, (str, Path)) else "base"
+            for key, t in plan.model.state_dict().items():
+                check_finite(t, f"{label}: tensor {key!r}", "; nothing was merged or written")
+            check_recorded_bases(sources, plan.model)  # a hub: adapter put with --base wants that base
             if keep_sparsity and not any(bool((plan.model.get_submodule(n).weight == 0).any()) for n in shapes):
                 raise ValueError(
                     "keep_sparsity=True but the base is dense: no module the adapters target has a zero weight "

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from adapterlab.extraction.functional import low_rank_factors
 from adapterlab.folding import write_merged_, zeros_hit_note
+from adapterlab.io import check_finite
 from adapterlab.merging.merger import MergeContext
 from adapterlab.merging.result import MergeResult, ModuleReport
 from adapterlab.merging.routes import MergePlan, Route, register_route
@@ -61,11 +62,22 @@ class DenseSink:
         if self.ctx.factorwise:
             B, A = got["B"], got["A"]  # [d_out, r], [r, d_in]
             delta = B @ A  # [d_out, d_in]
+            for part, t in (("factor B", B), ("factor A", A), ("delta B @ A", delta)):
+                check_finite(
+                    t,
+                    f"module {name!r}: the merged {part}",
+                    " (an fp32 overflow: the adapters' values are too large to merge); nothing was merged or written",
+                )
             if self.output == "lora":
                 self.factors[name] = (B, A)
                 rep.rank, rep.energy, rep.error = int(A.shape[0]), 1.0, 0.0
         else:
             delta = got["delta"]
+            check_finite(  # the inputs are finite (checked as read): this is an fp32 overflow
+                delta,
+                f"module {name!r}: the merged delta",
+                " (an fp32 overflow: the adapters' values are too large to merge); nothing was merged or written",
+            )
             if self.output == "lora":
                 k = (
                     self.rank

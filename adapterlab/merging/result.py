@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from adapterlab.folding import add_to_weight
-from adapterlab.io import save_tensors
+from adapterlab.io import check_finite, save_tensors
 from adapterlab.lora_dir import write_lora_dir
 from adapterlab.merging.writers import write_lori_dir, write_shira_dir
 from adapterlab.staging import staged_dir
@@ -187,6 +187,12 @@ class MergeResult:
                 (stage / "sparse_adapter.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
             elif self.output == "full":
                 assert self.model is not None
+                for key, t in self.model.state_dict().items():  # written by transformers, not save_tensors
+                    check_finite(
+                        t,
+                        f"refusing to write the merged model: tensor {key!r}",
+                        " (NaN/Inf in the base, or an fp32 overflow of base + delta); nothing was written",
+                    )
                 cast(Any, self.model).save_pretrained(str(stage))  # a transformers PreTrainedModel
                 if tokenizer is not None:
                     tokenizer.save_pretrained(str(stage))

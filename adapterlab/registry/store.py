@@ -52,7 +52,7 @@ from adapterlab.registry.manifest import (
     object_digest,
     scan_source,
 )
-from adapterlab.registry.validate import check_adapter
+from adapterlab.registry.validate import check_adapter, check_bundle
 
 __all__ = ["AdapterRegistry", "BaseMismatchError", "RefNotFoundError"]
 
@@ -462,6 +462,8 @@ class AdapterRegistry:
         files = scan_source(src, kind)
         if kind == "adapter":  # before anything is written: refuse what peft could not load
             check_adapter(src, base if isinstance(base, nn.Module) else None)
+        else:
+            check_bundle(src)
         fingerprint = normalize_fingerprint(base)
         prov = normalize_provenance(provenance, [f.name for f in files])
         self._ensure()

@@ -21,8 +21,6 @@ checks only.
 
 from __future__ import annotations
 
-import json
-import math
 import re
 import warnings
 from collections.abc import Mapping
@@ -33,10 +31,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from adapterlab.io import load_tensors
+from adapterlab.adapter_config import adapter_config, read_bundle_config
+from adapterlab.io import load_tensors, read_json
 from adapterlab.peft_compat import pattern_value
 
-__all__ = ["METHOD_TENSORS", "check_adapter"]
+__all__ = ["METHOD_TENSORS", "check_adapter", "check_bundle"]
 
 _PREFIX = "base_model.model."
 
@@ -94,16 +93,12 @@ def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-def _finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _check_config(config: Any, where: str) -> str:
-    """Validate the fields adapterlab and peft read; return the peft type (as saved, e.g. ``"LORA"``)."""
-    if not isinstance(config, dict):
-        raise _fail(where, f"the config must be a JSON object, got a JSON {type(config).__name__}")
-    if "peft_type" not in config:
-        raise _fail(where, "key 'peft_type' is missing; a PEFT adapter config names its method (e.g. \"LORA\")")
+    """Validate the fields adapterlab and peft read; return the peft type (as saved, e.g. ``"LORA"``).
+
+    The field values go through the one schema (:func:`adapterlab.adapter_config.adapter_config`); the
+    peft type must be one peft knows (adapterlab's tuners are registered with it)."""
+    adapter_config(config, where)  # not an object, no peft_type, garbage values: one line with the key path
     peft_type = config["peft_type"]
     known = _known_peft_types()
     if not isinstance(peft_type, str) or peft_type not in known:
@@ -113,31 +108,10 @@ def _check_config(config: Any, where: str) -> str:
         )
     rule = METHOD_TENSORS.get(peft_type)
     rank_key = rule.rank_key if rule is not None else None
-    if rank_key is not None and not _positive_int(config.get(rank_key)):
+    if rank_key is not None and not _positive_int(config.get(rank_key)):  # a rank type the schema does not know
         raise _fail(
             where, f"key {rank_key!r} is {_short(config.get(rank_key))}; it must be a positive integer (the rank)"
         )
-    if "lora_alpha" in config and config["lora_alpha"] is not None and not _finite_number(config["lora_alpha"]):
-        raise _fail(where, f"key 'lora_alpha' is {_short(config['lora_alpha'])}; it must be a finite number")
-    targets = config.get("target_modules")
-    if (
-        targets is not None
-        and not isinstance(targets, str)
-        and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets))
-    ):
-        raise _fail(where, f"key 'target_modules' is {_short(targets)}; it must be a string, a list of strings or null")
-    for key, ok, what in (
-        ("rank_pattern", _positive_int, "a positive integer"),
-        ("alpha_pattern", _finite_number, "a finite number"),
-    ):
-        pattern = config.get(key)
-        if pattern is None:
-            continue
-        if not isinstance(pattern, dict):
-            raise _fail(where, f"key {key!r} is {_short(pattern)}; it must be an object of module pattern -> value")
-        for name, value in pattern.items():
-            if not ok(value):
-                raise _fail(where, f"key {key}.{name} is {_short(value)}; it must be {what}")
     from peft import PeftConfig
 
     try:
@@ -186,12 +160,11 @@ def check_adapter(src: Path, base: nn.Module | None = None) -> None:
     cfg_path = src / "adapter_config.json"
     cfg_where = str(cfg_path)
     try:
-        config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise _fail(
-            cfg_where, f"not valid JSON ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
-        ) from None
-    peft_type = _check_config(config, cfg_where)
+        config = read_json(cfg_path)  # the project's JSON reader: one line naming the file
+        peft_type = _check_config(config, cfg_where)
+    except ValueError as exc:
+        msg = str(exc)
+        raise ValueError(msg if msg.startswith("put: ") else f"put: {msg}") from None
 
     st_path = src / "adapter_model.safetensors"
     where = str(st_path)
@@ -287,3 +260,12 @@ def check_adapter(src: Path, base: nn.Module | None = None) -> None:
                     f"tensor {dims_key!r} is {dims}, but base module {mod!r} is ({io[1]}, {io[0]}) "
                     f"(an adapter of another base?)",
                 )
+
+
+def check_bundle(src: Path) -> None:
+    """Refuse a shared-basis bundle folder whose ``compressed_config.json`` has garbage values (the one
+    bundle schema, :func:`adapterlab.adapter_config.bundle_config`): one line naming the file and key path."""
+    try:
+        read_bundle_config(src / "compressed_config.json")
+    except ValueError as exc:
+        raise ValueError(f"put: {exc}") from None
