@@ -44,7 +44,8 @@ PEFT_MIN_VERSION = "0.21.2"
 PEFT_MAX_VERSION = "0.22"
 SKIP_VERSION_CHECK_ENV = "ADAPTERLAB_SKIP_PEFT_VERSION_CHECK"
 
-_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*[a-z0-9]$")
+#: Matched with ``fullmatch`` (``$`` would accept a trailing newline).
+_NAME_RE = re.compile(r"[a-z][a-z0-9_]*[a-z0-9]")
 _E = TypeVar("_E", bound=enum.Enum)
 
 
@@ -95,7 +96,7 @@ def check_peft_version(version: str | None = None) -> str:
 
 
 def _validate_name(name: str) -> None:
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise ValueError(
             f"tuner name {name!r} must be lower case letters, digits and '_', start with a letter "
             f"and not end with '_' (the prefix is passed separately), e.g. 'adapterlab_shira'"

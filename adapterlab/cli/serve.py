@@ -25,11 +25,14 @@ HELP = (
 
 
 def _parse_adapters(items: list[str]) -> dict[str, str]:
+    from adapterlab.serving.server import check_adapter_name
+
     out: dict[str, str] = {}
     for item in items:
         name, sep, source = item.partition("=")
         if not sep or not name or not source:
             raise ValueError(f"--adapter {item!r}: write NAME=FOLDER or NAME=hub:REF")
+        check_adapter_name(name)
         if name in out:
             raise ValueError(f"--adapter: name {name!r} is given twice")
         out[name] = source

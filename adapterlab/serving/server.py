@@ -42,12 +42,13 @@ from adapterlab.serving.requests import (
 from adapterlab.serving.router import BatchRouter, RowSpec, wrap_linear
 from adapterlab.serving.sharing import claim, model_lock, set_child
 
-__all__ = ["AdapterServer", "Completion", "Request", "UnknownAdapterError"]
+__all__ = ["AdapterServer", "Completion", "Request", "UnknownAdapterError", "check_adapter_name"]
 
 logger = logging.getLogger(__name__)
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,199}$")
-_SHIRA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<mod>.+?)\.(?:adapterlab_)?shira_(?P<kind>[a-z]+)(?:\.[^.]+)?$")
+#: Both matched with ``fullmatch`` (``$`` would accept a trailing newline).
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,199}")
+_SHIRA_KEY = re.compile(r"(?:base_model\.model\.)?(?P<mod>.+?)\.(?:adapterlab_)?shira_(?P<kind>[a-z]+)(?:\.[^.]+)?")
 
 
 class UnknownAdapterError(ValueError):
@@ -86,6 +87,21 @@ def _float_dtype(model: nn.Module) -> torch.dtype:
 def _check_finite(name: str, what: str, t: Tensor) -> None:
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"adapter {name!r}: tensor {what!r} holds NaN or Inf")
+
+
+def check_adapter_name(name: Any) -> str:
+    """An adapter name the server accepts: 1-200 of letters, digits and ``._:/@+-``, starting with a
+    letter or digit (a full match: a trailing newline is refused).
+
+    Raises:
+        ValueError: one line naming the value and what is allowed.
+    """
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(
+            f"adapter name {name!r} is invalid; use 1-200 characters from letters, digits and ._:/@+- "
+            f"(starting with a letter or digit)"
+        )
+    return name
 
 
 class AdapterServer:
@@ -189,11 +205,7 @@ class AdapterServer:
 
     @staticmethod
     def _check_name(name: Any) -> None:
-        if not isinstance(name, str) or not _NAME.match(name):
-            raise ValueError(
-                f"adapter name {name!r} is invalid; use 1-200 characters from letters, digits and ._:/@+- "
-                f"(starting with a letter or digit)"
-            )
+        check_adapter_name(name)
 
     def known(self, name: str) -> bool:
         """True if ``name`` can be served (cached, registered, in a bundle, or in the registry)."""
@@ -495,7 +507,7 @@ class AdapterServer:
         tensors = load_tensors(weights)
         parts: dict[str, dict[str, Tensor]] = {}
         for key, t in tensors.items():
-            m = _SHIRA_KEY.match(key)
+            m = _SHIRA_KEY.fullmatch(key)
             if m is None:
                 raise ValueError(f"adapter {name!r}: unexpected tensor {key!r} in a SHiRA adapter")
             if m["kind"] in ("values", "weight", "indices"):  # other entries (e.g. dims) are metadata
