@@ -102,16 +102,97 @@ def resolve_model_path(name_or_path: str | os.PathLike[str] | None) -> Path:
     return path
 
 
+#: Suffixes of pickle checkpoints a model folder may hold instead of safetensors (never read).
+_PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def _safetensors_files(path: Path, prefix: str) -> list[Path]:
+    """The weight files of a model folder: the shards its index names, else its ``*.safetensors``."""
+    import json
+
+    index = path / "model.safetensors.index.json"
+    if not index.is_file():
+        return sorted(path.glob("*.safetensors"))
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        names = sorted({str(v) for v in weight_map.values()})
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+        raise ValueError(f"{prefix}{str(index)!r} is not a safetensors index (no 'weight_map' object)") from None
+    files = [path / n for n in names]
+    for f in files:
+        if f.parent != path or not f.is_file():
+            raise FileNotFoundError(f"{prefix}{str(index)!r} names the shard {f.name!r}, which is not in {str(path)!r}")
+    return files
+
+
+def _check_safetensors_header(file: Path, prefix: str) -> None:
+    """Open the header only (no tensor is read): a truncated, empty or foreign file is one line."""
+    from safetensors import SafetensorError, safe_open
+
+    if not file.is_file():  # a FIFO or device would block or stream forever
+        raise ValueError(f"{prefix}{str(file)!r} is not a regular file")
+    try:
+        with safe_open(str(file), framework="pt"):
+            pass
+    except (SafetensorError, OSError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(
+            f"{prefix}{str(file)!r} is not a valid safetensors file ({reason}); re-save or remove it"
+        ) from None
+
+
+def check_model_folder(name_or_path: str | os.PathLike[str] | None, where: str = "") -> Path:
+    """The folder :func:`load_model` reads, checked without reading a weight: it exists, holds a
+    ``config.json`` and safetensors weights whose headers parse (a folder with only
+    ``pytorch_model.bin`` is refused: pickle can run code, and adapterlab reads safetensors only).
+
+    Args:
+        name_or_path: a model folder or ``None``/``"default"``.
+        where: a prefix for the messages (``"--model"``, ``"steps.0.prune.model"``).
+
+    Raises:
+        FileNotFoundError: one line naming the folder and what it lacks.
+        ValueError: a weight file that is not valid safetensors (truncated, empty, a renamed pickle),
+            named in one line.
+    """
+    prefix = f"{where}: " if where else ""
+    try:
+        path = resolve_model_path(name_or_path)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{prefix}{exc}") from None
+    if not path.is_dir():
+        raise FileNotFoundError(f"{prefix}model path {str(path)!r} is a file; give the model's folder")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{prefix}model folder {str(path)!r} has no config.json")
+    files = _safetensors_files(path, prefix)
+    if files:
+        for file in files:
+            _check_safetensors_header(file, prefix)
+        return path
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLE_WEIGHTS)
+    held = f" (it holds {pickles[0]!r}: pickle is not read)" if pickles else ""
+    raise FileNotFoundError(
+        f"{prefix}model folder {str(path)!r} has no .safetensors weights{held}; safetensors is required: "
+        f"re-save the model with save_pretrained(..., safe_serialization=True)"
+    )
+
+
 def load_model(
     name_or_path: str | os.PathLike[str] | None = None,
     *,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
 ) -> torch.nn.Module:
-    """Load a causal LM from a local folder, or the embedded default model (``None``/``"default"``)."""
+    """Load a causal LM from a local folder, or the embedded default model (``None``/``"default"``).
+
+    Raises:
+        FileNotFoundError: no such folder, no ``config.json``, or no safetensors weights (see
+            :func:`check_model_folder`; pickle weights are never read).
+        ValueError: a weight file whose safetensors header does not parse.
+    """
     from transformers import AutoModelForCausalLM
 
-    path = resolve_model_path(name_or_path)
+    path = check_model_folder(name_or_path)
     # typed as nn.Module: transformers wraps .to() with functools.wraps, whose stub does not bind self
     model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
     model.to(device)

@@ -102,6 +102,9 @@ def command(
         if "loopback" in str(exc):
             raise
         raise ValueError(f"--host {host!r} is not an IP address; use 127.0.0.1") from None
+    from adapterlab.models import check_model_folder
+
+    check_model_folder(model, "--model")  # config.json and safetensors weights, before anything loads
     specs = _parse_adapters(adapter)
     for name, source in specs.items():
         if not source.startswith("hub:") and not (Path(source).expanduser() / "adapter_config.json").is_file():

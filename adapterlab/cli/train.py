@@ -40,7 +40,7 @@ def command(
     setup_logging(verbose)
     cfg = load_train_recipe(str(recipe), set_)
     try:
-        checked = check_train_recipe(cfg)
+        checked = check_train_recipe(cfg, put=not no_put)
     except (ValueError, FileNotFoundError, FileExistsError) as exc:
         raise type(exc)(f"{recipe}: {exc}") from None
     if dry_run:

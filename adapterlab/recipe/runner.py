@@ -26,6 +26,7 @@ from typing import Any
 
 from adapterlab._named import Registry
 from adapterlab.progress import ProgressFactory, _silent
+from adapterlab.recipe.fields import folder_target, registry_name
 from adapterlab.recipe.schema import (
     REF_PATTERN,
     STEP_OUTPUTS,
@@ -319,11 +320,13 @@ def _is_ref(value: Any) -> bool:
     return isinstance(value, str) and "${" in value
 
 
-def _check_model_folder(value: str, where: str) -> None:
-    from adapterlab.models import is_default
+def _check_model_folder(value: str | None, where: str) -> None:
+    """A model folder a step reads: ``config.json`` and safetensors weights (see
+    :func:`adapterlab.models.check_model_folder`); references and ``default`` pass."""
+    from adapterlab.models import check_model_folder, is_default
 
-    if not _is_ref(value) and not is_default(value) and not (Path(value) / "config.json").is_file():
-        raise FileNotFoundError(f"{where}: model folder {value!r} has no config.json")
+    if value is not None and not _is_ref(value) and not is_default(value):
+        check_model_folder(value, where)
 
 
 @register_step("prune")
@@ -384,7 +387,7 @@ class TrainRunner(StepRunner):
             src = _model_source(steps[:index], _parse_ref(_refs(body.base)[0])[0])
             base_path = resolve_model_path(src) if src is not None and not _is_ref(src) else None
         try:
-            check_train_recipe(body, where=prefix, base_path=base_path)
+            check_train_recipe(body, where=prefix, base_path=base_path, put=ctx.put)
         except (ValueError, FileNotFoundError, FileExistsError) as exc:
             msg = str(exc)
             raise type(exc)(msg if msg.startswith(str(ctx.source)) else f"{ctx.source}: {msg}") from None
@@ -455,6 +458,8 @@ class ExtractRunner(StepRunner):
             )
         except ValueError as exc:
             raise ValueError(f"{where}{exc}") from None
+        _check_model_folder(body.base, f"{where}base")
+        _check_model_folder(body.tuned, f"{where}tuned")
         check_output_dir(body.output, body.overwrite)
 
     def describe(self, body: Any) -> str:
@@ -482,6 +487,21 @@ class ExtractRunner(StepRunner):
         return {"output": body.output}
 
 
+def _default_put_name(src: str) -> str:
+    """The ref a put step creates without ``name``: the folder's own name (``.`` resolved)."""
+    return Path(src).expanduser().resolve().name if not _is_ref(src) else Path(src).name
+
+
+def _check_root(root: str | None, where: str) -> None:
+    """The registry root a put will write (``root``, else ``$ADAPTERLAB_HUB``, else ``./hub``) can be a folder."""
+    from adapterlab.recipe.training import registry_root
+
+    try:
+        folder_target(registry_root(root), "registry root")
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+
+
 def _import_or_fail(module: str, name: str, where: str) -> Any:
     import importlib
 
@@ -502,11 +522,12 @@ class CompressRunner(StepRunner):
         from adapterlab.staging import check_output_dir
 
         _import_or_fail("adapterlab.compression", "compress_adapters", f"{where.rstrip('.')}")
-        if body.put is not None:
+        if body.put is not None and ctx.put:
             from adapterlab.recipe.training import registry_or_none
 
             if registry_or_none() is None:
                 raise ValueError(f"{where}put: needs adapterlab.registry, which this install does not have")
+            _check_root(None, f"{where}put")
         check_output_dir(body.output, body.overwrite)
 
     def describe(self, body: Any) -> str:
@@ -536,12 +557,21 @@ class PutRunner(StepRunner):
 
         if registry_or_none(body.root) is None:
             raise ValueError(f"{where.rstrip('.')}: needs adapterlab.registry, which this install does not have")
+        _check_model_folder(body.base, f"{where}base")
+        if not ctx.put:
+            return
+        if body.name is None and not _is_ref(body.src):
+            try:
+                registry_name(_default_put_name(body.src), "name")
+            except ValueError as exc:
+                raise ValueError(f"{where}name: {exc} (the default, the folder's name; set name)") from None
+        _check_root(body.root, f"{where}root")
 
     def output_of(self, body: Any) -> str | None:
         return None
 
     def describe(self, body: Any) -> str:
-        return f"{body.src} -> hub:{body.name or Path(body.src).name}"
+        return f"{body.src} -> hub:{body.name or _default_put_name(body.src)}"
 
     def run(self, body: Any, ctx: Context) -> dict[str, Any]:
         from adapterlab.recipe.training import registry_or_none
@@ -552,7 +582,7 @@ class PutRunner(StepRunner):
             from adapterlab.models import load_model
 
             base = base_fingerprint(load_model(body.base))
-        name = body.name or Path(body.src).name
+        name = body.name or _default_put_name(body.src)
         if not ctx.put:
             logger.info("--no-put: not putting %s", body.src)
             return {"output": body.src, "digest": None, "ref": None}
@@ -596,6 +626,7 @@ class EvaluateRunner(StepRunner):
                 raise ValueError(f"{where}task: {exc}") from None
         if body.corpus is not None and body.corpus not in CORPORA:
             raise ValueError(f"{where}corpus: unknown corpus {body.corpus!r}; choose one of: {', '.join(CORPORA)}")
+        _check_model_folder(body.model, f"{where}model")
 
     def describe(self, body: Any) -> str:
         what = " + ".join(

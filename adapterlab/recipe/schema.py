@@ -30,12 +30,13 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from adapterlab.config import apply_set, format_validation_error, read_yaml_mapping
 from adapterlab.jobs.merge import MergeConfig
+from adapterlab.recipe.fields import TRAINER_RANGES, check_values, dataclass_hints, folder_target, registry_name
 
 __all__ = [
     "STEP_OUTPUTS",
@@ -65,7 +66,14 @@ __all__ = [
 
 #: ``${steps.NAME.KEY}`` or ``${NAME}`` inside a string value.
 REF_PATTERN = re.compile(r"\$\{\s*([A-Za-z_][\w-]*(?:\.[\w-]+)*)\s*\}")
-_NAME = re.compile(r"^[A-Za-z_][\w-]*$")
+#: A step name (matched with ``fullmatch``: ``$`` would accept a trailing newline).
+_NAME = re.compile(r"[A-Za-z_][\w-]*")
+
+#: A registry ref name / tag (the registry's own check), an output folder, a registry root.
+RefName = Annotated[str, AfterValidator(lambda v: registry_name(v, "name"))]
+TagName = Annotated[str, AfterValidator(lambda v: registry_name(v, "tag"))]
+OutputDir = Annotated[str, AfterValidator(lambda v: folder_target(v, "output"))]
+HubRoot = Annotated[str, AfterValidator(lambda v: folder_target(v, "registry root"))]
 
 
 class _Strict(BaseModel):
@@ -73,7 +81,9 @@ class _Strict(BaseModel):
 
 
 def check_trainer_args(value: dict[str, Any]) -> dict[str, Any]:
-    """Every key must be a field of transformers' ``TrainingArguments`` or trl's ``SFTConfig``."""
+    """Every key must be a field of transformers' ``TrainingArguments`` or trl's ``SFTConfig``, and
+    every value of the field's type and range (:func:`~adapterlab.recipe.fields.check_values`:
+    ``max_steps: ten`` is refused here, not inside the training loop; ``"1e-3"`` becomes 0.001)."""
     from trl import SFTConfig
 
     allowed = {f.name for f in dataclasses.fields(SFTConfig) if f.init}
@@ -82,7 +92,7 @@ def check_trainer_args(value: dict[str, Any]) -> dict[str, Any]:
             close = [a for a in sorted(allowed) if a.startswith(str(key)[:4])][:6]
             hint = f" (did you mean: {', '.join(close)}?)" if close else ""
             raise ValueError(f"{key}: unknown key (not a TrainingArguments / SFTConfig field){hint}")
-    return value
+    return check_values(value, dataclass_hints(SFTConfig), TRAINER_RANGES)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,7 +110,7 @@ class PruneSpec(_Strict):
     seqlen: int = Field(default=256, ge=2)
     seed: int = Field(default=0, ge=0)
     batch_size: int = Field(default=8, ge=1)
-    output: str | None = None  # also save the pruned base (model folder + masks) here
+    output: OutputDir | None = None  # also save the pruned base (model folder + masks) here
 
 
 class AdapterSpec(_Strict):
@@ -136,9 +146,9 @@ class EvalSpec(_Strict):
 class HubSpec(_Strict):
     """Where the trained adapter goes in the registry (``AdapterRegistry(root).put``)."""
 
-    name: str | None = None  # default: the output folder's name
-    tags: list[str] = Field(default_factory=list)
-    root: str | None = None  # default: $ADAPTERLAB_HUB, else ./hub
+    name: RefName | None = None  # default: the output folder's name
+    tags: list[TagName] = Field(default_factory=list)
+    root: HubRoot | None = None  # default: $ADAPTERLAB_HUB, else ./hub
 
 
 class TrainRecipe(_Strict):
@@ -152,7 +162,7 @@ class TrainRecipe(_Strict):
     backend: Literal["trainer", "sft"] = "trainer"
     trainer: dict[str, Any] = Field(default_factory=dict)
     eval: EvalSpec | None = Field(default_factory=EvalSpec)
-    output: str
+    output: OutputDir
     overwrite: bool = False
     resume: bool | str | None = None
     put: HubSpec | None = Field(default_factory=HubSpec)
@@ -180,7 +190,7 @@ class PruneStep(_Strict):
     seqlen: int = Field(default=512, ge=2)
     seed: int = Field(default=0, ge=0)
     batch_size: int = Field(default=8, ge=1)
-    output: str
+    output: OutputDir
     overwrite: bool = False
 
 
@@ -202,7 +212,7 @@ class PerpStep(_Strict):
     grad_accum: int = Field(default=1, ge=1)
     seed: int = Field(default=0, ge=0)
     eval_windows: int | None = Field(default=16, ge=1)
-    output: str
+    output: OutputDir
     overwrite: bool = False
 
 
@@ -210,7 +220,7 @@ class MergeStep(MergeConfig):
     """A merge YAML (``adapterlab merge``: ``method``, ``adapters``, ``params``, ``output`` = the
     output *format* spec) plus ``output_dir``, the folder ``-o`` names."""
 
-    output_dir: str
+    output_dir: OutputDir
     overwrite: bool = False
 
 
@@ -219,7 +229,7 @@ class ExtractStep(_Strict):
 
     base: str = "default"
     tuned: str
-    output: str
+    output: OutputDir
     rank: int | None = Field(default=None, ge=1)
     energy: float | None = Field(default=None, gt=0.0, le=1.0)
     min_rank: int = Field(default=1, ge=1)
@@ -245,19 +255,19 @@ class CompressStep(_Strict):
     mode: Literal["full", "diagonal"] = "full"
     clusters: int | None = Field(default=None, ge=1)
     seed: int = Field(default=0, ge=0)
-    output: str
+    output: OutputDir
     overwrite: bool = False
-    put: str | None = None  # also put the bundle into the registry under this name
+    put: RefName | None = None  # also put the bundle into the registry under this name
 
 
 class PutStep(_Strict):
     """Put a PEFT adapter folder into the registry."""
 
     src: str
-    name: str | None = None
-    tags: list[str] = Field(default_factory=list)
+    name: RefName | None = None  # default: the folder's name
+    tags: list[TagName] = Field(default_factory=list)
     base: str | None = None  # model folder (or "default") whose fingerprint is recorded
-    root: str | None = None
+    root: HubRoot | None = None
 
 
 class EvaluateStep(_Strict):
@@ -323,7 +333,7 @@ class StepEntry(_Strict):
             raise ValueError(
                 f"a step needs exactly one verb key, got {given or 'none'}; choose one of: {', '.join(VERBS)}"
             )
-        if self.name is not None and not _NAME.match(self.name):
+        if self.name is not None and not _NAME.fullmatch(self.name):
             raise ValueError(f"step name {self.name!r} must be letters, digits, '_' or '-'")
         return self
 

@@ -1,13 +1,15 @@
 """The train step: base (+ prune) -> adapter -> Trainer / SFTTrainer -> evaluate -> PEFT dir -> registry.
 
 ``train_adapter(recipe)`` runs one :class:`~adapterlab.recipe.schema.TrainRecipe`;
-``check_train_recipe(recipe)`` does every check that needs no weights (method, params, callbacks,
-task, trainer args, output folder, target modules against the base's config) so a bad recipe
-fails before any work.
+``check_train_recipe(recipe)`` does every check that needs no weights (method, params and callbacks
+with their types and ranges, task, trainer args, prune settings, ``resume``, output folder, registry
+put, the base folder, and the adapter built by peft on a weightless copy of the base) so a bad
+recipe fails before any work: if ``--dry-run`` passes, the run does not fail on its configuration.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 import inspect
@@ -22,10 +24,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from torch import nn
 from transformers import TrainerCallback
 
 from adapterlab.progress import ProgressFactory, _silent
+from adapterlab.recipe.fields import (
+    ADAPTER_RANGES,
+    check_values,
+    dataclass_hints,
+    first_error,
+    folder_target,
+    registry_name,
+    signature_hints,
+)
 from adapterlab.recipe.schema import AdapterSpec, TrainRecipe
 
 logger = logging.getLogger(__name__)
@@ -36,6 +48,7 @@ __all__ = [
     "adapter_config",
     "adapter_callbacks",
     "available_methods",
+    "check_adapter_build",
     "check_train_recipe",
     "registry_or_none",
     "train_adapter",
@@ -83,8 +96,9 @@ def adapter_config(spec: AdapterSpec, where: str = "adapter") -> Any:
     """The peft config for ``spec`` (``method`` + ``params``), validated.
 
     Raises:
-        ValueError: unknown or unavailable method, an unknown param (named with its key path), or
-            a value the config rejects.
+        ValueError: unknown or unavailable method, an unknown param, a param of the wrong type or
+            range (named with its key path: ``adapter.params.r: Input should be greater than or
+            equal to 1 (got -4)``), or a value the config rejects.
     """
     method = spec.method.lower()
     if method not in METHODS:
@@ -103,7 +117,10 @@ def adapter_config(spec: AdapterSpec, where: str = "adapter") -> Any:
                 f"{where}.params.{key}: unknown key for {cls.__name__} ({method}); allowed: {', '.join(sorted(allowed))}"
             )
     kwargs = {k: v for k, v in METHODS[method].defaults if k in allowed}
-    kwargs.update(spec.params)
+    try:
+        kwargs.update(check_values(spec.params, dataclass_hints(cls), ADAPTER_RANGES))
+    except ValidationError as exc:
+        raise ValueError(first_error(exc, f"{where}.params")) from None
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as exc:
@@ -132,7 +149,11 @@ def adapter_callbacks(spec: AdapterSpec, where: str = "adapter") -> list[Any]:
             if key not in params:
                 raise ValueError(f"{where}.callbacks.{name}.{key}: unknown key; allowed: {', '.join(params)}")
         try:
-            out.append(cls(**(kwargs or {})))
+            kwargs = check_values(kwargs or {}, signature_hints(cls))
+        except ValidationError as exc:
+            raise ValueError(first_error(exc, f"{where}.callbacks.{name}")) from None
+        try:
+            out.append(cls(**kwargs))
         except (ValueError, TypeError) as exc:
             raise ValueError(f"{where}.callbacks.{name}: {str(exc).splitlines()[0]}") from None
     return out
@@ -157,6 +178,58 @@ def check_fits(config: Any, model: nn.Module, where: str = "adapter") -> None:
         raise ValueError(f"{where}.params.{exc}") from None
 
 
+#: The largest base (fp32 bytes) that :func:`check_adapter_build` fills with placeholder values when a
+#: method's layers read the base's weights (SPP and LoRS patterns, SHiRA ``wm`` masks).
+PLACEHOLDER_LIMIT_BYTES = 2 << 30
+
+
+def _reason(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def check_adapter_build(config: Any, path: Path, where: str = "adapter") -> None:
+    """Build the adapter with peft on a weightless copy of the base in ``path``, so that peft's own
+    checks (``r`` > 0, dropout in [0, 1], ``bias``, ``init_lora_weights``, the tuner's layer checks)
+    run before any work.
+
+    The copy lives on the meta device. When that build fails (also because a method reads the base's
+    weights: SPP and LoRS patterns, SHiRA ``wm`` masks, PiSSA's SVD), it is built again on a copy
+    filled with placeholder values, and only that failure counts; a base larger than
+    :data:`PLACEHOLDER_LIMIT_BYTES` is not filled, and then only peft's config errors (ValueError,
+    TypeError, KeyError) from the meta build count. ``config`` itself is not modified.
+
+    Raises:
+        ValueError: ``WHERE.params: <peft's reason>``.
+    """
+    from peft import get_peft_model
+
+    try:
+        get_peft_model(_skeleton(path), copy.deepcopy(config))
+        return
+    except Exception as exc:  # noqa: BLE001 - any failure of the build is looked at again below
+        first = exc
+    skeleton = _skeleton(path)
+    size = sum(p.numel() for p in skeleton.parameters()) * 4
+    if size > PLACEHOLDER_LIMIT_BYTES:
+        if isinstance(first, (ValueError, TypeError, KeyError)):
+            raise ValueError(f"{where}.params: {_reason(first)}") from None
+        logger.info("%s: not built before training (%s; base of %d bytes)", where, _reason(first), size)
+        return
+    skeleton.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in skeleton.parameters():
+            p.fill_(1.0)
+    try:
+        get_peft_model(skeleton, copy.deepcopy(config))
+    except Exception as exc:  # noqa: BLE001 - the config's failure, reported in one line
+        raise ValueError(f"{where}.params: {_reason(exc)}") from None
+
+
+def registry_root(root: str | None = None) -> str:
+    """The registry root a put uses: ``root``, else ``$ADAPTERLAB_HUB``, else ``./hub``."""
+    return root if root is not None else (os.environ.get("ADAPTERLAB_HUB") or "hub")
+
+
 def registry_or_none(root: str | None = None) -> Any:
     """``AdapterRegistry(root)`` when ``adapterlab.registry`` provides it, else None."""
     try:
@@ -166,16 +239,61 @@ def registry_or_none(root: str | None = None) -> Any:
     return AdapterRegistry(root if root is not None else os.environ.get("ADAPTERLAB_HUB"))
 
 
-def check_train_recipe(recipe: TrainRecipe, *, where: str = "", base_path: Path | None = None) -> tuple[Any, list[Any]]:
+def _check_resume(recipe: TrainRecipe, where: str) -> None:
+    """``resume``: a checkpoint folder that exists, or ``true`` with a checkpoint in ``trainer.output_dir``."""
+    if isinstance(recipe.resume, str):
+        if not (Path(recipe.resume).expanduser() / "trainer_state.json").is_file():
+            raise FileNotFoundError(
+                f"{where}resume: {recipe.resume!r} is not a Trainer checkpoint folder (no trainer_state.json)"
+            )
+    elif recipe.resume is True:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        out = recipe.trainer.get("output_dir")
+        if out is None:
+            raise ValueError(
+                f"{where}resume: true resumes from the last checkpoint in trainer.output_dir; set trainer.output_dir, "
+                f"or give the checkpoint folder"
+            )
+        if not Path(out).expanduser().is_dir() or get_last_checkpoint(str(Path(out).expanduser())) is None:
+            raise FileNotFoundError(f"{where}resume: trainer.output_dir {out!r} holds no checkpoint-* folder")
+
+
+def _check_put(recipe: TrainRecipe, where: str) -> None:
+    """The registry name (default: the output folder's name) and the effective root of the put."""
+    assert recipe.put is not None
+    if recipe.put.name is None and "${" not in recipe.output:
+        try:
+            registry_name(Path(recipe.output).name, "name")
+        except ValueError as exc:
+            raise ValueError(f"{where}put.name: {exc} (the default, the output folder's name; set put.name)") from None
+    try:
+        folder_target(registry_root(recipe.put.root), "registry root")
+    except ValueError as exc:
+        given = "put.root" if recipe.put.root is not None else "put.root (default: $ADAPTERLAB_HUB, else ./hub)"
+        raise ValueError(f"{where}{given}: {exc}") from None
+
+
+def check_train_recipe(
+    recipe: TrainRecipe, *, where: str = "", base_path: Path | None = None, put: bool = True
+) -> tuple[Any, list[Any]]:
     """Every check that needs no weights. Returns ``(peft config, callbacks)``.
+
+    The contract: when this passes, the run does not fail on its configuration. Besides the schema
+    (types, ranges, registry names, output folders), it checks the method, params and callbacks,
+    the task, the trainer arguments, the prune settings, ``resume``, the output folder, the registry
+    put, the base folder (``config.json`` and safetensors weights), and builds the adapter with peft
+    on a weightless copy of the base (:func:`check_adapter_build`).
 
     Args:
         where: key-path prefix for errors (``"steps.1.train."`` in a pipeline).
         base_path: the folder whose config is checked against the adapter (None: ``recipe.base``;
             skipped when the base is produced by an earlier pipeline step).
+        put: the run will put the adapter into the registry (False: ``--no-put``; the put's root
+            and default name are not checked).
     """
     from adapterlab.data import get_task
-    from adapterlab.models import resolve_model_path
+    from adapterlab.models import check_model_folder
     from adapterlab.pruning import PRUNERS
     from adapterlab.pruning.functional import parse_pattern
     from adapterlab.staging import check_output_dir
@@ -186,27 +304,46 @@ def check_train_recipe(recipe: TrainRecipe, *, where: str = "", base_path: Path 
         get_task(recipe.data.task)
     except ValueError as exc:
         raise ValueError(f"{where}data.task: {exc}") from None
+    pruner: Any = None
     if recipe.prune is not None:
         try:
-            PRUNERS.get(recipe.prune.method)
+            pruner = PRUNERS.get(recipe.prune.method)
             parse_pattern(recipe.prune.pattern)
         except ValueError as exc:
             raise ValueError(f"{where}prune: {exc}") from None
+        scopes = getattr(pruner, "scopes", None)
+        if recipe.prune.scope is not None and scopes is not None and recipe.prune.scope not in scopes:
+            raise ValueError(
+                f"{where}prune.scope: unknown scope {recipe.prune.scope!r}; choose one of: {', '.join(scopes)}"
+            )
         if recipe.prune.output is not None:
             check_output_dir(recipe.prune.output, recipe.overwrite)
     check_output_dir(recipe.output, recipe.overwrite)
-    _training_args(recipe, Path(tempfile.gettempdir()) / "adapterlab-train-check")  # bad trainer values fail here
+    _training_args(
+        recipe, Path(tempfile.gettempdir()) / "adapterlab-train-check", where
+    )  # bad trainer values fail here
+    _check_resume(recipe, where)
+    if put and recipe.put is not None:
+        _check_put(recipe, where)
     path = base_path
     if path is None and "${" not in recipe.base:
-        try:
-            path = resolve_model_path(recipe.base)
-        except FileNotFoundError as exc:
-            raise FileNotFoundError(f"{where}base: {exc}") from None
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{where}base: model folder {recipe.base!r} has no config.json")
+        path = check_model_folder(recipe.base, f"{where}base")
     if path is not None:
-        check_fits(config, _skeleton(path), f"{where}adapter")
+        if recipe.prune is not None and pruner is not None and pruner.needs_calibration:
+            _check_seqlen(recipe.prune.seqlen, path, f"{where}prune.seqlen")
+        skeleton = _skeleton(path)
+        check_fits(config, skeleton, f"{where}adapter")
+        check_adapter_build(config, path, f"{where}adapter")
     return config, callbacks
+
+
+def _check_seqlen(seqlen: int, path: Path, where: str) -> None:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and seqlen > limit:
+        raise ValueError(f"{where}: {seqlen} exceeds the base's context length {limit}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,7 +394,7 @@ class ProgressBarCallback(TrainerCallback):
             logger.info("step %d: %s", state.global_step, shown)
 
 
-def _training_args(recipe: TrainRecipe, scratch: Path) -> Any:
+def _training_args(recipe: TrainRecipe, scratch: Path, where: str = "") -> Any:
     """TrainingArguments (``trainer``) or SFTConfig (``sft``) with adapterlab's defaults."""
     from transformers import TrainingArguments
 
@@ -289,11 +426,11 @@ def _training_args(recipe: TrainRecipe, scratch: Path) -> Any:
         allowed = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
         extra = sorted(set(args) - allowed)
         if extra:
-            raise ValueError(f"trainer.{extra[0]}: an SFTConfig field; set backend: sft to use it")
+            raise ValueError(f"{where}trainer.{extra[0]}: an SFTConfig field; set backend: sft to use it")
     try:
         return cls(**args)
     except (ValueError, TypeError) as exc:
-        raise ValueError(f"trainer: {str(exc).splitlines()[0]}") from None
+        raise ValueError(f"{where}trainer: {str(exc).splitlines()[0]}") from None
 
 
 def _load_base(recipe: TrainRecipe) -> nn.Module:
@@ -420,7 +557,7 @@ def train_adapter(
 
     t0 = time.perf_counter()
     progress = progress or _silent
-    config, callbacks = checked or check_train_recipe(recipe)
+    config, callbacks = checked or check_train_recipe(recipe, put=put)
     if not any(isinstance(c, SparsityRankLogger) for c in callbacks):
         callbacks.append(SparsityRankLogger())
     callbacks.append(ProgressBarCallback(progress))
