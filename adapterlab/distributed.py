@@ -32,6 +32,7 @@ __all__ = [
     "all_reduce_sum_",
     "broadcast_object",
     "broadcast_tensor_",
+    "broadcast_tensors_",
     "check_equal_on_all_ranks",
     "fingerprint",
     "is_distributed",
@@ -138,6 +139,21 @@ def broadcast_tensor_(tensor: torch.Tensor, src: int = 0) -> None:
     _run_in_place(tensor, lambda t: dist.broadcast(t, src=src))
 
 
+def broadcast_tensors_(tensors: Iterable[torch.Tensor], src: int = 0) -> None:
+    """:func:`broadcast_tensor_` for many tensors in one message per dtype (e.g. one mask per layer), in place."""
+    if not is_distributed():
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for group in by_dtype.values():
+        flat = torch.cat([t.detach().reshape(-1).cpu() for t in group])  # (sum numel,)
+        broadcast_tensor_(flat, src=src)
+        with torch.no_grad():
+            for t, part in zip(group, flat.split([t.numel() for t in group])):
+                t.copy_(part.view(t.shape).to(t.device))
+
+
 def all_reduce_sum_(tensor: torch.Tensor) -> None:
     """Sum ``tensor`` over all ranks, in place."""
     if not is_distributed():
@@ -221,10 +237,16 @@ def check_equal_on_all_ranks(value: Any, what: str) -> None:
     values = all_gather_object(fingerprint(value))
     if all(v == values[0] for v in values[1:]):
         return
+    where = ""
+    if all(isinstance(v, dict) for v in values):  # name the entries that differ, not just the whole mapping
+        keys = sorted({k for v in values for k in v}, key=str)
+        bad = [k for k in keys if any(v.get(k) != values[0].get(k) for v in values[1:])]
+        where = f" at {', '.join(repr(k) for k in bad[:3])}{', ...' if len(bad) > 3 else ''}"
+        values = [{k: v.get(k) for k in bad[:3]} for v in values]
     per_rank = "; ".join(f"rank {i}: {_short(v)}" for i, v in enumerate(values))
     raise ValueError(
-        f"{what} differs between the {len(values)} processes ({per_rank}); it must be the same on every rank "
-        f"of a distributed run (set it explicitly, the same on every process)"
+        f"{what} differs between the {len(values)} processes{where} ({per_rank}); it must be the same on every "
+        f"rank of a distributed run (set it explicitly, the same on every process)"
     )
 
 
@@ -260,8 +282,9 @@ def share_new_parameters_(params: Iterable[torch.nn.Parameter]) -> list[Any]:
         if p.grad is not None and _sync_step():
             all_reduce_mean_(p.grad)
 
+    params = list(params)
+    broadcast_tensors_([p.data for p in params])
     for p in params:
-        broadcast_tensor_(p.data)
         if p.requires_grad:
             handles.append(p.register_post_accumulate_grad_hook(hook))
     return handles

@@ -40,8 +40,12 @@ def run(rank: int, world: int, store: str) -> None:
         h = torch.full((2,), 0.5 + rank, dtype=torch.bfloat16)
         D.broadcast_tensor_(h)
         assert h.tolist() == [0.5, 0.5]
-        v = torch.arange(6.0).view(2, 3).t()  # non-contiguous: reduced through a copy, written back
+        v = (torch.arange(6.0).view(2, 3) * (rank + 1)).t()  # non-contiguous: sent as a copy, written back
         D.broadcast_tensor_(v)
+        assert torch.equal(v, torch.arange(6.0).view(2, 3).t())
+        many = [torch.full((2, 2), rank, dtype=torch.bool), torch.full((3,), rank + 5), torch.full((1,), rank + 0.5)]
+        D.broadcast_tensors_(many)  # one message per dtype
+        assert [t.tolist() for t in many] == [[[False, False], [False, False]], [5, 5, 5], [0.5]]
 
         # reductions: ranks hold 1 and 2
         s = torch.tensor([1.0, 10.0]) * (rank + 1)
@@ -67,6 +71,9 @@ def run(rank: int, world: int, store: str) -> None:
         t = torch.zeros(5)
         t[rank] = 1.0
         _expect_error(lambda: D.check_equal_on_all_ranks({"layer.0": t}, "SHiRA mask"), "SHiRA mask", "rank 1")
+        _expect_error(  # a mapping names the entries that differ, not the whole mapping
+            lambda: D.check_equal_on_all_ranks({"same": 1, "seed": rank}, "the config"), "at 'seed'", "{'seed': 1}"
+        )
 
         # a parameter created after wrapping: rank 0's values everywhere, gradients averaged in backward
         p = torch.nn.Parameter(torch.full((3,), float(rank + 1)))
