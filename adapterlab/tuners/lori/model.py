@@ -18,6 +18,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
+from adapterlab import distributed
 from adapterlab.tuners._lowrank import (
     check_loaded_shapes,
     check_target_modules,
@@ -158,7 +159,12 @@ class LoriModel(BaseTuner):
         )
 
     def apply_masks_(
-        self, masks: Mapping[str, torch.Tensor], *, keep_values: bool = True, adapter_name: str | None = None
+        self,
+        masks: Mapping[str, torch.Tensor],
+        *,
+        keep_values: bool = True,
+        adapter_name: str | None = None,
+        sync: bool | None = None,
     ) -> SparsifyReport:
         """Switch every layer of the adapter to LoRI-S with ``masks`` (module key -> bool (d_out, r)).
 
@@ -166,6 +172,13 @@ class LoriModel(BaseTuner):
         (``keep_values=False`` restarts them at 0, as the reference's fresh LoRI-S run).
         Sets ``config.variant = "S"``. Any optimizer holding the old parameters must be updated
         with ``report.swapped`` (``LoriCallback`` does it).
+
+        Under ``torch.distributed`` (``sync=None``: whenever a process group of more than one
+        process is initialised; every rank must then call it) the masks of rank 0 are used on every
+        rank, the new sparse parameters start from rank 0's values, and their gradients are averaged
+        over the ranks in backward (:func:`adapterlab.distributed.share_new_parameters_`): a
+        ``DistributedDataParallel`` built before the switch does not know these parameters and
+        would leave every replica on its own gradients.
         """
         name = self._adapter(adapter_name)
         layers = self._layers(name)
@@ -174,14 +187,20 @@ class LoriModel(BaseTuner):
             raise ValueError(
                 f"masks has no entry for {len(missing)} layer(s), e.g. {missing[0]!r}; expected one per LoRI layer"
             )
+        sync = distributed.is_distributed() if sync is None else sync
+        chosen = {k: masks[k].detach().to(torch.bool).clone() for k, _ in layers}
+        if sync:
+            distributed.broadcast_tensors_([chosen[k] for k, _ in layers])  # rank 0 decides
         report = SparsifyReport(sparsity=float(self.peft_config[name].sparsity), kept=0, total=0)
         for key, layer in layers:
             lb = layer.lori_B[name]
-            old, new = lb.to_sparse_(masks[key], keep_values=keep_values)
+            old, new = lb.to_sparse_(chosen[key], keep_values=keep_values)
             report.swapped.append((old, new))
             report.kept += new.numel()
             report.total += lb.shape[0] * lb.shape[1]
             report.per_layer[key] = new.numel() / (lb.shape[0] * lb.shape[1])
+        if sync:
+            distributed.share_new_parameters_([new for _, new in report.swapped])
         self.peft_config[name].variant = "S"
         logger.info(
             "LoRI-S: %d of %d B entries trainable (%.2f%% sparse)",
@@ -198,15 +217,16 @@ class LoriModel(BaseTuner):
         scope: str | None = None,
         keep_values: bool = True,
         adapter_name: str | None = None,
+        sync: bool | None = None,
     ) -> SparsifyReport:
-        """LoRI-D -> LoRI-S in place: :meth:`extract_masks` then :meth:`apply_masks_`."""
+        """LoRI-D -> LoRI-S in place: :meth:`extract_masks` then :meth:`apply_masks_` (``sync``: see there)."""
         name = self._adapter(adapter_name)
         if sparsity is not None:
             if isinstance(sparsity, bool) or not 0.0 <= float(sparsity) < 1.0:
                 raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
             self.peft_config[name].sparsity = float(sparsity)
         masks = self.extract_masks(scope=scope, adapter_name=name)
-        return self.apply_masks_(masks, keep_values=keep_values, adapter_name=name)
+        return self.apply_masks_(masks, keep_values=keep_values, adapter_name=name, sync=sync)
 
     # -- export / concatenation -------------------------------------------------------------------
     def lora_factors(self, adapter_name: str | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
