@@ -6,12 +6,14 @@ Reference:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterable
 from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from adapterlab import distributed
 from adapterlab.callbacks.dylora import find_tuner
 from adapterlab.tuners.shira.config import ShiraConfig
 from adapterlab.tuners.shira.functional import DATA_MASK_TYPES
@@ -43,6 +45,12 @@ class ShiraMaskCallback(TrainerCallback):
 
     Adapters whose masks are already fixed (calibrated before, or loaded from a checkpoint when
     resuming) are skipped, so a resumed run keeps its masks.
+
+    Under ``torchrun`` / ``accelerate launch`` (DDP) each rank calibrates on its shard of the
+    batches, the gradient statistics are averaged over the ranks before the top-K (see
+    :func:`~adapterlab.tuners.shira.calibrate_masks_`), and afterwards every SHiRA adapter's
+    ``mask_type`` and ``random_seed`` and its masks are checked equal on all ranks (one clear error
+    naming the value per rank otherwise); add the callback for ``random`` masks too, for that check.
 
     Args:
         batches: calibration batches (tensors of input ids or dicts with ``input_ids``); default:
@@ -81,6 +89,7 @@ class ShiraMaskCallback(TrainerCallback):
             pending = [n for n in pending if n == self.adapter_name]
         if not pending:
             logger.info("ShiraMaskCallback: no grad/snip mask awaiting calibration")
+            check_masks_equal_on_all_ranks(model)
             return
         source = self.batches if self.batches is not None else kwargs.get("train_dataloader")
         if source is None:
@@ -93,3 +102,23 @@ class ShiraMaskCallback(TrainerCallback):
             )
             self.reports.append(report)
             logger.info("ShiraMaskCallback: %s mask of %r from %d batches", report.mask_type, name, report.batches)
+        check_masks_equal_on_all_ranks(model)
+
+
+def check_masks_equal_on_all_ranks(model: Any) -> None:
+    """Raise ``ValueError`` unless every SHiRA adapter has the same settings and masks on all ranks (no-op in one process)."""
+    if not distributed.is_distributed():
+        return
+    tuner = find_tuner(model, ShiraModel)
+    settings = {
+        name: {"mask_type": cfg.mask_type, "random_seed": cfg.random_seed}
+        for name, cfg in tuner.peft_config.items()
+        if isinstance(cfg, ShiraConfig)
+    }
+    distributed.check_equal_on_all_ranks(settings, "the SHiRA adapters' mask_type / random_seed")
+    for name in settings:
+        digests = [
+            distributed.fingerprint(layer.adapterlab_shira_indices[name]) for _, layer in shira_layers(model, name)
+        ]
+        digest = hashlib.sha256("|".join(digests).encode()).hexdigest()[:16]
+        distributed.check_equal_on_all_ranks(digest, f"the mask (digest of the indices) of SHiRA adapter {name!r}")

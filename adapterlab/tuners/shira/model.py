@@ -19,6 +19,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
+from adapterlab import distributed
 from adapterlab.quant import is_4bit, is_8bit
 from adapterlab.tuners._lowrank import check_target_modules, replace_with
 from adapterlab.tuners.shira.config import GRAD_ACCUM, NAME, PREFIX, ShiraConfig
@@ -81,6 +82,7 @@ def calibrate_masks_(
     adapter_name: str | None = None,
     max_batches: int | None = None,
     grad_accum: str | None = None,
+    sync: bool | None = None,
 ) -> CalibrationReport:
     """Fix the masks of a grad/snip SHiRA adapter from task-loss gradients (before training).
 
@@ -97,6 +99,13 @@ def calibrate_masks_(
         adapter_name: the adapter (default: the only grad/snip adapter awaiting calibration).
         max_batches: use at most this many (default: the config's ``calibration_batches``).
         grad_accum: override the config's ``grad_accum``.
+        sync: reduce over the processes of a distributed run (default: whenever a process group of
+            more than one process is initialised; every rank must then call this). Each rank
+            calibrates on its own batches and the statistics are averaged over the ranks, so the
+            mask is the one a single process would pick from the same global batches: ``sum``
+            averages ``G`` once at the end, ``abs`` averages each batch's gradient before its
+            ``|.|``; every rank uses as many batches as the rank with the fewest, and the chosen
+            indices of rank 0 are used everywhere.
 
     Raises:
         ValueError: no such adapter, it is not grad/snip, no batches, or a quantized base.
@@ -134,15 +143,28 @@ def calibrate_masks_(
     disabled = [(layer, layer._disable_adapters) for _, layer in layers]
     hooks = []
 
+    sync = distributed.is_distributed() if sync is None else sync
+
     def make_hook(i: int) -> Any:
         def hook(p: torch.Tensor) -> None:
             g = p.grad.float()
+            if sync and accum == "abs":
+                distributed.all_reduce_mean_(g)  # |mean over ranks| of this batch's gradient
             acc[i].add_(g.abs() if accum == "abs" else g)
             p.grad = None  # freed immediately: one weight-sized gradient alive at a time
 
         return hook
 
+    def all_have(have: bool) -> bool:
+        """Whether every rank has a batch for this round (one tiny collective per batch under ``sync``)."""
+        if not sync:
+            return have
+        flag = torch.tensor([int(have)])
+        distributed.all_reduce_sum_(flag)
+        return int(flag) == distributed.world_size()
+
     n_batches = 0
+    exhausted = True
     try:
         for p, _ in saved_flags:
             p.requires_grad_(False)
@@ -154,11 +176,14 @@ def calibrate_masks_(
         model.eval()  # no dropout during calibration
         device = weights[0].device
         for batch in batches:
-            if n_batches >= limit:
+            if n_batches >= limit or not all_have(True):
+                exhausted = False
                 break
             out = model(**_as_batch(batch, device))
             out.loss.backward()
             n_batches += 1
+        if sync and exhausted and n_batches < limit:
+            all_have(False)  # this rank ran out: the others stop at the same round
     finally:
         for h in hooks:
             h.remove()
@@ -174,14 +199,20 @@ def calibrate_masks_(
         raise ValueError("calibration got no batches; expected at least one batch of task data")
 
     report = CalibrationReport(adapter=adapter_name, batches=n_batches, mask_type=cfg.mask_type)
+    chosen: list[torch.Tensor] = []
     for i, (key, layer) in enumerate(layers):
         k = layer.adapterlab_shira_values[adapter_name].numel()
         w = weights[i].detach()
         allowed = (w != 0) if cfg.respect_base_sparsity else None
-        idx = mask_indices(cfg.mask_type, layer.shape, k, weight=w, grad=acc[i], allowed=allowed)
-        layer.set_indices_(adapter_name, idx)
+        if sync and accum == "sum":
+            distributed.all_reduce_mean_(acc[i])  # G = sum_b mean_ranks dL_b/dW
+        chosen.append(mask_indices(cfg.mask_type, layer.shape, k, weight=w, grad=acc[i], allowed=allowed))
         acc[i] = None  # type: ignore[call-overload]  # freed layer by layer
         report.layers[key] = k
+    if sync:
+        distributed.broadcast_tensors_(chosen)  # rank 0 decides (ties, non-deterministic kernels)
+    for (_, layer), idx in zip(layers, chosen):
+        layer.set_indices_(adapter_name, idx)
     logger.info(
         "calibrated %s masks of adapter %r on %d batches (%d layers)",
         cfg.mask_type,
