@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from adapterlab import distributed
 from adapterlab.tuners._lowrank import AdapterlabTuner, check_int, tuner_layers
 from adapterlab.tuners.lors.config import NAME, PREFIX
 from adapterlab.tuners.lors.functional import gradient_init_a
@@ -125,6 +126,7 @@ class LorsModel(AdapterlabTuner):
         batch_size: int = 2,
         n_samples: int | None = None,
         adapter_name: str | None = None,
+        sync: bool | None = None,
     ) -> LorsInitReport:
         """LoRS's gradient-based initialisation, in place: ``A = V^T[:r] / stable_gamma``, ``B = 0``.
 
@@ -143,6 +145,12 @@ class LorsModel(AdapterlabTuner):
             batch_size: sequences per pass when ``data`` is a tensor.
             n_samples: sequences to use (default ``lors_samples``).
             adapter_name: the adapter to initialise (default: the active one).
+            sync: average over the processes of a distributed run (default: whenever a process
+                group of more than one process is initialised; every rank must then call this).
+                Each rank passes its own data (its shard, or all of it); ``G`` is the mean over
+                every rank's batches (the sum of the gradients and of the batch counts are
+                reduced), so with equal shards it is the single-process ``G`` of the union, and
+                rank 0's ``A`` is used everywhere.
 
         Returns:
             A :class:`LorsInitReport`.
@@ -178,14 +186,25 @@ class LorsModel(AdapterlabTuner):
                     raise ValueError("lors_init_: the model returned no loss; pass labels (or input ids as a tensor)")
                 loss.backward()
                 samples += int(batch["input_ids"].shape[0])
-            report = LorsInitReport(samples=samples, batches=len(batches), layers=len(layers))
+            sync = distributed.is_distributed() if sync is None else sync
+            n_batches = len(batches)
+            if sync:
+                counts = torch.tensor([n_batches, samples], dtype=torch.int64)
+                distributed.all_reduce_sum_(counts)
+                n_batches, samples = int(counts[0]), int(counts[1])
+            report = LorsInitReport(samples=samples, batches=n_batches, layers=len(layers))
             with torch.no_grad():
                 for (key, layer), w in zip(layers, weights):
-                    grad = w.grad.float() / len(batches)  # mean over batches, (d_out, d_in)
+                    grad = w.grad.float()  # (d_out, d_in), sum over this rank's batches
+                    if sync:
+                        distributed.all_reduce_sum_(grad)  # sum over every rank's batches
+                    grad = grad / n_batches  # mean over batches
                     report.grad_norms[key] = float(grad.norm())
                     a = gradient_init_a(
                         grad, layer.r[name], gamma=float(cfg.stable_gamma), seed=zlib.crc32(key.encode())
                     )
+                    if sync:
+                        distributed.broadcast_tensor_(a)  # rank 0 decides (SVD kernels may differ)
                     layer.lors_A[name].copy_(a.to(layer.lors_A[name].dtype))  # (r, d_in)
                     layer.lors_B[name].zero_()
                     w.grad = None
