@@ -14,6 +14,7 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
+from adapterlab import distributed
 from adapterlab.tuners.dylora.model import DyLoraModel
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,10 @@ class DyLoraCallback(TrainerCallback, ExportableState):
     own state (``adapter_name``, ``last_rank``) is saved in ``trainer_state.json`` through
     ``ExportableState`` and restored with ``restore_callback_states_from_checkpoint=True``.
 
+    Under ``torchrun`` / ``accelerate launch`` every rank draws the same b without communication;
+    ``on_train_begin`` checks that the schedule's inputs (``seed``, ``r_min``, ``r``) are equal on all
+    ranks and raises one error naming each rank's value otherwise.
+
     Args:
         adapter_name: the DyLoRA adapter to drive (default: the active one).
     """
@@ -56,6 +61,16 @@ class DyLoraCallback(TrainerCallback, ExportableState):
 
     def state(self) -> dict[str, Any]:
         return {"args": {"adapter_name": self.adapter_name}, "attributes": {"last_rank": self.last_rank}}
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        tuner: DyLoraModel = find_tuner(kwargs.get("model"), DyLoraModel)
+        name = tuner._adapter(self.adapter_name)
+        cfg = tuner.peft_config[name]
+        distributed.check_equal_on_all_ranks(
+            {"seed": cfg.seed, "r_min": cfg.r_min, "r": cfg.r}, f"DyLoRA adapter {name!r}'s rank schedule"
+        )
 
     def on_step_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any

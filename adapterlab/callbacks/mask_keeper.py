@@ -12,7 +12,9 @@ The callback therefore
 Masks are the given ones or, by default, ``W != 0`` of every trainable decoder-block linear with zeros,
 taken at ``on_train_begin``. On resume from a checkpoint the weights are loaded before
 ``on_train_begin`` and are already masked, so the masks are the same: the callback has no state of
-its own to save.
+its own to save. Under DDP the masks are checked equal on all ranks at ``on_train_begin`` (one clear
+error otherwise); the gradient hook masks each rank's gradient before DDP averages it, and the
+write-back after the step is the same on every rank.
 
 Reference:
     Zimmer et al., PERP (FullFT with kept masks), https://arxiv.org/abs/2312.15230
@@ -27,6 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from adapterlab import distributed
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +135,9 @@ class MaskKeeperCallback(TrainerCallback):
         if model is None:
             raise ValueError("MaskKeeperCallback needs the model (the Trainer passes it as `model`)")
         self._collect(model)
+        distributed.check_equal_on_all_ranks(
+            {name: pruned for name, _, pruned in self._kept}, "MaskKeeperCallback's pruning masks"
+        )
         self.apply_()
         self._register_hooks()
         logger.info("MaskKeeperCallback: keeping %d pruned weight tensor(s) at zero", len(self._kept))

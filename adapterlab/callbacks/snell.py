@@ -16,6 +16,7 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
+from adapterlab import distributed
 from adapterlab.callbacks.dylora import find_tuner
 from adapterlab.io import load_tensors, save_tensors
 from adapterlab.tuners.snell.functional import allocate_budget, budget_schedule, importance, keep_count
@@ -57,6 +58,10 @@ class SnellCallback(TrainerCallback, ExportableState):
       same sparsity everywhere); each layer then keeps exactly ``v_l`` entries.
     * ``on_train_end`` applies ``V(total_steps) = V_target``, so the saved adapter has the target
       sparsity overall; ``layer_sparsity`` (module key -> sparsity) records it.
+
+    Under DDP the sensitivities come from the gradients after DDP averaged them (the reduced
+    statistics), so every rank computes the same scores; the per-layer counts of rank 0 are
+    broadcast all the same (decide once), and only the saving process writes the EMA file.
 
     The per-layer keep counts are buffers of the adapter, so they are saved with it. The callback's
     settings, last step and allocation go into ``trainer_state.json`` (``ExportableState``; restored
@@ -182,6 +187,7 @@ class SnellCallback(TrainerCallback, ExportableState):
         if float(scores.sum()) <= 0:
             scores = caps.to(torch.float64)  # no importance yet: the same sparsity in every layer
         counts = allocate_budget(budget, scores, caps)  # (L,)
+        distributed.broadcast_tensor_(counts)  # DDP: every rank keeps rank 0's allocation
         result = {k: int(c) for k, c in zip(keys, counts)}
         tuner.set_keep_counts_(result, name)
         self.layer_sparsity = {k: 1.0 - result[k] / int(cap) for k, cap in zip(keys, caps)}
@@ -245,8 +251,8 @@ class SnellCallback(TrainerCallback, ExportableState):
         self.last_step = state.global_step
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        if self.allocation_mode != "importance" or not self._ema:
-            return
+        if self.allocation_mode != "importance" or not self._ema or not args.should_save:
+            return  # only the saving process (rank 0) writes
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if os.path.isdir(folder):
             save_tensors(os.path.join(folder, STATE_FILE), {k: v.contiguous() for k, v in self._ema.items()})

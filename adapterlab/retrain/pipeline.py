@@ -12,6 +12,7 @@ Reference:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from adapterlab import distributed
 from adapterlab.progress import ProgressFactory
 
 logger = logging.getLogger(__name__)
@@ -94,6 +96,10 @@ def retrain_(
             pruned decoder weight is trainable).
         callbacks: more ``TrainerCallback`` s.
 
+    Under ``torchrun`` / ``accelerate launch`` every process calls it with its model (the Trainer runs
+    DDP; ``batch_size`` is per process); the seed, the step count and the trainable parameters are
+    checked equal on all ranks first.
+
     Returns:
         A :class:`RetrainResult`.
     """
@@ -108,6 +114,11 @@ def retrain_(
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("the model has no trainable parameter (call adapterlab.perp_ first)")
+    trainable = [f"{n}:{tuple(p.shape)}" for n, p in model.named_parameters() if p.requires_grad]
+    distributed.check_equal_on_all_ranks(
+        {"seed": seed, "steps": steps, "trainable": hashlib.sha256("|".join(trainable).encode()).hexdigest()[:16]},
+        "retrain_'s seed, steps and trainable parameters",
+    )
     keep = _needs_mask_keeper(model) if mask_keeper is None else bool(mask_keeper)
     cbs = list(callbacks) + ([MaskKeeperCallback()] if keep else [])
     scratch = Path(tempfile.mkdtemp(prefix="adapterlab-retrain-"))
@@ -210,7 +221,7 @@ def run_perp_pipeline(
         evaluate_dense: also measure the dense model first.
         corpus: packaged corpus for calibration, retraining and perplexity (``wiki`` | ``lee``).
         output_dir: if given, the merged model (safetensors) and ``perp_result.json`` are written there
-            (staged and renamed: nothing partial on failure).
+            (staged and renamed: nothing partial on failure; by rank 0 only in a distributed run).
 
     Returns:
         A :class:`PerpPipelineResult`.
@@ -287,7 +298,7 @@ def run_perp_pipeline(
         seconds=timings,
         output_dir=str(output_dir) if output_dir is not None else None,
     )
-    if output_dir is not None:
+    if output_dir is not None and distributed.is_rank0():  # only rank 0 writes
         from adapterlab.staging import staged_dir
 
         with staged_dir(Path(output_dir), overwrite=True) as stage:
