@@ -1,0 +1,118 @@
+"""Every tuner and callback under DDP: ``torchrun --nproc_per_node 2`` (gloo, CPU, one thread each) on the tiny model.
+
+One launch runs all cases of tests/distributed/_ddp_worker.py in sequence (the imports are paid once, about
+15 s of the ~45 s). For each case the two replicas must end with bit-identical adapter tensors (a hash of
+what would be saved), only rank 0 may write the adapter, and the adapter must equal a single-process run
+with the same global batch within the fp32 tolerance of tests/tolerances.py. A negative control (the LoRI
+switch without the fixes) must diverge, and settings that differ per rank must be refused with one error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from adapterlab.io import load_tensors
+from tests.distributed._ddp_worker import CASES, run_case, tensor_hash
+from tests.tolerances import TOL
+
+REPO = Path(__file__).resolve().parents[2]
+#: cases that must train identically on both ranks and match one process
+GOOD = [
+    "lori_switch",
+    "shira_random",
+    "shira_grad",
+    "shira_grad_no_buffer_broadcast",
+    "shira_snip_abs",
+    "dylora",
+    "dylora_rslora",
+    "snella",
+    "spp_logger",
+    "lors_init",
+    "perp_mask_lora",
+    "perp_full_mask_keeper",
+]
+REFUSED = {
+    "shira_seed_per_rank": "random_seed",
+    "dylora_seed_per_rank": "seed",
+}
+CONTROL = "lori_switch_unsynced"
+
+
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    out = tmp_path_factory.mktemp("ddp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += ["-m", "tests.distributed._ddp_worker", str(out), *GOOD, *REFUSED, CONTROL]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return out, json.loads((out / "results.json").read_text())
+
+
+@pytest.fixture()
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the torchrun workers (OMP_NUM_THREADS=1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_every_case_is_listed():
+    assert set(GOOD) | set(REFUSED) | {CONTROL} == set(CASES)
+
+
+@pytest.mark.parametrize("case", GOOD)
+def test_replicas_identical_only_rank0_writes_and_equal_to_one_process(ddp, case, tmp_path, one_thread):
+    out, results = ddp
+    res = results[case]
+    assert res["errors"] == [None, None], res["errors"]
+    h0, h1 = res["hashes"]
+    assert h0 == h1, f"{case}: the two replicas ended with different adapters"
+    saved = load_tensors(out / case / "tensors.safetensors")
+    assert tensor_hash(saved) == h0
+    rank0, rank1 = out / case / "rank0", out / case / "rank1"
+    if (rank0 / "adapter_model.safetensors").exists():  # Trainer.save_model (peft cases)
+        assert tensor_hash(load_tensors(rank0 / "adapter_model.safetensors")) == h0
+    assert not [p.name for p in rank1.iterdir() if p.is_file()], "rank 1 wrote files"
+    assert len(res["logs"]) >= 4  # trained every step
+
+    single = run_case(case, tmp_path, rank=0, world=1)
+    assert single["error"] is None, single["error"]
+    ref = single["tensors"]
+    assert set(ref) == set(saved)
+    for key, value in saved.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, ref[key], **TOL[torch.float32], msg=lambda m, k=key: f"{case} {k}: {m}")
+        else:
+            assert torch.equal(value, ref[key]), f"{case} {key}: the masks / indices differ from one process"
+    assert single["initial_hash"] != single["hash"], f"{case}: nothing trained"
+    if case == "spp_logger":
+        assert all("base_sparsity" in h and "adapter_density" in h for h in res["logs"])
+    if case == "perp_full_mask_keeper":
+        assert res["mask_keeper"] is True
+
+
+def test_the_unsynced_lori_switch_diverges(ddp):
+    """Negative control: the D -> S switch without the fixes leaves two different adapters (issue 19)."""
+    _, results = ddp
+    res = results[CONTROL]
+    assert res["errors"] == [None, None]
+    assert res["hashes"][0] != res["hashes"][1]
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_settings_that_differ_per_rank_are_refused_on_every_rank(ddp, case):
+    _, results = ddp
+    errors = results[case]["errors"]
+    assert all(e is not None for e in errors), errors
+    for e in errors:
+        assert "differs between the 2 processes" in e and "rank 0:" in e and "rank 1:" in e, e
+        assert REFUSED[case] in e
