@@ -263,6 +263,9 @@ class SharedBasisBundle:
                 per_group.append(core)
             cand[mod] = torch.stack(per_group)  # [G, 1, c(, c)]
             norms[mod] = F.normalize_factors(B, A, how)[2]
+            for what, t in (("cores", cand[mod]), ("errors", errs[:, j]), ("norms", norms[mod])):
+                if nonfinite_count(t):
+                    raise ValueError(_overflow(mod, B, A, [label], f"the projected {what} hold NaN or Inf"))
         g = int(errs.sum(1).argmin())
         for mod in self.module_names:
             self.cores[mod] = torch.cat([self.cores[mod], cand[mod][g]])

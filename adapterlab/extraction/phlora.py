@@ -147,8 +147,7 @@ class _Weights:
                 t = self._owner[key].get(key)
             except ValueError as exc:
                 raise ValueError(f"{self.where}: {exc}") from None
-        label = repr(self.name_or_path) if self.name_or_path else "(in memory)"
-        return check_finite(t, f"{self.where} {label}: tensor {key!r}", "; nothing was extracted or written")
+        return check_finite(t, f"{_who(self)}: tensor {key!r}", "; nothing was extracted or written")
 
     def hashes(self) -> dict[str, str] | None:
         if not self.files:
@@ -294,19 +293,24 @@ def _delta(wb: _Weights, wt: _Weights, key: str) -> Tensor:
     delta = wt.get(key).to(torch.float32) - wb.get(key).to(torch.float32)
     return check_finite(
         delta,
-        f"tuned: tensor {key!r}: tuned − base",
+        f"{_who(wt)}: tensor {key!r}: tuned − base",
         " (an fp32 overflow: the weights are too large to subtract); nothing was extracted or written",
     )
 
 
-def _svd_guard(key: str, fn: Callable[[], Any]) -> Any:
+def _who(w: _Weights) -> str:
+    """``tuned 'path'`` (or ``tuned`` for an in-memory model) for messages."""
+    return f"{w.where} {w.name_or_path!r}" if w.name_or_path else w.where
+
+
+def _svd_guard(who: str, key: str, fn: Callable[[], Any]) -> Any:
     """Run one factorisation; a LAPACK failure (ill-conditioned, extreme values) is one line naming the tensor."""
     try:
         return fn()
     except torch.linalg.LinAlgError as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ValueError(
-            f"tuned: tensor {key!r}: the SVD of tuned − base failed ({reason}); its values are too extreme to "
+            f"{who}: tensor {key!r}: the SVD of tuned − base failed ({reason}); its values are too extreme to "
             f"factorise in fp32; nothing was extracted or written"
         ) from None
 
@@ -403,7 +407,7 @@ def extract_lora(
             delta = _delta(wb, wt, key)  # [d_out, d_in]
             totals[key] = float(delta.double().square().sum())
             if totals[key] > 0.0:
-                spectra[key] = _svd_guard(key, lambda d=delta: singular_values(d, solver))
+                spectra[key] = _svd_guard(_who(wt), key, lambda d=delta: singular_values(d, solver))
         global_ranks = global_energy_ranks(
             spectra,
             {k: sum(wb.shapes[k]) for k in spectra},
@@ -423,9 +427,12 @@ def extract_lora(
             rows.append(ModuleExtraction(name, tuple(delta.shape), "unchanged", seconds=time.perf_counter() - t0))
             continue
         if global_ranks is not None:
-            lr = _svd_guard(key, lambda d=delta, k=global_ranks[key]: low_rank_factors(d, rank=k, solver=solver))
+            lr = _svd_guard(
+                _who(wt), key, lambda d=delta, k=global_ranks[key]: low_rank_factors(d, rank=k, solver=solver)
+            )
         else:
             lr = _svd_guard(
+                _who(wt),
                 key,
                 lambda d=delta: low_rank_factors(
                     d,
@@ -441,7 +448,7 @@ def extract_lora(
         for part, t in (("B", lr.B), ("A", lr.A)):  # σ can overflow fp32 even when every entry is finite
             check_finite(
                 t,
-                f"tuned: tensor {key!r}: the extracted factor {part}",
+                f"{_who(wt)}: tensor {key!r}: the extracted factor {part}",
                 " (its singular values overflow fp32: the delta is too large); nothing was extracted or written",
             )
         factors[name] = (lr.B, lr.A)
