@@ -85,6 +85,7 @@ class LoraSource:
         path: the folder (None for in-memory models).
         sha256: hex digest of ``adapter_model.safetensors`` (None in memory).
         ref: the registry ref it was resolved from (``"hub:NAME"``), else None.
+        where: the key path it was given under (``adapters[1]``, ``merge.yaml: adapters.1``), for messages.
         recorded_base: the base fingerprint the registry recorded for it (``manifest["base"]``), else None;
             a merge into a base (``output="full"``) refuses another base (:func:`check_recorded_bases`).
     """
@@ -97,6 +98,7 @@ class LoraSource:
     sha256: str | None = None
     ref: str | None = field(default=None, kw_only=True)
     recorded_base: dict[str, Any] | None = field(default=None, repr=False, kw_only=True)
+    where: str | None = field(default=None, repr=False, kw_only=True)
 
     #: ``"lora"``; ``"shira"`` / ``"lori"`` for the sparse-adapter sources (subclasses).
     kind: ClassVar[str] = "lora"
@@ -612,7 +614,7 @@ def resolve_adapter(
         if text.startswith("hub:"):
             folder, recorded = _resolve_hub_ref(text[4:], where, registry)
             src = _from_folder(Path(folder), name or text[4:], where)
-            src.ref, src.recorded_base = text, recorded
+            src.ref, src.recorded_base, src.where = text, recorded, where
             return src
         path = Path(text).expanduser()
         if not path.exists():
@@ -725,7 +727,8 @@ def check_recorded_bases(sources: Sequence[LoraSource], base: Any) -> None:
             same = all(want.get(k) == fp.get(k) for k in ("shapes_digest", "quantization", "mask_digest"))
         if not same:
             raise ValueError(
-                f"adapters[{i}] ({src.name!r}, {src.ref}): the registry recorded it for base {describe_base(want)}, "
+                f"{src.where or f'adapters[{i}]'} ({src.name!r}, {src.ref}): the registry recorded it for base "
+                f"{describe_base(want)}, "
                 f"but the base to merge into is {describe_base(fp)}; merge it into the base it was made for "
                 f"(output: full writes the adapter into this base)"
             )

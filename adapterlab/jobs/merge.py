@@ -180,7 +180,8 @@ def check_merge(
     source: str | None = None,
     config_dir: str | os.PathLike[str] | None = None,
 ) -> MergePlan:
-    """Validate a merge job; reads the adapters' configs and shapes, loads no base weights.
+    """Validate a merge job; reads the adapters' configs and shapes, loads no base weights (except for
+    ``format: full`` with registry adapters that recorded a base: the base is fingerprinted to compare).
 
     Args:
         config: a merge YAML file, a :class:`MergeConfig`, or a mapping of the same keys.
@@ -255,6 +256,21 @@ def check_merge(
     if any(given) and not all(given):
         raise ValueError(f"{source}: adapters.{given.index(False)}.weight: give a weight for every adapter or for none")
     shapes = check_compatible(sources, check_base=cfg.check_base)
+    if cfg.output.format == "full" and cfg.base is not None and any(s.recorded_base for s in sources):
+        # a hub: adapter put with --base wants that base: refuse another one here, not after a dry run passed
+        from transformers.utils import logging as hf_logging
+
+        from adapterlab.adapters import check_recorded_bases
+        from adapterlab.models import load_model
+
+        shown = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # a check, not the work: no "Loading weights" bar
+        try:
+            model = load_model(cfg.base)
+        finally:
+            if shown:
+                hf_logging.enable_progress_bar()
+        check_recorded_bases(sources, model)
     return MergePlan(
         config=cfg,
         source=source,
