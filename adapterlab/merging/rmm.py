@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from adapterlab.io import load_tensors, save_tensors
+from adapterlab.io import load_tensors, read_json, save_tensors
 from adapterlab.lora_dir import write_lora_dir
 from adapterlab.merging.functional import canonical_gauge, rmm_fit, rmm_fit_positions
 from adapterlab.merging.merger import MergeContext, Merger, check_choice, register_merger
@@ -218,22 +218,32 @@ class RMMBundle:
         path = Path(path)
         if not (path / CONFIG_FILE).is_file():
             raise FileNotFoundError(f"{str(path)!r} holds no {CONFIG_FILE}; not an RMM bundle")
-        cfg = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+        cfg = read_json(path / CONFIG_FILE)  # the project's readers: one line naming the file
         tensors = load_tensors(path / BUNDLE_FILE)
-        shapes = {n: tuple(m["shape"]) for n, m in cfg["modules"].items()}
-        basis = {n: {p: tensors[f"basis.{n}.{p}"].float() for p in ("B", "A")} for n in shapes}  # fp32 compute
-        first = next(iter(shapes), None)
-        dtype = tensors[f"basis.{first}.B"].dtype if first is not None else torch.float32
-        coeffs = {n: {p: tensors[f"coeffs.{n}.{p}"] for p in ("B", "A")} for n in shapes}
+        try:
+            shapes = {n: tuple(int(d) for d in m["shape"]) for n, m in cfg["modules"].items()}
+            basis = {n: {p: tensors[f"basis.{n}.{p}"].float() for p in ("B", "A")} for n in shapes}  # fp32 compute
+            first = next(iter(shapes), None)
+            dtype = tensors[f"basis.{first}.B"].dtype if first is not None else torch.float32
+            coeffs = {n: {p: tensors[f"coeffs.{n}.{p}"] for p in ("B", "A")} for n in shapes}
+            tasks, n_basis = [str(t) for t in cfg["tasks"]], int(cfg["K"])
+            coeff_scope, gauge = cfg["coeff_scope"], cfg["gauge"]
+            embeddings = frozenset(n for n, m in cfg["modules"].items() if m.get("embedding"))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            what = f"no key or tensor {exc.args[0]!r}" if isinstance(exc, KeyError) and exc.args else str(exc)
+            raise ValueError(
+                f"{path / CONFIG_FILE}: not an RMM bundle adapterlab can read ({what.splitlines()[0] if what else exc}); "
+                f"re-save it with MergeResult.save"
+            ) from None
         return cls(
-            tasks=list(cfg["tasks"]),
-            n_basis=int(cfg["K"]),
-            coeff_scope=cfg["coeff_scope"],
-            gauge=cfg["gauge"],
+            tasks=tasks,
+            n_basis=n_basis,
+            coeff_scope=coeff_scope,
+            gauge=gauge,
             basis=basis,
             coeffs=coeffs,
             shapes=shapes,  # type: ignore[arg-type]
-            embeddings=frozenset(n for n, m in cfg["modules"].items() if m.get("embedding")),
+            embeddings=embeddings,
             fan_in_fan_out=bool(cfg.get("fan_in_fan_out")),
             base_model_name_or_path=cfg.get("base_model_name_or_path"),
             dtype=dtype,

@@ -302,3 +302,29 @@ def test_a_good_bundle_still_loads_and_puts(bundle: Path, tmp_path: Path) -> Non
     reg.put_bundle(bundle, "b")
     assert SharedBasisBundle.load("hub:b", registry=reg).names == loaded.names
     assert reg.show("b")["rank"] == 2
+
+
+@pytest.mark.parametrize(
+    ("edit", "why"),
+    [
+        (lambda c: c.pop("K"), "no key or tensor 'K'"),
+        (lambda c: c.update(modules=5), "'int' object has no attribute 'items'"),
+        (lambda c: c.update(tasks=None), "'NoneType' object is not iterable"),
+    ],
+    ids=["K_missing", "modules_number", "tasks_null"],
+)
+def test_rmm_bundle_with_garbage_config(adapters: list[Path], tmp_path: Path, edit: Callable, why: str) -> None:
+    from adapterlab.merging import merge_adapters
+    from adapterlab.merging.rmm import CONFIG_FILE, RMMBundle
+
+    root = tmp_path / "rmm"
+    merge_adapters(adapters, "rmm", K=1).save(root)
+    cfg_path = root / CONFIG_FILE
+    raw = json.loads(cfg_path.read_text())
+    edit(raw)
+    cfg_path.write_text(json.dumps(raw))
+    with pytest.raises(ValueError) as err:
+        RMMBundle.load(root)
+    assert str(err.value) == (
+        f"{cfg_path}: not an RMM bundle adapterlab can read ({why}); re-save it with MergeResult.save"
+    )
