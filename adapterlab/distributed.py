@@ -19,7 +19,7 @@ import hashlib
 import os
 import sys
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -34,7 +34,9 @@ __all__ = [
     "broadcast_tensor_",
     "broadcast_tensors_",
     "check_equal_on_all_ranks",
+    "check_same_tensors",
     "fingerprint",
+    "full_tensors",
     "is_distributed",
     "is_rank0",
     "rank",
@@ -288,3 +290,66 @@ def share_new_parameters_(params: Iterable[torch.nn.Parameter]) -> list[Any]:
         if p.requires_grad:
             handles.append(p.register_post_accumulate_grad_hook(hook))
     return handles
+
+
+# ---------------------------------------------------------------------------------------------
+# sharded tensors (FSDP2 ``fully_shard`` keeps parameters as DTensors)
+
+
+def _dtensor_cls() -> type | None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without the public DTensor
+        return None
+    return DTensor
+
+
+def full_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every tensor whole, detached, on the CPU: a sharded ``DTensor`` (FSDP2) is all-gathered to its global value.
+
+    A collective when any tensor is sharded: every rank must call it with the same keys in the same
+    order (a model's own state dict is). Other sharded types (FSDP1's ``SHARDED_STATE_DICT``
+    ``ShardedTensor``) are refused: gather with a full state dict first.
+
+    Raises:
+        ValueError: a tensor of a sharded type this cannot gather.
+    """
+    dtensor = _dtensor_cls()
+    out: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        if dtensor is not None and isinstance(t, dtensor):
+            full = cast(Any, t).full_tensor()  # all-gather over the mesh
+        elif type(t).__name__ == "ShardedTensor" or not isinstance(t, torch.Tensor):
+            raise ValueError(
+                f"{key!r} is a {type(t).__name__}; only plain tensors and DTensors (FSDP2) can be gathered here "
+                f"(with FSDP1 use StateDictType.FULL_STATE_DICT)"
+            )
+        else:
+            full = t
+        out[key] = full.detach().to("cpu", copy=True)
+    return out
+
+
+def check_same_tensors(saved: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], where: str) -> None:
+    """Raise ``ValueError`` unless ``saved`` holds exactly ``expected`` (keys, shapes, dtypes, bytes) and is not empty.
+
+    The check after writing an adapter: an empty file, a missing tensor or one shard instead of the
+    whole tensor (the ZeRO-3 / FSDP "empty adapter") fails here with the first bad key.
+    """
+    if not expected:
+        raise ValueError(f"{where}: nothing to save (no adapter tensors); refusing to write an empty adapter")
+    missing = sorted(set(expected) - set(saved))
+    extra = sorted(set(saved) - set(expected))
+    if missing or extra:
+        raise ValueError(
+            f"{where}: saved tensors differ from the adapter: missing {missing[:3]}, unexpected {extra[:3]}"
+        )
+    for key, want in expected.items():
+        got = saved[key]
+        if tuple(got.shape) != tuple(want.shape) or got.dtype != want.dtype:
+            raise ValueError(
+                f"{where}: {key!r} was saved as {tuple(got.shape)} {got.dtype}, the adapter has "
+                f"{tuple(want.shape)} {want.dtype} (a shard instead of the whole tensor?)"
+            )
+        if fingerprint(got) != fingerprint(want):
+            raise ValueError(f"{where}: {key!r} was saved with other values than the adapter has")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from adapterlab.tuners import dylora, lori, lors, shira, snell, spp  # noqa: F401  (each registers with peft)
 from adapterlab.tuners._lowrank import lowrank_scale, write_lora_dir
+from adapterlab.tuners._saving import save_adapter
 from adapterlab.tuners.dylora import DyLoraConfig, DyLoraModel
 from adapterlab.tuners.lori import LoriConfig, LoriModel
 from adapterlab.tuners.lors import LorsConfig, LorsModel
@@ -29,5 +30,6 @@ __all__ = [
     "SppConfig",
     "SppModel",
     "lowrank_scale",
+    "save_adapter",
     "write_lora_dir",
 ]

@@ -1,4 +1,5 @@
-"""Every tuner and callback through a few Trainer steps, on 1 process or under ``torchrun`` (DDP, gloo, CPU).
+"""Every tuner and callback through a few Trainer steps, on 1 process or under ``torchrun`` (DDP, gloo, CPU),
+and every tuner through a plain loop under FSDP2 ``fully_shard`` (``fsdp_*`` cases) saved with ``save_adapter``.
 
 Run by tests/distributed/test_ddp.py, once for all cases (one launch pays the imports once)::
 
@@ -214,6 +215,62 @@ CASES: dict[str, Callable[[dict[str, int]], tuple[Any, list[Any], dict[str, Any]
 }
 
 
+# FSDP2 (``fully_shard``, gloo, CPU): a plain training loop, each decoder layer and the root sharded
+def _fsdp_cases() -> dict[str, tuple[Callable[[], Any], torch.dtype]]:
+    from adapterlab import tuners as T
+
+    return {
+        "fsdp_lori": (lambda: T.LoriConfig(r=4, lora_alpha=8, target_modules=TARGETS), torch.float32),
+        "fsdp_shira": (lambda: T.ShiraConfig(mask_type="random", r=2, target_modules=TARGETS), torch.float32),
+        "fsdp_dylora": (lambda: T.DyLoraConfig(r=4, lora_alpha=8, target_modules=TARGETS), torch.float32),
+        # a bf16 base with fp32 adapter parameters in one sharded unit (mixed dtypes and requires_grad)
+        "fsdp_dylora_bf16": (lambda: T.DyLoraConfig(r=4, lora_alpha=8, target_modules=TARGETS), torch.bfloat16),
+        "fsdp_snell": (lambda: T.SnellConfig(r=4, target_modules=TARGETS, sparsity=0.5), torch.float32),
+        "fsdp_spp": (lambda: T.SppConfig(r=8, lora_dropout=0.0, target_modules=TARGETS), torch.float32),
+        "fsdp_lors": (lambda: T.LorsConfig(r=4, lora_alpha=4, target_modules=TARGETS), torch.float32),
+    }
+
+
+FSDP_NAMES = ["fsdp_lori", "fsdp_shira", "fsdp_dylora", "fsdp_dylora_bf16", "fsdp_snell", "fsdp_spp", "fsdp_lors"]
+
+
+def run_fsdp_case(name: str, out: Path, *, rank: int = 0, world: int = 1) -> dict[str, Any]:
+    """3 AdamW steps on this rank's half of each global batch, then ``save_adapter`` (every rank calls it)."""
+    from peft import get_peft_model, get_peft_model_state_dict
+
+    from adapterlab import distributed
+    from adapterlab.models import tiny_llama
+    from adapterlab.tuners import save_adapter
+
+    make, dtype = _fsdp_cases()[name]
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(dtype=dtype), make())
+    if world > 1:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.base_model.model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = shard(torch.tensor(dataset()["input_ids"]), rank, world, PER_RANK * (2 // world))
+    step = PER_RANK * (2 // world)
+    for j in range(3):
+        x = ids[j * step : (j + 1) * step]
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    folder = out / name / "adapter"
+    result: dict[str, Any] = {"error": None, "logs": [{"loss": None}] * 3}
+    try:
+        save_adapter(model, folder)
+    except ValueError as err:
+        result["error"] = str(err)
+    result["tensors"] = distributed.full_tensors(get_peft_model_state_dict(model))  # collective: every rank
+    result["hash"] = tensor_hash(result["tensors"])
+    return result
+
+
 # ---------------------------------------------------------------------------------------------
 # running one case
 
@@ -289,13 +346,14 @@ def main(argv: list[str]) -> None:
     from adapterlab import distributed
 
     out = Path(argv[0])
-    names = argv[1:] or list(CASES)
+    names = argv[1:] or [*CASES, *FSDP_NAMES]
     torch.distributed.init_process_group("gloo")
     rank, world = distributed.rank(), distributed.world_size()
     results: dict[str, Any] = {}
     for name in names:
         try:
-            res = run_case(name, out, rank=rank, world=world)
+            runner = run_fsdp_case if name.startswith("fsdp_") else run_case
+            res = runner(name, out, rank=rank, world=world)
         except Exception:  # noqa: BLE001 - recorded for the test to show
             res = {"error": traceback.format_exc(), "hash": None, "tensors": {}, "logs": []}
         gathered = distributed.all_gather_object({"hash": res["hash"], "error": res["error"]})

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from adapterlab.io import load_tensors
-from tests.distributed._ddp_worker import CASES, run_case, tensor_hash
+from tests.distributed._ddp_worker import CASES, FSDP_NAMES, _fsdp_cases, run_case, run_fsdp_case, tensor_hash
 from tests.tolerances import TOL
 
 REPO = Path(__file__).resolve().parents[2]
@@ -51,7 +51,7 @@ def ddp(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]
     out = tmp_path_factory.mktemp("ddp")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd += ["-m", "tests.distributed._ddp_worker", str(out), *GOOD, *REFUSED, CONTROL]
+    cmd += ["-m", "tests.distributed._ddp_worker", str(out), *GOOD, *REFUSED, CONTROL, *FSDP_NAMES]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return out, json.loads((out / "results.json").read_text())
@@ -67,6 +67,7 @@ def one_thread():
 
 def test_every_case_is_listed():
     assert set(GOOD) | set(REFUSED) | {CONTROL} == set(CASES)
+    assert set(FSDP_NAMES) == set(_fsdp_cases())
 
 
 @pytest.mark.parametrize("case", GOOD)
@@ -116,3 +117,46 @@ def test_settings_that_differ_per_rank_are_refused_on_every_rank(ddp, case):
     for e in errors:
         assert "differs between the 2 processes" in e and "rank 0:" in e and "rank 1:" in e, e
         assert REFUSED[case] in e
+
+
+@pytest.mark.parametrize("case", FSDP_NAMES)
+def test_fsdp2_trains_and_save_adapter_writes_the_whole_adapter(ddp, case, tmp_path, one_thread):
+    """FSDP2 (``fully_shard`` per decoder layer + root, gloo, CPU): the parameters are DTensor shards, peft's
+    ``save_pretrained`` cannot write them; ``save_adapter`` gathers, writes on rank 0 and checks the file."""
+    out, results = ddp
+    res = results[case]
+    assert res["errors"] == [None, None], res["errors"]
+    h0, h1 = res["hashes"]
+    assert h0 == h1, f"{case}: the gathered adapters differ between ranks"
+    gathered = load_tensors(out / case / "tensors.safetensors")
+    folder = out / case / "adapter"
+    assert (folder / "adapter_config.json").is_file()
+    assert tensor_hash(load_tensors(folder / "adapter_model.safetensors")) == h0, (
+        "the saved adapter is not the whole one"
+    )
+    assert not [p.name for p in (out / case).iterdir() if ".stage-" in p.name], "a staging folder was left"
+
+    single = run_fsdp_case(case, tmp_path, rank=0, world=1)
+    assert single["error"] is None, single["error"]
+    dtype = _fsdp_cases()[case][1]
+    for key, value in gathered.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(
+                value, single["tensors"][key], **TOL[dtype], msg=lambda m, k=key: f"{case} {k}: {m}"
+            )
+        else:
+            assert torch.equal(value, single["tensors"][key]), f"{case} {key}"
+    assert (tmp_path / case / "adapter" / "adapter_model.safetensors").is_file()  # one process: save_pretrained + check
+
+
+def test_an_fsdp2_adapter_loads_with_peft(ddp):
+    from peft import PeftModel
+
+    from adapterlab.models import tiny_llama
+
+    out, _ = ddp
+    model = PeftModel.from_pretrained(tiny_llama(), str(out / "fsdp_dylora" / "adapter"))
+    saved = load_tensors(out / "fsdp_dylora" / "adapter" / "adapter_model.safetensors")
+    from peft import get_peft_model_state_dict
+
+    assert tensor_hash(get_peft_model_state_dict(model)) == tensor_hash(saved)
