@@ -48,7 +48,9 @@ class DyLoraCallback(TrainerCallback, ExportableState):
 
     Under ``torchrun`` / ``accelerate launch`` every rank draws the same b without communication;
     ``on_train_begin`` checks that the schedule's inputs (``seed``, ``r_min``, ``r``) are equal on all
-    ranks and raises one error naming each rank's value otherwise.
+    ranks and raises one error naming each rank's value otherwise. The components above the sampled
+    rank get no gradient, so DDP needs ``find_unused_parameters=True`` (the Trainer's default for a
+    peft model); ``ddp_find_unused_parameters=False`` is refused at train begin.
 
     Args:
         adapter_name: the DyLoRA adapter to drive (default: the active one).
@@ -71,6 +73,12 @@ class DyLoraCallback(TrainerCallback, ExportableState):
         distributed.check_equal_on_all_ranks(
             {"seed": cfg.seed, "r_min": cfg.r_min, "r": cfg.r}, f"DyLoRA adapter {name!r}'s rank schedule"
         )
+        if distributed.is_distributed() and cfg.r_min < cfg.r and args.ddp_find_unused_parameters is False:
+            raise ValueError(
+                "DyLoRA trains a sampled prefix of the rank components, so every step leaves some parameters "
+                "without a gradient and DDP with ddp_find_unused_parameters=False stops at the next step; "
+                "set ddp_find_unused_parameters=True (the Trainer's default for a peft model)"
+            )
 
     def on_step_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any

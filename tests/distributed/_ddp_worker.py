@@ -104,6 +104,13 @@ def case_lori_switch(ctx: dict[str, int]) -> tuple[Any, list[Any], dict[str, Any
     return _peft(cfg), [LoriCallback(3, lr_s=2e-2)], {"max_steps": 6, "accum": 2}
 
 
+def case_lori_switch_static_reducer(ctx: dict[str, int]) -> tuple[Any, list[Any], dict[str, Any]]:
+    """``find_unused_parameters=False`` (the Trainer's choice under gradient checkpointing): the old dense B
+    stay in DDP's reducer without ever getting a gradient again after the switch."""
+    model, callbacks, kw = case_lori_switch(ctx)
+    return model, callbacks, {**kw, "find_unused": False}
+
+
 def case_lori_switch_unsynced(ctx: dict[str, int]) -> tuple[Any, list[Any], dict[str, Any]]:
     from adapterlab.tuners import LoriConfig
 
@@ -153,6 +160,12 @@ def case_dylora_seed_per_rank(ctx: dict[str, int]) -> tuple[Any, list[Any], dict
     return _peft(cfg), [DyLoraCallback()], {"max_steps": 1}
 
 
+def case_dylora_static_reducer(ctx: dict[str, int]) -> tuple[Any, list[Any], dict[str, Any]]:
+    """Components above the sampled rank get no gradient: DDP without unused-parameter detection is refused."""
+    model, callbacks, kw = _dylora()(ctx)
+    return model, callbacks, {**kw, "max_steps": 1, "find_unused": False}
+
+
 def case_snella(ctx: dict[str, int]) -> tuple[Any, list[Any], dict[str, Any]]:
     from adapterlab.callbacks import SnellCallback
     from adapterlab.tuners import SnellConfig
@@ -196,6 +209,7 @@ def _perp(scope: str, lr: float = 1e-2) -> Callable[[dict[str, int]], tuple[Any,
 
 CASES: dict[str, Callable[[dict[str, int]], tuple[Any, list[Any], dict[str, Any]]]] = {
     "lori_switch": case_lori_switch,
+    "lori_switch_static_reducer": case_lori_switch_static_reducer,
     "lori_switch_unsynced": case_lori_switch_unsynced,
     "shira_random": _shira("random"),
     "shira_grad": _shira("grad"),
@@ -205,6 +219,7 @@ CASES: dict[str, Callable[[dict[str, int]], tuple[Any, list[Any], dict[str, Any]
     "dylora": _dylora(),
     "dylora_rslora": _dylora(use_rslora=True, frozen_mode=False),
     "dylora_seed_per_rank": case_dylora_seed_per_rank,
+    "dylora_static_reducer": case_dylora_static_reducer,
     "snella": case_snella,
     "spp_logger": case_spp_logger,
     "lors_init": case_lors_init,
@@ -325,6 +340,7 @@ def run_case(name: str, out: Path, *, rank: int = 0, world: int = 1) -> dict[str
                 seed=0,
                 ddp_backend="gloo" if world > 1 else None,
                 ddp_broadcast_buffers=kw.get("broadcast_buffers", True),
+                ddp_find_unused_parameters=kw.get("find_unused"),
             )
             tok = tiny_tokenizer()
             collator = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
