@@ -37,6 +37,7 @@ __all__ = [
     "check_same_tensors",
     "fingerprint",
     "full_tensors",
+    "is_sharded",
     "is_distributed",
     "is_rank0",
     "rank",
@@ -302,6 +303,12 @@ def _dtensor_cls() -> type | None:
     except ImportError:  # pragma: no cover - torch without the public DTensor
         return None
     return DTensor
+
+
+def is_sharded(tensor: Any) -> bool:
+    """True for a tensor that holds only this rank's shard (an FSDP2 ``DTensor``, a ``ShardedTensor``)."""
+    dtensor = _dtensor_cls()
+    return (dtensor is not None and isinstance(tensor, dtensor)) or type(tensor).__name__ == "ShardedTensor"
 
 
 def full_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -97,6 +97,12 @@ class MaskKeeperCallback(TrainerCallback):
                 w = module.weight
                 if w.requires_grad and bool((w == 0).any()):
                     self._kept.append((name, w, (w.detach() == 0)))
+        sharded = [name for name, w, _ in self._kept if distributed.is_sharded(w)]
+        if sharded:
+            raise ValueError(
+                f"MaskKeeperCallback: {sharded[0]!r} is an FSDP shard; the callback keeps whole masks and needs whole "
+                f"weights (train with DDP, or keep the pruned layers out of fully_shard)"
+            )
         if not self._kept:
             logger.warning("MaskKeeperCallback: no trainable weight has pruned entries; nothing to keep")
 

@@ -283,6 +283,18 @@ def run_fsdp_case(name: str, out: Path, *, rank: int = 0, world: int = 1) -> dic
         result["error"] = str(err)
     result["tensors"] = distributed.full_tensors(get_peft_model_state_dict(model))  # collective: every rank
     result["hash"] = tensor_hash(result["tensors"])
+    if world > 1 and name == "fsdp_lori":  # what refuses sharded parameters, with one clear error
+        from adapterlab.callbacks import MaskKeeperCallback
+
+        refused = []
+        keeper = MaskKeeperCallback(masks={"model.layers.0.self_attn.q_proj": torch.ones(64, 64, dtype=torch.bool)})
+        for attempt in (lambda: model.sparsify_(), lambda: keeper.on_train_begin(None, None, None, model=model)):  # type: ignore[arg-type]
+            try:
+                attempt()
+                refused.append(None)
+            except ValueError as err:
+                refused.append(str(err))
+        result["refused"] = refused
     return result
 
 
@@ -384,7 +396,7 @@ def main(argv: list[str]) -> None:
                 "hashes": [g["hash"] for g in gathered],
                 "errors": [g["error"] for g in gathered],
                 "logs": res["logs"],
-                **({"mask_keeper": res["mask_keeper"]} if "mask_keeper" in res else {}),
+                **{k: res[k] for k in ("mask_keeper", "refused") if k in res},
             }
     if distributed.is_rank0():
         (out / "results.json").write_text(json.dumps(results, indent=1))

@@ -163,3 +163,11 @@ def test_an_fsdp2_adapter_loads_with_peft(ddp):
     from peft import get_peft_model_state_dict
 
     assert tensor_hash(get_peft_model_state_dict(model)) == tensor_hash(saved)
+
+
+def test_under_fsdp2_the_lori_switch_and_mask_keeper_refuse_shards(ddp):
+    """Both replace or mask whole parameters, which FSDP2 shards: one clear error instead of a wrong adapter."""
+    _, results = ddp
+    switch, keeper = results["fsdp_lori"]["refused"]
+    assert switch is not None and "FSDP shard" in switch and "before sharding" in switch
+    assert keeper is not None and "FSDP shard" in keeper

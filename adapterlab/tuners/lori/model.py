@@ -124,6 +124,15 @@ class LoriModel(BaseTuner):
     def _layers(self, name: str) -> list[tuple[str, LoriLayer]]:
         return [(k, layer) for k, layer in tuner_layers(self.model, LoriLayer) if name in layer.lori_B]
 
+    @staticmethod
+    def _refuse_sharded(layers: list[tuple[str, LoriLayer]], name: str) -> None:
+        sharded = [k for k, layer in layers if distributed.is_sharded(layer.lori_B[name].dense())]
+        if sharded:
+            raise ValueError(
+                f"LoRI's D -> S switch cannot run on sharded parameters ({sharded[0]!r} is an FSDP shard): it replaces "
+                f"parameters, which FSDP does not allow after fully_shard; switch before sharding (or train with DDP)"
+            )
+
     def masks(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
         """Module key -> bool ``(d_out, r)`` trainable mask of B (all True in LoRI-D)."""
         name = self._adapter(adapter_name)
@@ -150,6 +159,7 @@ class LoriModel(BaseTuner):
         """
         name = self._adapter(adapter_name)
         cfg = self.peft_config[name]
+        self._refuse_sharded(self._layers(name), name)
         weights = {k: layer.lori_B[name].dense().detach() for k, layer in self._layers(name)}
         return magnitude_masks(
             weights,
@@ -187,6 +197,7 @@ class LoriModel(BaseTuner):
             raise ValueError(
                 f"masks has no entry for {len(missing)} layer(s), e.g. {missing[0]!r}; expected one per LoRI layer"
             )
+        self._refuse_sharded(layers, name)
         sync = distributed.is_distributed() if sync is None else sync
         chosen = {k: masks[k].detach().to(torch.bool).clone() for k, _ in layers}
         if sync:
