@@ -13,14 +13,37 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["check_output_dir", "staged_dir"]
+__all__ = ["check_output_dir", "folder_problem", "staged_dir"]
+
+
+def folder_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why ``path`` cannot become a folder, or None: the rest of a sentence that starts with the path
+    (``"is a file, not a folder"``, ``"is a link to nothing"``, ``"cannot be created: '/x' is a file, not a
+    folder"``, ``"cannot be created: '/x' is not writable"``). Nothing is created."""
+    p = Path(path).expanduser()
+    if p.is_symlink() and not p.exists():
+        return "is a link to nothing"
+    if p.exists():
+        return None if p.is_dir() else "is a file, not a folder"
+    parent = p.absolute().parent
+    while not os.path.lexists(parent) and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"cannot be created: {str(parent)!r} is a file, not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot be created: {str(parent)!r} is not writable"
+    return None
 
 
 def check_output_dir(path: str | os.PathLike[str], overwrite: bool = False) -> Path:
-    """Refuse a file, or a non-empty folder unless ``overwrite``."""
+    """Refuse a file, a path that cannot become a folder (under a file, a dangling link, a read-only
+    parent), or a non-empty folder unless ``overwrite`` — before any work is done."""
     out = Path(path).expanduser()
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"output {str(out)!r} exists and is not a folder")
+    problem = folder_problem(out)
+    if problem is not None:
+        raise FileExistsError(f"output {str(out)!r} {problem}")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"output folder {str(out)!r} exists and is not empty (pass overwrite=True / --overwrite)")
     return out

@@ -54,3 +54,28 @@ def test_refusals_name_the_path(tmp_path: Path) -> None:
             pass  # pragma: no cover
     assert _listing(full) == ["x"]
     assert check_output_dir(tmp_path / "new") == tmp_path / "new"  # a missing folder is fine
+
+
+def test_a_path_that_cannot_become_a_folder_is_refused_before_any_work(tmp_path: Path) -> None:
+    afile = tmp_path / "a-file"
+    afile.write_text("", encoding="utf-8")
+    with pytest.raises(FileExistsError, match=r"output '.*a-file/sub' cannot be created: '.*a-file' is a file"):
+        check_output_dir(afile / "sub")
+    link = tmp_path / "dangling"
+    link.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(FileExistsError, match=r"output '.*dangling' is a link to nothing"):
+        check_output_dir(link)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "dangling"]
+
+
+def test_prune_under_a_file_is_one_line_before_loading(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from adapterlab.cli.app import app
+
+    afile = tmp_path / "a-file"
+    afile.write_text("", encoding="utf-8")
+    res = CliRunner().invoke(app, ["prune", "--method", "magnitude", "-o", str(afile / "sub")])
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and "cannot be created" in lines[0] and "is a file, not a folder" in lines[0], res.output

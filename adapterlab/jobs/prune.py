@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterlab.progress import ProgressFactory
+from adapterlab.staging import folder_problem
 
 if TYPE_CHECKING:
     from adapterlab.pruning import PruneReport
@@ -74,6 +75,9 @@ class PruneJobResult:
 def _validate_output(output: Path, overwrite: bool) -> None:
     if output.exists() and not output.is_dir():
         raise FileExistsError(f"output {str(output)!r} exists and is not a folder")
+    problem = folder_problem(output)
+    if problem is not None:
+        raise FileExistsError(f"output {str(output)!r} {problem}")
     if output.is_dir() and any(output.iterdir()) and not overwrite:
         raise FileExistsError(f"output folder {str(output)!r} exists and is not empty (pass --overwrite to replace it)")
 

@@ -22,14 +22,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import os
 import typing
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import TypeAdapter, ValidationError
 from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from adapterlab.staging import folder_problem
 
 __all__ = [
     "ADAPTER_RANGES",
@@ -211,18 +211,7 @@ def folder_target(value: str | None, what: str = "output") -> str | None:
     dangling link, or a read-only parent. None and ``${...}`` pass; the folder is not created."""
     if value is None or is_ref(value):
         return value
-    path = Path(value).expanduser()
-    if path.is_symlink() and not path.exists():
-        raise ValueError(f"{what} {value!r} is a link to nothing")
-    if path.exists():
-        if not path.is_dir():
-            raise ValueError(f"{what} {value!r} is a file, not a folder")
-        return value
-    parent = path.absolute().parent
-    while not os.path.lexists(parent) and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ValueError(f"{what} {value!r} cannot be created: {str(parent)!r} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"{what} {value!r} cannot be created: {str(parent)!r} is not writable")
+    problem = folder_problem(value)
+    if problem is not None:
+        raise ValueError(f"{what} {value!r} {problem}")
     return value
