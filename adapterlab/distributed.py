@@ -127,12 +127,10 @@ def _run_in_place(tensor: torch.Tensor, op: Callable[[torch.Tensor], None]) -> N
     if work.dtype == torch.bool:
         work = work.to(torch.uint8)
     work = work.to(dev).contiguous()
-    if work.data_ptr() == tensor.data_ptr() and work.dtype == tensor.dtype:
-        op(work)
-        return
     op(work)
-    with torch.no_grad():
-        tensor.copy_(work.to(device=tensor.device, dtype=tensor.dtype))
+    if work.data_ptr() != tensor.data_ptr() or work.dtype != tensor.dtype:  # it ran on a copy
+        with torch.no_grad():
+            tensor.copy_(work.to(device=tensor.device, dtype=tensor.dtype))
 
 
 def broadcast_tensor_(tensor: torch.Tensor, src: int = 0) -> None:
