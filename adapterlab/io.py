@@ -2,7 +2,15 @@
 
 adapterlab never writes pickle and refuses to read it unless the caller passes
 ``allow_pickle=True`` (and then only with ``torch.load(weights_only=True)``). Writes are atomic:
-a temporary file in the target folder, fsync, rename, fsync of the folder.
+a temporary file in the target folder, fsync, rename, fsync of the folder, and refuse NaN/Inf
+(``allow_nonfinite=True`` to write them on purpose).
+
+Every tensor file adapterlab reads goes through one validated door: :func:`open_tensors` (lazy,
+tensor by tensor) or :func:`load_tensors` (whole file). Before safetensors parses a byte the file
+must be a regular file (a FIFO, device or folder — also behind a symlink — is refused without being
+opened), not empty, not a pickle, and framed like safetensors; then safetensors' own header checks
+(JSON, dtypes, shapes, offsets inside the file and not overlapping) run at open. Every failure is one
+``ValueError`` line naming the file (and a symlink's target). JSON files go through :func:`read_json`.
 
 A *base fingerprint* identifies what an adapter was trained against: the architecture, every
 weight's (logical) shape, the quantization, and the zero pattern of the decoder linears. It does
