@@ -82,23 +82,23 @@ def is_distributed() -> bool:
 
 
 def rank() -> int:
-    """This process's rank: the process group's, else accelerate's, else the launcher's ``RANK``, else 0."""
+    """This process's rank: the process group's, else the launcher's ``RANK``, else accelerate's, else 0."""
     if _group_ready():
         return int(dist.get_rank())
+    if "RANK" in os.environ:  # a launcher's word beats a state accelerate may have cached in one process
+        return _env_int("RANK", 0)
     acc = _accelerate_state()
-    if acc is not None:
-        return acc[0]
-    return _env_int("RANK", 0)
+    return acc[0] if acc is not None else 0
 
 
 def world_size() -> int:
-    """How many processes: the process group's, else accelerate's, else the launcher's ``WORLD_SIZE``, else 1."""
+    """How many processes: the process group's, else the launcher's ``WORLD_SIZE``, else accelerate's, else 1."""
     if _group_ready():
         return int(dist.get_world_size())
+    if "WORLD_SIZE" in os.environ:
+        return max(1, _env_int("WORLD_SIZE", 1))
     acc = _accelerate_state()
-    if acc is not None:
-        return acc[1]
-    return max(1, _env_int("WORLD_SIZE", 1))
+    return acc[1] if acc is not None else 1
 
 
 def is_rank0() -> bool:
