@@ -332,11 +332,11 @@ def load_masks(path: str | os.PathLike[str], *, verify: bool = True) -> dict[str
     Raises:
         ValueError: the stored ``mask_sha256`` does not match the contents.
     """
-    from safetensors import safe_open
+    from adapterlab.io import open_tensors  # the one validated reader (one-line errors naming the file)
 
-    with safe_open(str(path), framework="pt") as f:
+    with open_tensors(path) as f:
         meta = f.metadata() or {}
-        masks = {k: f.get_tensor(k) for k in f.keys()}
+        masks = {k: f.get(k) for k in f.keys()}
     stored = meta.get("mask_sha256")
     if verify and stored is not None and stored != mask_hash(masks):
         raise ValueError(f"mask file {str(path)!r} is corrupt: its mask_sha256 does not match")

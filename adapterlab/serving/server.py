@@ -16,7 +16,6 @@ Reference: Brüel-Gabrielsson et al., "Compress then Serve", https://arxiv.org/a
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -30,6 +29,7 @@ from typing import Any, Literal, overload
 import torch
 from torch import Tensor, nn
 
+from adapterlab.adapter_config import read_adapter_config
 from adapterlab.serving.layer import MultiAdapterLinear
 from adapterlab.serving.requests import (
     Completion,
@@ -447,10 +447,10 @@ class AdapterServer:
             cfg_path = folder / "adapter_config.json"
             if not cfg_path.is_file():
                 raise FileNotFoundError(f"adapter {name!r}: {str(folder)!r} is not a PEFT adapter folder")
-            try:
-                config = json.loads(cfg_path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"adapter {name!r}: {cfg_path} is not valid JSON ({exc.msg})") from None
+            try:  # the one validated config reader: JSON object, known fields with sane values
+                config, _ = read_adapter_config(cfg_path)
+            except ValueError as exc:
+                raise ValueError(f"adapter {name!r}: {exc}") from None
             peft_type = str(config.get("peft_type", "")).upper()
             if "SHIRA" in peft_type:
                 return "shira", self._read_shira(name, folder, config), desc
