@@ -167,7 +167,8 @@ def describe_path(path: PathLike) -> str:
     return text
 
 
-def _file_kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, for messages (``st_mode`` of ``os.lstat``)."""
     if stat.S_ISDIR(mode):
         return "folder"
     if stat.S_ISFIFO(mode):
@@ -196,7 +197,7 @@ def _sniff(path: Path) -> tuple[str, str]:
         raise ValueError(f"{desc} cannot be read ({exc.strerror or exc}); check the path") from None
     if not stat.S_ISREG(st.st_mode):
         raise ValueError(
-            f"{desc} is a {_file_kind(st.st_mode)}, not a regular file; a tensor file must be a plain .safetensors file"
+            f"{desc} is a {file_kind(st.st_mode)}, not a regular file; a tensor file must be a plain .safetensors file"
         )
     try:
         with open(path, "rb") as fh:
@@ -385,7 +386,7 @@ def read_json(path: PathLike) -> Any:
     except OSError as exc:
         raise ValueError(f"{desc} cannot be read ({exc.strerror or exc})") from None
     if not stat.S_ISREG(st.st_mode):
-        raise ValueError(f"{desc} is a {_file_kind(st.st_mode)}, not a regular file; a JSON file must be a plain file")
+        raise ValueError(f"{desc} is a {file_kind(st.st_mode)}, not a regular file; a JSON file must be a plain file")
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError:

@@ -24,7 +24,15 @@ from typing import Any
 
 import torch
 
-from adapterlab.io import DIGEST_KEYS, PICKLE_SUFFIXES, check_safetensors, fingerprint_digest, open_tensors, read_json
+from adapterlab.io import (
+    DIGEST_KEYS,
+    PICKLE_SUFFIXES,
+    check_safetensors,
+    file_kind,
+    fingerprint_digest,
+    open_tensors,
+    read_json,
+)
 
 __all__ = [
     "build_manifest",
@@ -124,7 +132,7 @@ def scan_source(src: Path, kind: str = "adapter") -> list[Path]:
             )
         if not stat.S_ISREG(mode):
             raise ValueError(
-                f"put: {entry} is a {_special_kind(mode)}, not a regular file; the registry stores plain files only "
+                f"put: {entry} is a {file_kind(mode)}, not a regular file; the registry stores plain files only "
                 f"(remove it from the folder)"
             )
         if entry.suffix.lower() in PICKLE_SUFFIXES:
@@ -148,16 +156,6 @@ def scan_source(src: Path, kind: str = "adapter") -> list[Path]:
         what = "a PEFT adapter folder" if kind == "adapter" else "a shared-basis bundle folder"
         raise FileNotFoundError(f"put: {str(src)!r} is not {what}: missing {', '.join(missing)}")
     return files
-
-
-def _special_kind(mode: int) -> str:
-    if stat.S_ISFIFO(mode):
-        return "FIFO (named pipe)"
-    if stat.S_ISSOCK(mode):
-        return "socket"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "device file"
-    return "special file"
 
 
 def check_finite(path: Path, where: str) -> dict[str, Any]:
