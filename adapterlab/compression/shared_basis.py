@@ -529,39 +529,14 @@ def _fit_module(
     group: Tensor,
     G: int,
     *,
-    mode: str,
-    c: int,
-    niter: int,
-    init: str,
-    solver: str,
-    normalization: str,
-    ridge: float,
-    seed: int,
     module: str,
-    device: torch.device,
-    want_cost: bool,
     names: Sequence[str] | None = None,
+    **kw: Any,
 ) -> tuple[_ModuleFit, Tensor | None]:
     """Fit one module's bases and cores; a fit that leaves fp32's range (extreme factor values) is one line
     naming the module and the adapter with the largest values."""
     try:
-        fit, cost = _fit_module_raw(
-            B,
-            A,
-            group,
-            G,
-            mode=mode,
-            c=c,
-            niter=niter,
-            init=init,
-            solver=solver,
-            normalization=normalization,
-            ridge=ridge,
-            seed=seed,
-            module=module,
-            device=device,
-            want_cost=want_cost,
-        )
+        fit, cost = _fit_module_raw(B, A, group, G, module=module, **kw)  # the options of _fit_module_raw
     except torch.linalg.LinAlgError as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ValueError(_overflow(module, B, A, names, f"the fit failed ({reason})")) from None
