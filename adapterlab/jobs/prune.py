@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterlab.progress import ProgressFactory
-from adapterlab.staging import folder_problem
+from adapterlab.staging import check_output_dir
 
 if TYPE_CHECKING:
     from adapterlab.pruning import PruneReport
@@ -70,16 +70,6 @@ class PruneJobResult:
     @property
     def sparsity(self) -> float:
         return self.report.global_sparsity
-
-
-def _validate_output(output: Path, overwrite: bool) -> None:
-    if output.exists() and not output.is_dir():
-        raise FileExistsError(f"output {str(output)!r} exists and is not a folder")
-    problem = folder_problem(output)
-    if problem is not None:
-        raise FileExistsError(f"output {str(output)!r} {problem}")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise FileExistsError(f"output folder {str(output)!r} exists and is not empty (pass --overwrite to replace it)")
 
 
 def _validate_model_config(path: Path, nm: tuple[int, int] | None, seqlen: int | None) -> None:
@@ -150,7 +140,7 @@ def check_prune(
     for flag, value in (("--nsamples", nsamples), ("--seqlen", seqlen), ("--batch-size", batch_size)):
         if value < 1:
             raise ValueError(f"{flag} must be a positive integer, got {value}")
-    _validate_output(out, overwrite)
+    check_output_dir(out, overwrite)
     path = models.resolve_model_path(model)
     if not models.is_default(model) and not (path / "config.json").is_file():
         raise FileNotFoundError(f"model folder {str(model)!r} has no config.json")
