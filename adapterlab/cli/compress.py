@@ -9,7 +9,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from adapterlab.cli._common import console, progress, setup_logging, user_errors
+from adapterlab.cli._common import console, hub_option, progress, resolve_hub, setup_logging, user_errors
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def command(
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder."),
     put: str | None = typer.Option(None, "--put", help="Also store the bundle in the registry under this name."),
-    hub: Path | None = typer.Option(None, "--hub", help="Registry root for --put (default $ADAPTERLAB_HUB or ./hub)."),
+    hub: Path | None = hub_option("Registry root for --put and hub: refs"),
     rows: int = typer.Option(40, "--rows", help="Rows shown per table."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
@@ -112,15 +112,13 @@ def command(
     if rank < 1:
         raise ValueError(f"--rank must be an integer >= 1, got {rank}")
     check_output_dir(output, overwrite)
-    registry = None
-    if put is not None or hub is not None:
-        from adapterlab.registry import AdapterRegistry
+    from adapterlab.registry import AdapterRegistry
+
+    if put is not None:
         from adapterlab.registry.manifest import check_name
 
-        if put is None:
-            raise ValueError("--hub is only used with --put NAME")
         check_name(put)
-        registry = AdapterRegistry(hub)
+    registry = AdapterRegistry(resolve_hub(hub))  # hub: refs and --put (reads of a missing root find nothing)
     with progress() as prog:
         bundle = compress_adapters(
             adapters,
@@ -140,7 +138,7 @@ def command(
     console.print(adapter_table(bundle, output, rows))
     console.print(layer_table(bundle, rows))
     console.print(f"wrote {output}")
-    if registry is not None and put is not None:
+    if put is not None:
         parents = [s.get("sha256") or s.get("path") or s.get("name") for s in bundle.sources]
         digest = registry.put_bundle(
             output,

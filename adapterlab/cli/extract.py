@@ -9,7 +9,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from adapterlab.cli._common import console, progress, setup_logging, user_errors
+from adapterlab.cli._common import console, hub_option, progress, resolve_hub, setup_logging, user_errors
 
 logger = logging.getLogger(__name__)
 
@@ -86,9 +86,7 @@ def command(
     put: str | None = typer.Option(
         None, "--put", help="Also put the extracted LoRA into the registry under this name."
     ),
-    hub: Path | None = typer.Option(
-        None, "--hub", envvar="ADAPTERLAB_HUB", help="Registry root for --put (default ./hub)."
-    ),
+    hub: Path | None = hub_option("Registry root for --put"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     from adapterlab.jobs.extract import check_extract, put_extract, run_extract
@@ -111,7 +109,7 @@ def command(
         dtype=dtype,
         overwrite=overwrite,
         put=put,
-        hub=hub,
+        hub=resolve_hub(hub),
     )
     with progress() as prog:
         job = run_extract(plan, progress=rich_factory(prog))

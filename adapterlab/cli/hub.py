@@ -9,16 +9,28 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
-from adapterlab.cli._common import console, err_console, setup_logging, user_errors
+from adapterlab.cli._common import (
+    HUB_DEFAULT_HELP,
+    console,
+    err_console,
+    hub_option,
+    model_label,
+    resolve_hub,
+    setup_logging,
+    short_path,
+    user_errors,
+)
 
 logger = logging.getLogger(__name__)
 
 HELP = (
     "The adapter registry: a content-addressed store of PEFT adapter folders and shared-basis bundles "
-    "under --hub (default $ADAPTERLAB_HUB, else ./hub). Every get/load re-hashes the files; adapters "
-    "record the base they were made for, and loads on another base are refused."
+    f"under --hub ({HUB_DEFAULT_HELP}), given before or after the sub-command. Every get/load re-hashes "
+    "the files; adapters record the base they were made for, and loads on another base are refused."
 )
 
 app = typer.Typer(name="hub", help=HELP, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -27,19 +39,23 @@ app = typer.Typer(name="hub", help=HELP, no_args_is_help=True, add_completion=Fa
 @app.callback()
 def _root(
     ctx: typer.Context,
-    hub: Path | None = typer.Option(
-        None, "--hub", envvar="ADAPTERLAB_HUB", help="Registry root folder (default ./hub)."
-    ),
+    hub: Path | None = hub_option(),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     setup_logging(verbose)
     ctx.obj = {"hub": hub}
 
 
-def _registry(ctx: typer.Context) -> Any:
+def _registry(ctx: typer.Context, hub: Path | None) -> Any:
+    """The registry of ``hub --hub DIR VERB`` or ``hub VERB --hub DIR`` (else $ADAPTERLAB_HUB, else ./hub)."""
     from adapterlab.registry import AdapterRegistry
 
-    return AdapterRegistry((ctx.obj or {}).get("hub"))
+    before = (ctx.obj or {}).get("hub")
+    if before is not None and hub is not None and resolve_hub(before) != resolve_hub(hub):
+        raise ValueError(
+            f"--hub is given twice ({str(before)!r} before the sub-command, {str(hub)!r} after it); give one"
+        )
+    return AdapterRegistry(resolve_hub(hub if hub is not None else before))
 
 
 def _size(n: Any) -> str:
@@ -48,8 +64,38 @@ def _size(n: Any) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
+        n /= 1024
     return str(n)  # pragma: no cover
+
+
+def ls_table(rows: list[dict[str, Any]], root: Path) -> Table:
+    """The `hub ls` table of ``AdapterRegistry.ls`` rows: cells fold instead of being cut at 80 columns;
+    the embedded base shows as ``default`` and paths are shortened (relative to the current folder, or ``~``)."""
+    table = Table(title=f"adapterlab hub: {short_path(root)}")
+    for col in ("name", "digest", "method", "rank", "size", "base", "provenance"):
+        table.add_column(
+            col,
+            justify="right" if col in ("rank", "size") else "left",
+            no_wrap=col == "digest",
+            min_width=12 if col == "digest" else None,
+            overflow="fold",
+        )
+    for r in rows:
+        if "problem" in r:
+            problem = Text(str(r["problem"]), style="red")
+            table.add_row(r["name"] or "-", (r.get("digest") or "-")[:12], problem, "", "", "", "")
+            continue
+        table.add_row(
+            r["name"] or "-",
+            r["digest"][:12],
+            str(r.get("method")),
+            "-" if r.get("rank") is None else str(r["rank"]),
+            _size(r.get("bytes")),
+            model_label(r.get("base")),
+            str(r.get("provenance") or "-"),
+        )
+    table.caption = f"{len(rows)} entr{'y' if len(rows) == 1 else 'ies'}"
+    return table
 
 
 @app.command("put")
@@ -68,9 +114,10 @@ def put(
     parent: list[str] | None = typer.Option(None, "--parent", help="Parent adapter ref or path (repeatable)."),
     recipe: Path | None = typer.Option(None, "--recipe", help="Recipe file to record in the provenance."),
     bundle: bool = typer.Option(False, "--bundle", help="SRC is a shared-basis bundle (stored under compressed/)."),
+    hub: Path | None = hub_option(),
 ) -> None:
     """Store an adapter folder; prints its sha256 digest."""
-    reg = _registry(ctx)
+    reg = _registry(ctx, hub)
     if kind is not None:
         from adapterlab.registry import PROVENANCE_KINDS
 
@@ -106,9 +153,10 @@ def get(
     ),
     bundle: bool = typer.Option(False, "--bundle", help="REF is a shared-basis bundle."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder."),
+    hub: Path | None = hub_option(),
 ) -> None:
     """Verify an adapter and print its folder (or copy it to --output)."""
-    reg = _registry(ctx)
+    reg = _registry(ctx, hub)
     folder = reg.get_bundle(ref) if bundle else reg.get(ref)
     if output is None:
         typer.echo(str(folder))  # plain: scripts read it
@@ -124,9 +172,13 @@ def get(
 
 @app.command("resolve")
 @user_errors
-def resolve(ctx: typer.Context, ref: str = typer.Argument(..., help="Name, digest or digest prefix.")) -> None:
+def resolve(
+    ctx: typer.Context,
+    ref: str = typer.Argument(..., help="Name, digest or digest prefix."),
+    hub: Path | None = hub_option(),
+) -> None:
     """Print the full digest a ref points to."""
-    typer.echo(_registry(ctx).resolve(ref))
+    typer.echo(_registry(ctx, hub).resolve(ref))
 
 
 @app.command("ls")
@@ -135,43 +187,26 @@ def ls(
     ctx: typer.Context,
     all_: bool = typer.Option(False, "--all", "-a", help="Also list objects no name points to."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON rows instead of a table."),
+    hub: Path | None = hub_option(),
 ) -> None:
     """List names with their digest, method, rank, size, base and provenance."""
-    reg = _registry(ctx)
+    reg = _registry(ctx, hub)
     rows = reg.ls(all=all_)
     if as_json:
         console.print_json(json.dumps(rows))
         return
-    table = Table(title=f"adapterlab hub: {reg.root}")
-    for col in ("name", "digest", "method", "rank", "size", "base", "provenance"):
-        table.add_column(
-            col,
-            justify="right" if col in ("rank", "size") else "left",
-            no_wrap=col in ("name", "digest"),
-            overflow="fold",
-        )
-    for r in rows:
-        if "problem" in r:
-            table.add_row(r["name"] or "-", (r.get("digest") or "-")[:12], f"[red]{r['problem']}[/]", "", "", "", "")
-            continue
-        table.add_row(
-            r["name"] or "-",
-            r["digest"][:12],
-            str(r.get("method")),
-            "-" if r.get("rank") is None else str(r["rank"]),
-            _size(r.get("bytes")),
-            str(r.get("base") or "-"),
-            str(r.get("provenance") or "-"),
-        )
-    table.caption = f"{len(rows)} entr{'y' if len(rows) == 1 else 'ies'}"
-    console.print(table)
+    console.print(ls_table(rows, reg.root))
 
 
 @app.command("show")
 @user_errors
-def show(ctx: typer.Context, ref: str = typer.Argument(..., help="Name, digest or digest prefix.")) -> None:
+def show(
+    ctx: typer.Context,
+    ref: str = typer.Argument(..., help="Name, digest or digest prefix."),
+    hub: Path | None = hub_option(),
+) -> None:
     """Print an adapter's manifest (JSON)."""
-    console.print_json(json.dumps(_registry(ctx).show(ref), default=str))
+    console.print_json(json.dumps(_registry(ctx, hub).show(ref), default=str))
 
 
 @app.command("tag")
@@ -181,44 +216,51 @@ def tag(
     ref: str = typer.Argument(..., help="The adapter to tag."),
     name: str = typer.Argument(..., help="The new name."),
     force: bool = typer.Option(False, "--force", "-f", help="Move the name if it points elsewhere."),
+    hub: Path | None = hub_option(),
 ) -> None:
     """Point another name at an adapter."""
-    digest = _registry(ctx).tag(ref, name, force=force)
+    digest = _registry(ctx, hub).tag(ref, name, force=force)
     console.print(f"{name} -> {digest}", highlight=False)
 
 
 @app.command("verify")
 @user_errors
 def verify(
-    ctx: typer.Context, ref: str | None = typer.Argument(None, help="One adapter (default: everything).")
+    ctx: typer.Context,
+    ref: str | None = typer.Argument(None, help="One adapter (default: everything)."),
+    hub: Path | None = hub_option(),
 ) -> None:
     """Re-hash stored files; exit 1 and list the problems if any."""
-    reg = _registry(ctx)
+    reg = _registry(ctx, hub)
     problems = reg.verify(ref)
     if problems:
         for p in problems:
-            err_console.print(f"[red]problem:[/] {p}", highlight=False, soft_wrap=True)
+            err_console.print(f"[red]problem:[/] {escape(p)}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
-    console.print(f"ok: {ref or reg.root} verified", highlight=False)
+    console.print(escape(f"ok: {ref or short_path(reg.root)} verified"), highlight=False)
 
 
 @app.command("rm")
 @user_errors
 def rm(
-    ctx: typer.Context, name: str = typer.Argument(..., help="The name to remove (objects go at the next gc).")
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="The name to remove (objects go at the next gc)."),
+    hub: Path | None = hub_option(),
 ) -> None:
     """Remove a name; `hub gc` deletes objects no name points to."""
-    digest = _registry(ctx).rm(name)
+    digest = _registry(ctx, hub).rm(name)
     console.print(f"removed {name} (was {digest[:12]})", highlight=False)
 
 
 @app.command("gc")
 @user_errors
 def gc(
-    ctx: typer.Context, dry_run: bool = typer.Option(False, "--dry-run", help="List what would go, delete nothing.")
+    ctx: typer.Context,
+    dry_run: bool = typer.Option(False, "--dry-run", help="List what would go, delete nothing."),
+    hub: Path | None = hub_option(),
 ) -> None:
     """Delete objects no name points to and leftovers of interrupted writes."""
-    removed = _registry(ctx).gc(dry_run=dry_run)
+    removed = _registry(ctx, hub).gc(dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"
     for d in removed:
         console.print(f"{verb} {d}", highlight=False)

@@ -9,7 +9,15 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from adapterlab.cli._common import console, progress, setup_logging, user_errors
+from adapterlab.cli._common import (
+    console,
+    hub_option,
+    progress,
+    resolve_hub,
+    setup_logging,
+    short_module_names,
+    user_errors,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -26,10 +34,11 @@ HELP = (
 def _summary(result: Any, output: Path, limit: int = 40) -> Table:
     table = Table(title=f"adapterlab merge: {result.method} -> {output} ({result.output})")
     for col in ("module", "shape", "rank", "energy", "rel. error", "density", "time"):
-        table.add_column(col, justify="left" if col == "module" else "right")
-    for m in result.modules[:limit]:
+        table.add_column(col, justify="left" if col == "module" else "right", overflow="fold")
+    short, dropped = short_module_names([m.name for m in result.modules])
+    for m, name in zip(result.modules[:limit], short, strict=False):
         table.add_row(
-            m.name,
+            name,
             "x".join(map(str, m.shape)),
             "-" if m.rank is None else str(m.rank),
             "-" if m.energy is None else f"{m.energy:.4f}",
@@ -44,6 +53,7 @@ def _summary(result: Any, output: Path, limit: int = 40) -> Table:
         f"{len(result.modules)} modules, {result.seconds:.2f} s"
         + (f", min energy {min(energies):.4f}" if energies else "")
         + ("" if result.base_zeros_hit is None else f", {result.base_zeros_hit} zero weights of the base filled")
+        + (f"; module names without {', '.join(dropped)}" if dropped else "")
     )
     return table
 
@@ -60,16 +70,14 @@ def command(
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder."),
     put: str | None = typer.Option(None, "--put", help="Also put the merged LoRA into the registry under this name."),
-    hub: Path | None = typer.Option(
-        None, "--hub", envvar="ADAPTERLAB_HUB", help="Registry root for --put and hub: refs (default ./hub)."
-    ),
+    hub: Path | None = hub_option("Registry root for --put and hub: refs"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     from adapterlab.jobs.merge import check_merge, put_merge, run_merge
     from adapterlab.progress import rich_factory
 
     setup_logging(verbose)
-    plan = check_merge(config, output, sets=set_, overwrite=overwrite, put=put, hub=hub)
+    plan = check_merge(config, output, sets=set_, overwrite=overwrite, put=put, hub=resolve_hub(hub))
     if dry_run:
         cfg = plan.config
         table = Table(title=f"adapterlab merge --dry-run: {cfg.method} ({cfg.output.format or 'auto'}) -> {output}")

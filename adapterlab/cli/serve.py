@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
 from pathlib import Path
 
 import typer
 from rich.table import Table
 
-from adapterlab.cli._common import console, progress, setup_logging, user_errors
+from adapterlab.cli._common import (
+    HUB_DEFAULT_HELP,
+    console,
+    hub_option,
+    progress,
+    resolve_hub,
+    setup_logging,
+    short_path,
+    user_errors,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +47,8 @@ def _parse_adapters(items: list[str]) -> dict[str, str]:
     return out
 
 
-def _table(server: object, url: str | None) -> Table:
-    table = Table(title=f"adapterlab serve{' on ' + url if url else ''}")
+def _table(server: object, url: str | None, caption: str | None = None) -> Table:
+    table = Table(title=f"adapterlab serve{' on ' + url if url else ''}", caption=caption)
     for col in ("adapter", "kind", "loaded", "pinned", "rank", "source"):
         table.add_column(col, justify="left")
     for row in server.adapters():  # type: ignore[attr-defined]
@@ -61,7 +69,9 @@ def command(
     adapter: list[str] = typer.Option([], "--adapter", "-a", help="NAME=FOLDER or NAME=hub:REF (repeatable)."),
     bundle: list[str] = typer.Option([], "--bundle", "-b", help="Shared-basis bundle folder or hub:REF (repeatable)."),
     pin: list[str] = typer.Option([], "--pin", help="Adapter names to load now and never evict (repeatable)."),
-    hub: Path | None = typer.Option(None, "--hub", help="Registry root (default: $ADAPTERLAB_HUB, else none)."),
+    hub: Path | None = hub_option(
+        "Registry root for adapter names and hub: refs; a missing folder is an empty registry"
+    ),
     capacity: int = typer.Option(32, "--capacity", help="LoRA/SHiRA adapters kept in memory (LRU)."),
     max_batch: int = typer.Option(16, "--max-batch", help="Requests per batched forward."),
     queue: int = typer.Option(64, "--queue", help="Queued requests before answering 503."),
@@ -111,14 +121,15 @@ def command(
             raise FileNotFoundError(
                 f"--adapter {name}: {source!r} is not a PEFT adapter folder (no adapter_config.json)"
             )
-    registry = None
-    root = hub or os.environ.get("ADAPTERLAB_HUB")
-    if root is not None:
-        try:
-            from adapterlab.registry import AdapterRegistry  # type: ignore[attr-defined]
-        except ImportError as exc:
-            raise ValueError(f"--hub: the adapter registry is not available ({exc})") from None
-        registry = AdapterRegistry(root)
+    root = resolve_hub(hub)
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"--hub {str(root)!r} is not a folder (the registry root: {HUB_DEFAULT_HELP})")
+    from adapterlab.registry import AdapterRegistry
+
+    # One rule for every command: a registry root that does not exist (yet) is an empty registry, so
+    # serving folders and bundles needs no ./hub; the table says which registry was used.
+    registry = AdapterRegistry(root)
+    hub_note = f"registry {short_path(root)}" + ("" if root.is_dir() else " (does not exist: no registry adapters)")
     with console.status(f"loading base model {model!r}"):
         server = AdapterServer(model, registry, capacity=capacity, max_batch_size=max_batch, adapters=specs)
     with progress() as prog:
@@ -131,7 +142,7 @@ def command(
             for name in track([n for n in specs if n not in pin], "adapters", progress=factory):
                 server.load(name)
     if check:
-        console.print(_table(server, None))
+        console.print(_table(server, None, hub_note))
         console.print("check passed: base, adapters and bundles load")
         return
     try:
@@ -148,6 +159,6 @@ def command(
         raise ValueError(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
     if port_file is not None:
         port_file.write_text(f"{app.port}\n", encoding="utf-8")
-    console.print(_table(server, app.url))
+    console.print(_table(server, app.url, hub_note))
     console.print(f"serving on {app.url} (Ctrl-C to stop)")
     app.serve_forever()
