@@ -18,8 +18,30 @@ HELP = (
     "adapter method and params (lora, rslora, dylora, lori, and shira, snell, spp, lors where installed), "
     "data (a packaged task), trainer arguments (transformers Trainer, or trl SFTTrainer with backend: sft). "
     "Evaluates task accuracy before and after, writes the PEFT adapter folder to the recipe's output and "
-    "puts it in the registry (ADAPTERLAB_HUB or ./hub) unless --no-put. Every check runs before any work."
+    "puts it in the registry (ADAPTERLAB_HUB or ./hub) unless --no-put. Every check runs before any work. "
+    "On many processes: torchrun --nproc_per_node N -m adapterlab train RECIPE.yaml (or accelerate launch -m "
+    "adapterlab train ...): every process trains (DDP), rank 0 alone evaluates, writes and puts, and only rank 0 "
+    "prints; the others print their warnings and errors prefixed 'rank N:'."
 )
+
+
+def _quiet_rank(rank: int, verbose: bool) -> None:
+    """Logging of a rank > 0: warnings and errors only (debug with -v), each line prefixed ``rank N:``, to stderr."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format=f"rank {rank}: %(levelname)s %(message)s",
+        force=True,
+    )
+    for noisy in ("transformers", "datasets", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _stop_on_sigterm() -> None:
+    """torchrun stops the other processes with SIGTERM when one fails: unwind (staging folders are removed)."""
+    import signal
+    import sys
+
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 @user_errors
@@ -34,15 +56,39 @@ def command(
     no_put: bool = typer.Option(False, "--no-put", help="Do not put the trained adapter into the registry."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
+    from adapterlab import distributed
+
+    rank = distributed.rank()  # the launcher's RANK before any process group exists
+    if distributed.world_size() > 1:
+        _stop_on_sigterm()
+    if rank == 0:
+        setup_logging(verbose)
+        _run(recipe, set_, dry_run, no_put)
+        return
+    _quiet_rank(rank, verbose)
+    from adapterlab.recipe.processes import RankZeroFailed
+
+    try:
+        _run(recipe, set_, dry_run, no_put, show=False)
+    except RankZeroFailed:  # rank 0 printed the reason
+        raise typer.Exit(1) from None
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        raise type(exc)(f"rank {rank}: {msg}") from None
+
+
+def _run(recipe: Path, set_: list[str] | None, dry_run: bool, no_put: bool, show: bool = True) -> None:
+    """Check, (dry-run or) train, print; ``show=False`` (ranks > 0 of a launch): print nothing."""
     from adapterlab.progress import rich_factory
     from adapterlab.recipe import check_train_recipe, load_train_recipe, train_adapter
 
-    setup_logging(verbose)
     cfg = load_train_recipe(str(recipe), set_)
     try:
         checked = check_train_recipe(cfg, put=not no_put)
     except (ValueError, FileNotFoundError, FileExistsError) as exc:
         raise type(exc)(f"{recipe}: {exc}") from None
+    if dry_run and not show:
+        return
     if dry_run:
         table = Table(title=f"adapterlab train --dry-run: {recipe}")
         table.add_column("key")
@@ -68,6 +114,9 @@ def command(
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    if not show:
+        train_adapter(cfg, put=not no_put, provenance={"recipe_file": str(recipe)}, checked=checked)
+        return
     with progress() as prog:
         result = train_adapter(
             cfg, put=not no_put, progress=rich_factory(prog), provenance={"recipe_file": str(recipe)}, checked=checked

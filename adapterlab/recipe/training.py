@@ -319,6 +319,7 @@ def check_train_recipe(
         if recipe.prune.output is not None:
             check_output_dir(recipe.prune.output, recipe.overwrite)
     check_output_dir(recipe.output, recipe.overwrite)
+    _check_data_parallel(recipe, where)
     _training_args(
         recipe, Path(tempfile.gettempdir()) / "adapterlab-train-check", where
     )  # bad trainer values fail here
@@ -335,6 +336,20 @@ def check_train_recipe(
         check_fits(config, skeleton, f"{where}adapter")
         check_adapter_build(config, path, f"{where}adapter")
     return config, callbacks
+
+
+#: Trainer arguments that shard the adapter over processes; ``train_adapter`` saves it with ``save_pretrained``
+#: on rank 0, which needs the whole adapter there (plain DDP), so these are refused before any work.
+SHARDED_TRAINER_KEYS = ("fsdp", "fsdp_config", "deepspeed")
+
+
+def _check_data_parallel(recipe: TrainRecipe, where: str) -> None:
+    for key in SHARDED_TRAINER_KEYS:
+        if recipe.trainer.get(key):
+            raise ValueError(
+                f"{where}trainer.{key}: sharded training (FSDP, DeepSpeed) is not supported by adapterlab train; "
+                f"it trains data-parallel (DDP) under torchrun / accelerate launch. Remove trainer.{key}"
+            )
 
 
 def _check_seqlen(seqlen: int, path: Path, where: str) -> None:
@@ -538,6 +553,14 @@ def train_adapter(
 ) -> TrainResult:
     """Train the adapter a recipe describes, evaluate it, save the PEFT folder, put it in the registry.
 
+    Under ``torchrun`` / ``accelerate launch`` every process runs this: each checks the recipe, loads
+    the base (and prunes it the same way) and trains its replica, the Trainer's DDP averaging the
+    gradients (``per_device_train_batch_size`` is per process: the global batch is it times the number
+    of processes times ``gradient_accumulation_steps``). Rank 0 alone evaluates (the exact computation
+    of one process; the others wait), writes the pruned base, the output folder (staged, landing by
+    rename) and the registry entry; the other ranks never write there and return rank 0's result.
+    Every rank confirms its training ended well before rank 0 writes (:mod:`adapterlab.recipe.processes`).
+
     Args:
         recipe: a validated :class:`TrainRecipe`.
         put: put the result into the registry when the recipe has ``put`` (``--no-put``: False).
@@ -546,14 +569,17 @@ def train_adapter(
         checked: the result of :func:`check_train_recipe` when already run.
 
     Returns:
-        A :class:`TrainResult`; ``output`` holds ``adapter_config.json``,
+        A :class:`TrainResult` (the same on every rank); ``output`` holds ``adapter_config.json``,
         ``adapter_model.safetensors`` and ``train_report.json``.
+
+    Raises:
+        RankZeroFailed: on ranks > 0, when a step that only rank 0 runs failed there.
     """
+    from adapterlab import distributed
     from adapterlab.callbacks.logger import SparsityRankLogger
     from adapterlab.data import tokenize_for_training
-    from adapterlab.evaluate import task_accuracy
     from adapterlab.models import load_tokenizer
-    from adapterlab.staging import staged_dir
+    from adapterlab.recipe.processes import agree, on_rank0
 
     t0 = time.perf_counter()
     progress = progress or _silent
@@ -561,67 +587,57 @@ def train_adapter(
     if not any(isinstance(c, SparsityRankLogger) for c in callbacks):
         callbacks.append(SparsityRankLogger())
     callbacks.append(ProgressBarCallback(progress))
-    torch.manual_seed(recipe.seed)
-    tok = load_tokenizer(recipe.base)
-    model = _load_base(recipe)
-    result = TrainResult(output=Path(recipe.output), method=recipe.adapter.method, task=recipe.data.task)
-    if recipe.prune is not None:
-        result.prune = _prune(model, tok, recipe, progress)
-        if recipe.prune.output is not None:
-            _save_pruned(model, tok, recipe.prune.output, recipe.overwrite, result.prune)
-            model.config._name_or_path = str(recipe.prune.output)  # the base the adapter belongs to
-    dataset = tokenize_for_training(
-        tok, recipe.data.task, n=recipe.data.max_examples, seed=recipe.data.seed, max_length=recipe.data.max_length
-    )
-    ev = recipe.eval
-    if ev is not None and ev.zero_shot:
-        result.zero_shot = task_accuracy(
-            model, tok, recipe.data.task, split=ev.split, n=ev.n, batch_size=ev.batch_size, progress=progress
-        ).accuracy
-    scratch = Path(tempfile.mkdtemp(prefix="adapterlab-train-"))
+    scratch = Path(tempfile.mkdtemp(prefix="adapterlab-train-"))  # this process's Trainer folder, never shared
     try:
-        args = _training_args(recipe, scratch)
+        args = _training_args(recipe, scratch)  # under a launcher this joins the process group (accelerate)
+        if distributed.world_size() > 1 and not distributed.is_distributed():
+            raise RuntimeError(
+                f"launched as {distributed.world_size()} processes but no process group is initialised; "
+                f"start with torchrun or accelerate launch"
+            )
+        torch.manual_seed(recipe.seed)
+        tok = load_tokenizer(recipe.base)
+        model = _load_base(recipe)
+        result = TrainResult(output=Path(recipe.output), method=recipe.adapter.method, task=recipe.data.task)
+        if recipe.prune is not None:
+            result.prune = _prune(model, tok, recipe, progress)  # every rank: the same data, the same masks
+            prune_out = recipe.prune.output
+            if prune_out is not None:
+                info = result.prune
+                on_rank0(lambda: _save_pruned(model, tok, prune_out, recipe.overwrite, info), "saving the pruned base")
+                model.config._name_or_path = str(prune_out)  # the base the adapter belongs to
+        dataset = tokenize_for_training(
+            tok, recipe.data.task, n=recipe.data.max_examples, seed=recipe.data.seed, max_length=recipe.data.max_length
+        )
+        ev = recipe.eval
+        if ev is not None and ev.zero_shot:
+            result.zero_shot = on_rank0(lambda: _accuracy(model, tok, recipe, progress), "zero-shot evaluation")
         trainer = _make_trainer(recipe, model, config, tok, dataset, callbacks, args)
-        trainer.train(resume_from_checkpoint=recipe.resume)
+        failure: BaseException | None = None
+        try:
+            trainer.train(resume_from_checkpoint=recipe.resume)
+        except Exception as exc:  # noqa: BLE001 - every rank learns of it before anything is written
+            failure = exc
+        agree(failure, "training")
     finally:
         if "output_dir" not in recipe.trainer:
             shutil.rmtree(scratch, ignore_errors=True)
     pm = trainer.model
+    sharded = [n for n, p in pm.named_parameters() if p.requires_grad and distributed.is_sharded(p)]
+    if sharded:
+        raise ValueError(
+            f"the trained adapter is sharded over the processes ({sharded[0]!r}); adapterlab train saves DDP runs "
+            f"only (no FSDP / DeepSpeed ZeRO-3 in the accelerate config)"
+        )
     result.steps = int(trainer.state.global_step)
     result.log_history = list(trainer.state.log_history)
     result.trainable_params = sum(p.numel() for p in pm.parameters() if p.requires_grad)
     if ev is not None:
-        result.accuracy = task_accuracy(
-            pm, tok, recipe.data.task, split=ev.split, n=ev.n, batch_size=ev.batch_size, progress=progress
-        ).accuracy
+        result.accuracy = on_rank0(lambda: _accuracy(pm, tok, recipe, progress), "evaluation")
     result.seconds = time.perf_counter() - t0
-    with staged_dir(recipe.output, recipe.overwrite) as stage:
-        pm.save_pretrained(str(stage))
-        report = result.to_dict()
-        report["recipe"] = recipe.model_dump(mode="json")
-        (stage / "train_report.json").write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
-    if put and recipe.put is not None:
-        registry = registry_or_none(recipe.put.root)
-        if registry is None:
-            logger.warning("adapterlab.registry is not available in this install: the adapter was not put in a hub")
-        else:
-            from adapterlab.io import base_fingerprint
-
-            name = recipe.put.name or Path(recipe.output).name
-            prov = {
-                "kind": "trained",
-                "recipe": recipe.model_dump(mode="json"),
-                "accuracy": result.accuracy,
-                "zero_shot": result.zero_shot,
-                "task": recipe.data.task,
-                "method": recipe.adapter.method,
-                "steps": result.steps,
-                **(provenance or {}),
-            }
-            result.digest = registry.put(
-                recipe.output, name, provenance=prov, base=base_fingerprint(pm), tags=tuple(recipe.put.tags)
-            )
-            result.ref = f"hub:{name}"
+    result.digest, result.ref = on_rank0(
+        lambda: _write(pm, recipe, result, put, provenance, distributed.world_size()), "writing the output"
+    )
     logger.info(
         "trained %s on %s: accuracy %s (zero-shot %s) -> %s",
         recipe.adapter.method,
@@ -631,3 +647,54 @@ def train_adapter(
         recipe.output,
     )
     return result
+
+
+def _accuracy(model: nn.Module, tok: Any, recipe: TrainRecipe, progress: ProgressFactory) -> float:
+    from adapterlab.evaluate import task_accuracy
+
+    ev = recipe.eval
+    assert ev is not None
+    return task_accuracy(
+        model, tok, recipe.data.task, split=ev.split, n=ev.n, batch_size=ev.batch_size, progress=progress
+    ).accuracy
+
+
+def _write(
+    pm: nn.Module,
+    recipe: TrainRecipe,
+    result: TrainResult,
+    put: bool,
+    provenance: dict[str, Any] | None,
+    processes: int,
+) -> tuple[str | None, str | None]:
+    """The output folder (staged: all of it or nothing lands) and the registry put; ``(digest, ref)``. Rank 0 only."""
+    from adapterlab.staging import staged_dir
+
+    with staged_dir(recipe.output, recipe.overwrite) as stage:
+        pm.save_pretrained(str(stage))  # type: ignore[operator]
+        report = result.to_dict()
+        report["processes"] = processes
+        report["recipe"] = recipe.model_dump(mode="json")
+        (stage / "train_report.json").write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+    if not (put and recipe.put is not None):
+        return None, None
+    registry = registry_or_none(recipe.put.root)
+    if registry is None:
+        logger.warning("adapterlab.registry is not available in this install: the adapter was not put in a hub")
+        return None, None
+    from adapterlab.io import base_fingerprint
+
+    name = recipe.put.name or Path(recipe.output).name
+    prov = {
+        "kind": "trained",
+        "recipe": recipe.model_dump(mode="json"),
+        "accuracy": result.accuracy,
+        "zero_shot": result.zero_shot,
+        "task": recipe.data.task,
+        "method": recipe.adapter.method,
+        "steps": result.steps,
+        "processes": processes,
+        **(provenance or {}),
+    }
+    digest = registry.put(recipe.output, name, provenance=prov, base=base_fingerprint(pm), tags=tuple(recipe.put.tags))
+    return digest, f"hub:{name}"
