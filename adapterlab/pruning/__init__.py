@@ -1,5 +1,8 @@
 """Pruning for sparse bases: magnitude, Wanda, SparseGPT; unstructured or N:M.
 
+``prune_`` prunes a model in memory; ``prune_checkpoint`` prunes a safetensors model folder one decoder
+block at a time (models larger than memory) with the same result.
+
 Adding a method: write ``<method>.py`` with ``@register_pruner("name") class ...(Pruner)`` and
 import it below.
 """
@@ -7,6 +10,7 @@ import it below.
 from __future__ import annotations
 
 from adapterlab.pruning import magnitude, sparsegpt, wanda  # noqa: F401  (registers the methods)
+from adapterlab.pruning._streamed import StreamedPrune, prune_checkpoint
 from adapterlab.pruning.functional import check_nm, parse_pattern
 from adapterlab.pruning.magnitude import MagnitudePruner
 from adapterlab.pruning.pruner import (
@@ -34,6 +38,7 @@ __all__ = [
     "PruneReport",
     "Pruner",
     "SparseGPTPruner",
+    "StreamedPrune",
     "WandaPruner",
     "apply_masks_",
     "check_nm",
@@ -43,6 +48,7 @@ __all__ = [
     "parse_pattern",
     "prunable_linears",
     "prune_",
+    "prune_checkpoint",
     "register_pruner",
     "save_masks",
     "sparsity_of",

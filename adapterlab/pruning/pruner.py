@@ -24,7 +24,7 @@ import numbers
 import os
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -302,7 +302,7 @@ def apply_masks_(model: nn.Module, masks: dict[str, Tensor]) -> None:
             weight.masked_fill_(~mask.to(device=weight.device, dtype=torch.bool), 0)
 
 
-def mask_hash(masks: dict[str, Tensor]) -> str:
+def mask_hash(masks: Mapping[str, Tensor]) -> str:
     """sha256 over the sorted names, shapes and bit-packed contents of boolean masks."""
     import numpy as np
 
@@ -569,6 +569,51 @@ def prune_(
         Wanda https://arxiv.org/abs/2306.11695; SparseGPT https://arxiv.org/abs/2301.00774
     """
     start = time.perf_counter()
+    cls, pruner, nm, target = _make_pruner(method, sparsity, pattern, scope, batch_size, method_kwargs)
+
+    blocks = decoder_layers(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    per_block = [{names[id(lin)]: lin for lin in block_linears(block).values()} for block in blocks]
+    _check_linears(model, per_block, nm, pattern)
+    calib: Tensor | None = None
+    if cls.needs_calibration:
+        calib = _check_calibration(model, calibration, method)
+    elif calibration is not None:
+        logger.debug("pruning method %r uses no calibration data; ignoring it", method)
+
+    logger.info("pruning %d blocks with %r", len(blocks), pruner)
+    facts: dict[str, dict[str, Any]] = {}  # layer -> per-layer facts from the pruner (report rows)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            calls = _capture_block0_inputs(model, blocks[0], calib, batch_size) if calib is not None else None
+            last = len(blocks) - 1
+            for i in track(range(len(blocks)), f"{method}: blocks", progress=progress):
+                block_facts, calls = prune_block_(pruner, blocks[i], per_block[i], calls, next_inputs=i < last)
+                facts.update(block_facts)
+    finally:
+        model.train(was_training)
+
+    layers: list[LayerSparsity] = []
+    nm_valid: bool | None = True if nm is not None else None
+    for linears in per_block:
+        rows, valid = layer_rows(linears, facts, nm)
+        layers += rows
+        if valid is False:
+            nm_valid = False
+    return make_report(cls, pruner, nm, target, layers, nm_valid, start, calib)
+
+
+def _make_pruner(
+    method: str,
+    sparsity: float | None,
+    pattern: str | None,
+    scope: str | None,
+    batch_size: int,
+    method_kwargs: dict[str, Any],
+) -> tuple[type[Pruner], Pruner, tuple[int, int] | None, float]:
+    """``(class, pruner, (N, M) or None, effective sparsity)``, every argument validated (see :func:`prune_`)."""
     cls = PRUNERS.get(method)
     nm = parse_pattern(pattern)
     if nm is not None and sparsity is not None:
@@ -580,10 +625,13 @@ def prune_(
     pruner = cls(target, nm, scope, **method_kwargs)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return cls, pruner, nm, target
 
-    blocks = decoder_layers(model)
-    names = {id(m): n for n, m in model.named_modules()}
-    per_block = [{names[id(lin)]: lin for lin in block_linears(block).values()} for block in blocks]
+
+def _check_linears(
+    model: nn.Module, per_block: list[dict[str, nn.Linear]], nm: tuple[int, int] | None, pattern: str | None
+) -> None:
+    """Refuse a model without decoder linears, or an N:M pattern some layer's ``d_in`` does not divide."""
     if not any(per_block):
         raise ValueError(
             f"{type(model).__name__} has no nn.Linear layers inside its decoder blocks "
@@ -597,48 +645,70 @@ def prune_(
                         f"pattern {pattern!r} needs d_in % M == 0, but layer {name!r} has "
                         f"d_in={lin.in_features} (M={nm[1]})"
                     )
-    calib: Tensor | None = None
-    if cls.needs_calibration:
-        calib = _check_calibration(model, calibration, method)
-    elif calibration is not None:
-        logger.debug("pruning method %r uses no calibration data; ignoring it", method)
 
-    logger.info("pruning %d blocks with %r", len(blocks), pruner)
-    facts: dict[str, dict[str, Any]] = {}  # layer -> per-layer facts from the pruner (report rows)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            if calib is None:
-                for linears in track(per_block, f"{method}: blocks", progress=progress):
-                    for name, lin in linears.items():
-                        facts[name] = _prune_linear_(pruner, name, lin, None)
-            else:
-                calls = _capture_block0_inputs(model, blocks[0], calib, batch_size)
-                last = len(blocks) - 1
-                for i in track(range(len(blocks)), f"{method}: blocks", progress=progress):
-                    block, linears = blocks[i], per_block[i]
-                    stats = {name: pruner.init_stats(lin) for name, lin in linears.items()}
-                    with _stat_hooks(pruner, linears, stats):
-                        _run_block(block, calls, keep=False)
-                    for name, lin in linears.items():
-                        facts[name] = _prune_linear_(pruner, name, lin, stats.pop(name))
-                    if i < last:  # the pruned block's outputs feed the next block
-                        outs = _run_block(block, calls)
-                        calls = [(o, rest, kw) for o, (_, rest, kw) in zip(outs, calls)]
-    finally:
-        model.train(was_training)
 
-    layers: list[LayerSparsity] = []
-    nm_valid: bool | None = True if nm is not None else None
-    for linears in per_block:
+def prune_block_(
+    pruner: Pruner,
+    block: nn.Module,
+    linears: dict[str, nn.Linear],
+    calls: list[_Call] | None,
+    *,
+    next_inputs: bool,
+) -> tuple[dict[str, dict[str, Any]], list[_Call] | None]:
+    """Prune the linears of one decoder block in place: the step :func:`prune_` takes per block (and the
+    streamed pruner of :mod:`adapterlab.pruning.streamed` too).
+
+    Without ``calls`` (magnitude) each linear is pruned from its weight alone. With the captured block
+    inputs ``calls`` (each ``(hidden (b, seq, hidden), args, kwargs)``), the block is run once with hooks
+    that fold every linear's inputs into the pruner's statistics, the linears are pruned, and, when
+    ``next_inputs``, the **pruned** block is run again to give the inputs of the next block.
+
+    Returns:
+        ``(per-layer facts for the report rows, the next block's calls or None)``.
+    """
+    facts: dict[str, dict[str, Any]] = {}
+    if calls is None:
         for name, lin in linears.items():
-            w = lin.weight.detach()
-            layers.append(LayerSparsity(name, tuple(w.shape), int((w == 0).sum()), w.numel(), **facts.get(name, {})))
-            if nm is not None and not check_nm(w, *nm):
-                nm_valid = False
+            facts[name] = _prune_linear_(pruner, name, lin, None)
+        return facts, None
+    stats = {name: pruner.init_stats(lin) for name, lin in linears.items()}
+    with _stat_hooks(pruner, linears, stats):
+        _run_block(block, calls, keep=False)
+    for name, lin in linears.items():
+        facts[name] = _prune_linear_(pruner, name, lin, stats.pop(name))
+    if not next_inputs:
+        return facts, None
+    outs = _run_block(block, calls)  # the pruned block's outputs feed the next block
+    return facts, [(o, rest, kw) for o, (_, rest, kw) in zip(outs, calls)]
+
+
+def layer_rows(
+    linears: dict[str, nn.Linear], facts: dict[str, dict[str, Any]], nm: tuple[int, int] | None
+) -> tuple[list[LayerSparsity], bool | None]:
+    """The report rows of pruned linears and whether all of them satisfy ``nm`` (None when unstructured)."""
+    rows = []
+    valid: bool | None = True if nm is not None else None
+    for name, lin in linears.items():
+        w = lin.weight.detach()
+        rows.append(LayerSparsity(name, tuple(w.shape), int((w == 0).sum()), w.numel(), **facts.get(name, {})))
+        if nm is not None and not check_nm(w, *nm):
+            valid = False
+    return rows, valid
+
+
+def make_report(
+    cls: type[Pruner],
+    pruner: Pruner,
+    nm: tuple[int, int] | None,
+    target: float,
+    layers: list[LayerSparsity],
+    nm_valid: bool | None,
+    start: float,
+    calib: Tensor | None,
+) -> PruneReport:
+    """The :class:`PruneReport` of a finished run that began at ``time.perf_counter() == start``."""
     report = PruneReport(
-        method=cls.name or str(method).lower(),
+        method=cls.name or pruner.name,
         pattern=f"{nm[0]}:{nm[1]}" if nm else None,
         target_sparsity=target,
         layers=layers,
