@@ -81,10 +81,10 @@ def command(
     if dry_run:
         cfg = plan.config
         table = Table(title=f"adapterlab merge --dry-run: {cfg.method} ({cfg.output.format or 'auto'}) -> {output}")
-        table.add_column("adapter")
-        table.add_column("weight", justify="right")
-        table.add_column("modules", justify="right")
-        table.add_column("rank(s)", justify="right")
+        table.add_column("adapter", overflow="fold")
+        table.add_column("weight", justify="right", overflow="fold")
+        table.add_column("modules", justify="right", overflow="fold")
+        table.add_column("rank(s)", justify="right", overflow="fold")
         for row in plan.adapters():
             table.add_row(
                 row["name"],
