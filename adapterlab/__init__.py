@@ -53,6 +53,7 @@ _EXPORTS: dict[str, str] = {
     "CompressionErrors": "adapterlab.compression",
     "SharedBasisBundle": "adapterlab.compression",
     "compress_adapters": "adapterlab.compression",
+    "export_lora": "adapterlab.jobs.export",
     "ExtractResult": "adapterlab.extraction",
     "extract_lora": "adapterlab.extraction",
     "MergeResult": "adapterlab.merging",
@@ -79,6 +80,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the names as plain imports
     from adapterlab.evaluate import perplexity, sparsity_report, task_accuracy
     from adapterlab.extraction import ExtractResult, extract_lora
     from adapterlab.folding import merge
+    from adapterlab.jobs.export import export_lora
     from adapterlab.merging import MergeResult, RMMBundle, merge_adapters, resolve_adapter
     from adapterlab.models import load_default_model, load_model, load_tokenizer, tiny_llama
     from adapterlab.pruning import PruneReport, apply_masks_, get_masks, prune_
@@ -128,6 +130,7 @@ __all__ = [
     "RMMBundle",
     "SharedBasisBundle",
     "compress_adapters",
+    "export_lora",
     "extract_lora",
     "merge",
     "merge_adapters",

@@ -116,14 +116,20 @@ class LoraSource:
         m = next(iter(self.modules.values()))
         return self.get(m.a_key).dtype
 
-    def factors(self, name: str) -> tuple[Tensor, Tensor]:
-        """``(B [d_out, r], A [r, d_in])`` in fp32, weight layout, scale folded into B."""
+    def unscaled_factors(self, name: str) -> tuple[Tensor, Tensor]:
+        """``(B [d_out, r], A [r, d_in])`` in fp32, weight layout, the stored values (no scale):
+        ``delta = modules[name].scale · B @ A``."""
         m = self.modules[name]
         a = self.get(m.a_key).to(torch.float32)
         b = self.get(m.b_key).to(torch.float32)
         if m.transpose:  # stored delta is (b a)ᵀ: weight-layout B = aᵀ, A = bᵀ
             a, b = b.T, a.T
-        return self._overflow_checked(name, "s · B", (b * m.scale).contiguous()), a.contiguous()
+        return b.contiguous(), a.contiguous()
+
+    def factors(self, name: str) -> tuple[Tensor, Tensor]:
+        """``(B [d_out, r], A [r, d_in])`` in fp32, weight layout, scale folded into B."""
+        b, a = self.unscaled_factors(name)
+        return self._overflow_checked(name, "s · B", (b * self.modules[name].scale).contiguous()), a
 
     def delta(self, name: str) -> Tensor:
         """Dense fp32 delta ``[d_out, d_in]`` (shape of the base weight); zeros if not targeted."""
@@ -408,10 +414,14 @@ class LoriSource(LoraSource):
         flat[self.get(m.b_indices_key).reshape(-1).long()] = True
         return flat.view(m.shape[0], m.rank)
 
+    def unscaled_factors(self, name: str) -> tuple[Tensor, Tensor]:
+        """``(B [d_out, r], A [r, d_in])`` in fp32, no scale (B densified, A stored or regenerated)."""
+        return self.b_matrix(name).contiguous(), self.a_matrix(name).contiguous()
+
     def factors(self, name: str) -> tuple[Tensor, Tensor]:
         """``(s · B [d_out, r], A [r, d_in])`` in fp32; ``delta = s · B A``."""
-        m = self.modules[name]
-        return (self.b_matrix(name) * m.scale).contiguous(), self.a_matrix(name).contiguous()
+        b, a = self.unscaled_factors(name)
+        return (b * self.modules[name].scale).contiguous(), a
 
 
 #: peft type (upper case, as saved) -> source builder (LoRA is parsed by ``_parse``).

@@ -7,9 +7,11 @@ import typer
 from adapterlab.cli import (
     assets,
     bench,
+    check,
     compress,
     demo,
     evaluate,
+    export,
     extract,
     hub,
     merge,
@@ -43,6 +45,8 @@ app.command("train", help=train.HELP)(train.command)
 app.command("merge", help=merge.HELP)(merge.command)
 app.command("extract", help=extract.HELP)(extract.command)
 app.command("compress", help=compress.HELP)(compress.command)
+app.command("export", help=export.HELP)(export.command)
+app.command("check", help=check.HELP)(check.command)
 app.add_typer(hub.app, name="hub", help=hub.HELP)
 app.command("serve", help=serve.HELP)(serve.command)
 app.command("run", help=run.HELP)(run.command)
