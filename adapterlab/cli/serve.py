@@ -23,12 +23,15 @@ from adapterlab.cli._common import (
 logger = logging.getLogger(__name__)
 
 HELP = (
-    "Serve adapters over HTTP (JSON) on one base model loaded once. Each completion request names its "
-    "adapter; a batch mixing adapters runs as one forward (grouped LoRA, shared-basis bundles, SHiRA "
-    "switching). Adapters are PEFT folders or hub:NAME refs (--adapter NAME=SOURCE), loaded on demand into "
-    "an LRU cache (--capacity, --pin); registry names resolve through --hub. Routes: POST /v1/completions "
-    '{"prompt", "adapter", "max_tokens"}, GET /v1/adapters, POST /v1/adapters/load, POST /v1/adapters/unload, '
-    "GET /health. --check loads everything and exits without serving."
+    "Serve adapters over an OpenAI-compatible HTTP API on one base model loaded once. 'model' names the "
+    "adapter ('base' = the base model), so the openai client works with base_url=http://127.0.0.1:PORT/v1; "
+    "a batch mixing adapters runs as one forward (grouped LoRA, shared-basis bundles, SHiRA switching). "
+    "Adapters are PEFT folders or hub:NAME refs (--adapter NAME=SOURCE), loaded on demand into an LRU cache "
+    "(--capacity, --pin); registry names resolve through --hub. Decoding is greedy (temperature 0). Routes: "
+    "POST /v1/completions and /v1/chat/completions (OpenAI's schema, stream: true = server-sent events), "
+    "GET /v1/models, POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's), GET /v1/adapters, "
+    "POST /v1/adapters/load, POST /v1/adapters/unload, GET /health. --check loads everything and exits "
+    "without serving."
 )
 
 

@@ -21,7 +21,7 @@ import os
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, overload
@@ -42,7 +42,7 @@ from adapterlab.serving.requests import (
 from adapterlab.serving.router import BatchRouter, RowSpec, wrap_linear
 from adapterlab.serving.sharing import claim, model_lock, set_child
 
-__all__ = ["AdapterServer", "Completion", "Request", "UnknownAdapterError", "check_adapter_name"]
+__all__ = ["AdapterServer", "Completion", "Request", "StepHook", "UnknownAdapterError", "check_adapter_name"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,45 @@ _SHIRA_KEY = re.compile(r"(?:base_model\.model\.)?(?P<mod>.+?)\.(?:adapterlab_)?
 
 class UnknownAdapterError(ValueError):
     """A request or command names an adapter the server does not know (HTTP 404)."""
+
+
+#: ``on_step(indices, step, tokens, live) -> stop | None``: called by :meth:`AdapterServer.generate`
+#: after every decoding step of a batch. ``indices``: the positions (in the ``requests`` given to
+#: ``generate``) of the batch's rows; ``step``: 0 for the first new token; ``tokens`` ``[B]``: the token
+#: each row just got; ``live`` ``[B]`` bool: the token belongs to the row's completion (not past its
+#: EOS or its ``max_new_tokens``). It may return a bool tensor ``[B]`` of rows to stop now: their
+#: completion ends with this step's token, ``finish_reason="stop"``. A batch that is retried (see
+#: ``return_exceptions``) calls it again from step 0 with the same greedy tokens.
+StepHook = Callable[[Sequence[int], int, Tensor, Tensor], "Tensor | None"]
+
+
+class _StepCriteria:
+    """A ``transformers`` stopping criterion that reports every step to a :data:`StepHook`.
+
+    It also ends each row at its own EOS or ``max_new_tokens`` (a batch stops as soon as every row
+    is done), and records where the hook stopped a row (``end`` ``[B]``: tokens kept per row).
+    """
+
+    def __init__(self, on_step: StepHook, indices: Sequence[int], prompt_len: int, limits: Tensor, eos: Tensor):
+        self.on_step, self.indices, self.prompt_len, self.eos = on_step, list(indices), prompt_len, eos
+        self.limits = limits  # [B] max_new_tokens per row
+        self.end = limits.clone()  # [B] tokens each row keeps
+        self.alive = torch.ones(limits.shape[0], dtype=torch.bool)  # [B] still generating its completion
+        self.stopped = torch.zeros(limits.shape[0], dtype=torch.bool)  # [B] stopped by the hook
+
+    def __call__(self, input_ids: Tensor, scores: Tensor, **kwargs: Any) -> Tensor:
+        step = input_ids.shape[1] - self.prompt_len - 1
+        new = input_ids[:, -1].cpu()  # [B] this step's token per row
+        is_eos = torch.isin(new, self.eos)  # [B]
+        live = self.alive & ~is_eos & (step < self.limits)  # [B]
+        self.alive = live & (step + 1 < self.limits)
+        stop = self.on_step(self.indices, step, new, live)
+        if stop is not None:
+            hit = stop.cpu().bool() & live  # [B] rows the hook ends with this token
+            self.end = torch.where(hit, torch.full_like(self.end, step + 1), self.end)
+            self.stopped |= hit
+            self.alive &= ~hit
+        return (~self.alive).to(input_ids.device)
 
 
 @dataclass
@@ -714,17 +753,29 @@ class AdapterServer:
 
     @overload
     def generate(
-        self, requests: Iterable[Request | Mapping[str, Any]], *, return_exceptions: Literal[False] = False
+        self,
+        requests: Iterable[Request | Mapping[str, Any]],
+        *,
+        return_exceptions: Literal[False] = False,
+        on_step: StepHook | None = None,
     ) -> list[Completion]: ...
 
     @overload
     def generate(
-        self, requests: Iterable[Request | Mapping[str, Any]], *, return_exceptions: Literal[True]
+        self,
+        requests: Iterable[Request | Mapping[str, Any]],
+        *,
+        return_exceptions: Literal[True],
+        on_step: StepHook | None = None,
     ) -> list[Completion | Exception]: ...
 
     @torch.no_grad()
     def generate(
-        self, requests: Iterable[Request | Mapping[str, Any]], *, return_exceptions: bool = False
+        self,
+        requests: Iterable[Request | Mapping[str, Any]],
+        *,
+        return_exceptions: bool = False,
+        on_step: StepHook | None = None,
     ) -> list[Completion] | list[Completion | Exception]:
         """Greedy completions; every request names its own adapter. Order is kept.
 
@@ -737,6 +788,9 @@ class AdapterServer:
             return_exceptions: False: the first bad request raises. True: a bad request's slot holds
                 its exception and the others still run; a batch that fails is split in halves and
                 retried, so a request that fails inside a batch fails only itself.
+            on_step: a :data:`StepHook` told every new token as it is decided (streaming) and able
+                to end a row early (stop sequences, a client gone); it never changes the tokens of
+                the rows it does not stop.
 
         Returns:
             One :class:`Completion` (or, with ``return_exceptions``, exception) per request.
@@ -757,21 +811,25 @@ class AdapterServer:
             cached = r.adapter is not None and r.adapter not in self._bundle_of
             grows = cached and r.adapter not in distinct
             if chunk and (len(chunk) >= self.max_batch_size or (grows and len(distinct) >= self.capacity)):
-                self._run_chunk(chunk, out, return_exceptions)
+                self._run_chunk(chunk, out, return_exceptions, on_step)
                 chunk, distinct = [], set()
             chunk.append((i, r))
             if cached:
                 distinct.add(r.adapter)  # type: ignore[arg-type]
         if chunk:
-            self._run_chunk(chunk, out, return_exceptions)
+            self._run_chunk(chunk, out, return_exceptions, on_step)
         return out  # type: ignore[return-value]
 
     def _run_chunk(
-        self, chunk: list[tuple[int, Request]], out: list[Completion | Exception | None], isolate: bool
+        self,
+        chunk: list[tuple[int, Request]],
+        out: list[Completion | Exception | None],
+        isolate: bool,
+        on_step: StepHook | None = None,
     ) -> None:
         """Run one batch into ``out``; with ``isolate``, a failing batch is retried in halves."""
         try:
-            results = self._generate_batch([r for _, r in chunk])
+            results = self._generate_batch([r for _, r in chunk], [i for i, _ in chunk], on_step)
         except Exception as exc:  # noqa: BLE001 - isolated below, or raised
             if not isolate:
                 raise
@@ -783,13 +841,15 @@ class AdapterServer:
                 return
             logger.info("a batch of %d requests failed (%s); retrying it in halves", len(chunk), type(exc).__name__)
             half = len(chunk) // 2
-            self._run_chunk(chunk[:half], out, isolate)
-            self._run_chunk(chunk[half:], out, isolate)
+            self._run_chunk(chunk[:half], out, isolate, on_step)
+            self._run_chunk(chunk[half:], out, isolate, on_step)
             return
         for (i, _), res in zip(chunk, results):
             out[i] = res
 
-    def _generate_batch(self, reqs: list[Request]) -> list[Completion]:
+    def _generate_batch(
+        self, reqs: list[Request], indices: Sequence[int] = (), on_step: StepHook | None = None
+    ) -> list[Completion]:
         prompts = [self._encode(r.prompt) for r in reqs]
         L = max(len(p) for p in prompts)
         pad = self._pad_id()
@@ -801,6 +861,12 @@ class AdapterServer:
             mask[b, L - len(p) :] = 1
         n_new = max(r.max_new_tokens for r in reqs)
         eos = self._eos_ids()
+        criteria = None
+        if on_step is not None:
+            from transformers import StoppingCriteriaList
+
+            limits = torch.tensor([r.max_new_tokens for r in reqs])  # [B]
+            criteria = _StepCriteria(on_step, indices, L, limits, torch.tensor(sorted(eos), dtype=torch.long))
         with self._lock:
             self.router.set_batch(self._specs([r.adapter for r in reqs]))
             self._claim()
@@ -816,6 +882,7 @@ class AdapterServer:
                     temperature=None,
                     top_p=None,
                     top_k=None,
+                    stopping_criteria=StoppingCriteriaList([criteria]) if criteria is not None else None,
                 )
             finally:
                 self.router.clear_batch()
@@ -823,12 +890,16 @@ class AdapterServer:
             self.stats["requests"] += len(reqs)
         new = seq[:, L:].cpu()  # [B, n] generated ids (n <= n_new: generate stops once every row hit EOS)
         limit = torch.tensor([r.max_new_tokens for r in reqs]).clamp_(max=new.shape[1])  # [B]
+        if criteria is not None:
+            limit = torch.minimum(limit, criteria.end)  # rows the hook stopped end there
         inside = torch.arange(new.shape[1])[None, :] < limit[:, None]  # [B, n]: within the request's budget
         is_eos = (
             inside & torch.isin(new, torch.tensor(sorted(eos), dtype=new.dtype)) if eos else torch.zeros_like(inside)
         )
         stopped = is_eos.any(1)  # [B]
         keep = torch.where(stopped, is_eos.int().argmax(1), limit).tolist()  # first EOS, else the budget
+        if criteria is not None:
+            stopped |= criteria.stopped  # ended by on_step: finish_reason "stop" too
         rows = new.tolist()
         results = []
         for b, (r, p) in enumerate(zip(reqs, prompts)):
@@ -840,6 +911,39 @@ class AdapterServer:
                 text = None
             results.append(Completion(r.adapter, toks, text, len(p), "stop" if bool(stopped[b]) else "length"))
         return results
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        """The text of ``tokens`` (special tokens skipped), as :meth:`generate` decodes a completion."""
+        if self.tokenizer is None:
+            raise ValueError("decoding text needs a tokenizer; pass tokenizer= to AdapterServer")
+        with self._tok_lock:
+            return str(self.tokenizer.decode(list(tokens), skip_special_tokens=True))
+
+    def chat_prompt(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
+        """Token ids of a chat (``[{"role", "content"}, ...]``) through the tokenizer's chat template,
+        ending with the assistant's generation prompt.
+
+        Raises:
+            ValueError: no tokenizer, no chat template, or a template that refuses the messages.
+        """
+        tok = self.tokenizer
+        if tok is None or not getattr(tok, "chat_template", None):
+            raise ValueError(
+                "the served tokenizer has no chat template; use /v1/completions with a prompt, or serve a model "
+                "whose tokenizer defines one (tokenizer_config.json or chat_template.jinja)"
+            )
+        with self._tok_lock:
+            try:
+                out = tok.apply_chat_template(
+                    [dict(m) for m in messages], add_generation_prompt=True, tokenize=True, return_dict=False
+                )
+            except Exception as exc:  # noqa: BLE001 - jinja's TemplateError and kin: the template refused them
+                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise ValueError(f"the chat template refused the messages: {first}") from None
+        ids = out["input_ids"] if isinstance(out, Mapping) else out
+        if not ids:
+            raise ValueError("the chat template produced an empty prompt")
+        return [int(t) for t in ids]
 
     def close(self) -> None:
         """Restore any SHiRA adapter fused into the base weights."""

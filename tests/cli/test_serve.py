@@ -81,7 +81,8 @@ def test_serve_process_round_trip(assets, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     try:
-        for _ in range(600):
+        deadline = time.monotonic() + 300  # generous: a loaded 2-core machine starts python slowly
+        while time.monotonic() < deadline:
             if port_file.exists() and port_file.read_text().strip():
                 break
             assert proc.poll() is None, proc.stderr.read().decode()
@@ -97,6 +98,16 @@ def test_serve_process_round_trip(assets, tmp_path):
         assert body["adapter"] == "a" and len(body["choices"][0]["tokens"]) <= 3
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/adapters", timeout=60) as resp:
             assert [r["name"] for r in json.loads(resp.read())["adapters"]] == ["a"]
+        # the real openai client against the real `adapterlab serve` process
+        openai = pytest.importorskip("openai")
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60)
+        assert [m.id for m in client.models.list()] == ["base", "a"]
+        got = client.completions.create(model="a", prompt="hi", max_tokens=3)
+        assert got.choices[0].model_extra["tokens"] == body["choices"][0]["tokens"]
+        streamed = client.completions.create(model="a", prompt="hi", max_tokens=3, stream=True)
+        assert "".join(c.choices[0].text for c in streamed if c.choices) == got.choices[0].text
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="ghost", prompt="hi", max_tokens=3)
     finally:
         proc.terminate()
         proc.wait(timeout=30)

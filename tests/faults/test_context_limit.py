@@ -60,7 +60,7 @@ def test_over_the_context_fails_alone_in_its_batch(served, prompt, max_tokens, n
     with ThreadPoolExecutor(len(bodies)) as pool:
         out = list(pool.map(lambda b: _post(app.port, b), bodies))
     status, body = out.pop(2)
-    assert status == 400 and body["error"] == _message(n_prompt, max_tokens)
+    assert status == 400 and body["error"]["message"] == _message(n_prompt, max_tokens)
     for (status, got), want in zip(out, reference):
         assert status == 200, got
         assert got["choices"][0]["tokens"] == want.tokens

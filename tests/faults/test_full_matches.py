@@ -60,7 +60,7 @@ def test_http_load_with_a_trailing_newline_is_a_400(lora):
     finally:
         app_.shutdown()
     assert resp.status == 400
-    assert body["error"] == f"adapter name 'a\\n' {ADAPTER_RULE}"
+    assert body["error"]["message"] == f"adapter name 'a\\n' {ADAPTER_RULE}"
     assert server.adapters() == []
 
 

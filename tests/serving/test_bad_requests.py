@@ -86,7 +86,7 @@ def test_one_bad_token_id_fails_alone_http_client(served):
         out = list(pool.map(lambda r: _post(http.port, {"model": r[1], "prompt": r[0], "max_tokens": r[2]}), reqs))
     status, body = out[3]
     assert status == 400, body
-    assert "500" in body["error"] and f"0..{VOCAB - 1}" in body["error"]
+    assert "500" in body["error"]["message"] and f"0..{VOCAB - 1}" in body["error"]["message"]
     assert all(s == 200 for i, (s, _) in enumerate(out) if i != 3), out
     _check_seven([b for _, b in out], reference)
 
@@ -106,8 +106,9 @@ def test_one_bad_token_id_fails_alone_openai_client(served):
         out = list(pool.map(send, _eight([5, 6, 500])))
     bad = out[3]
     assert isinstance(bad, openai.BadRequestError) and bad.status_code == 400
-    # the error body is {"error": message}; the client hands the message over as exc.body
-    assert isinstance(bad.body, str) and "500" in bad.body and f"0..{VOCAB - 1}" in bad.body
+    # the error body is OpenAI's {"error": {message, type, param, code}}; the client reads its fields
+    assert "500" in bad.message and f"0..{VOCAB - 1}" in bad.message
+    assert bad.param == "prompt" and bad.type == "invalid_request_error"
     assert all(isinstance(r, dict) for i, r in enumerate(out) if i != 3), out
     for i, r in enumerate(out):
         if i != 3:
@@ -121,9 +122,13 @@ def test_prompt_beyond_the_context_is_refused(served):
     http, _ = served
     status, body = _post(http.port, {"prompt": [5] * 8000, "model": "a", "max_tokens": 16})
     assert status == 400
-    assert "8000" in body["error"] and str(CONTEXT) in body["error"] and "8016" in body["error"]
+    assert (
+        "8000" in body["error"]["message"]
+        and str(CONTEXT) in body["error"]["message"]
+        and "8016" in body["error"]["message"]
+    )
     status, body = _post(http.port, {"prompt": "hi", "model": "a", "max_tokens": 300})  # <= 512, > context
-    assert status == 400 and str(CONTEXT) in body["error"] and "300" in body["error"]
+    assert status == 400 and str(CONTEXT) in body["error"]["message"] and "300" in body["error"]["message"]
     status, body = _post(http.port, {"prompt": [5] * 250, "model": "a", "max_tokens": 6})  # exactly fits
     assert status == 200, body
     with pytest.raises(ValueError, match="context of 256 tokens"):
@@ -135,11 +140,11 @@ def test_model_and_adapter_fields(served):
     status, body = _post(http.port, {"prompt": "hello", "adapter": "a", "model": "a", "max_tokens": 4})
     assert status == 200 and body["choices"][0]["tokens"] == reference[0].tokens
     status, body = _post(http.port, {"prompt": "hello", "adapter": "a", "model": "b"})
-    assert status == 400 and "disagree" in body["error"]
+    assert status == 400 and "disagree" in body["error"]["message"]
     status, body = _post(http.port, {"prompt": "hello", "model": 3})
-    assert status == 400 and "'model'" in body["error"]
+    assert status == 400 and "'model'" in body["error"]["message"]
     status, body = _post(http.port, {"prompt": "hello", "model": "ghost"})
-    assert status == 404 and "ghost" in body["error"]
+    assert status == 404 and "ghost" in body["error"]["message"]
     status, body = _post(http.port, {"prompt": [5, -1], "model": "a"})
     assert status == 400
 
@@ -177,7 +182,7 @@ def test_failure_inside_a_batch_fails_only_its_request(served, monkeypatch):
                 _eight([5, SENTINEL, 6]),
             )
         )
-    assert got[3][0] == 400 and str(SENTINEL) in got[3][1]["error"]
+    assert got[3][0] == 400 and str(SENTINEL) in got[3][1]["error"]["message"]
     assert all(s == 200 for i, (s, _) in enumerate(got) if i != 3), got
     _check_seven([b for _, b in got], reference)
 

@@ -65,14 +65,14 @@ def test_errors_keep_serving(app):
     http, _ = app
     url = http.url
     status, body = _call(url, "/v1/completions", {"prompt": "hi", "adapter": "nope"})
-    assert status == 404 and "nope" in body["error"]
+    assert status == 404 and "nope" in body["error"]["message"]
     assert _call(url, "/v1/completions", raw=b"{not json")[0] == 400
     status, body = _call(url, "/v1/completions", {"prompt": "hi", "temperature": 1.0})
-    assert status == 400 and "temperature" in body["error"]
+    assert status == 400 and "temperature" in body["error"]["message"]
     assert _call(url, "/v1/completions", {"prompt": "hi", "max_tokens": 0})[0] == 400
     assert _call(url, "/v1/completions", {"prompt": ""})[0] == 400
     status, body = _call(url, "/v1/completions", {"prompt": "hi", "adapter": "broken", "max_tokens": 2})
-    assert status == 400 and "broken" in body["error"]
+    assert status == 400 and "broken" in body["error"]["message"]
     assert _call(url, "/v1/adapters/unload", {"name": "ghost"})[0] == 404
     assert _call(url, "/v1/adapters/load", {"name": "x", "source": "/does/not/exist"})[0] == 400
     assert _call(url, "/v1/nothing")[0] == 404
@@ -103,7 +103,7 @@ def test_full_queue_answers_503(app):
                 break
             time.sleep(0.02)
         status, body = _call(url, "/v1/completions", {"prompt": "q", "adapter": "a", "max_tokens": 1})
-        assert status == 503 and "queue is full" in body["error"]
+        assert status == 503 and "queue is full" in body["error"]["message"]
     t1.join(60)
     t2.join(60)
     assert results == [200, 200]

@@ -83,7 +83,9 @@ def test_bad_content_length_is_answered_and_closed(app, length, status, named):
     raw, took = _exchange(app.port, _post_head(length))
     line, body = _status_and_body(raw)
     assert line.startswith(f"HTTP/1.1 {status} "), line
-    assert named in body["error"]
+    assert named in body["error"]["message"]
+    assert body["error"]["type"] == "invalid_request_error"  # OpenAI's error shape on the framing errors too
+    assert body["error"]["code"] == ("request_too_large" if status == "413" else None)
     assert took < READ_TIMEOUT + 1.0  # answered at once, not after a timeout
 
 
@@ -91,7 +93,8 @@ def test_slow_body_gets_408(app):
     raw, took = _exchange(app.port, _post_head("100") + b'{"prompt": ')  # 11 of 100 bytes, then silence
     line, body = _status_and_body(raw)
     assert line.startswith("HTTP/1.1 408 "), line
-    assert "100 bytes" in body["error"] and "read timeout" in body["error"]
+    assert "100 bytes" in body["error"]["message"] and "read timeout" in body["error"]["message"]
+    assert body["error"]["code"] == "request_timeout"
     assert READ_TIMEOUT * 0.8 <= took < READ_TIMEOUT + 2.0
 
 
@@ -100,7 +103,7 @@ def test_deeply_nested_json_is_400_not_500(app):
     raw, took = _exchange(app.port, _post_head(str(len(deep))) + deep)
     line, body = _status_and_body(raw)
     assert line.startswith("HTTP/1.1 400 "), line
-    assert "nests deeper" in body["error"]
+    assert "nests deeper" in body["error"]["message"]
     assert took < BOUND
 
 
@@ -109,10 +112,10 @@ def test_chunked_body_and_garbage_request_line(app):
         app.port, _post_head("0", "Transfer-Encoding: chunked\r\n").replace(b"Content-Length: 0\r\n", b"")
     )
     line, body = _status_and_body(raw)
-    assert line.startswith("HTTP/1.1 411 ") and "chunked" in body["error"]
+    assert line.startswith("HTTP/1.1 411 ") and "chunked" in body["error"]["message"]
     raw, _ = _exchange(app.port, b"hello there\r\n\r\n")
     line, body = _status_and_body(raw)
-    assert line.startswith("HTTP/1.1 400 ") and "hello" in body["error"]
+    assert line.startswith("HTTP/1.1 400 ") and "hello" in body["error"]["message"]
     # Expect: 100-continue with a too large body is refused before the body is sent
     raw, _ = _exchange(app.port, _post_head(str(MAX_BODY + 1), "Expect: 100-continue\r\n"))
     line, body = _status_and_body(raw)
@@ -147,7 +150,7 @@ def test_keep_alive_survives_a_json_error(app):
     try:
         conn.request("POST", "/v1/completions", b"{not json", {"Content-Type": "application/json"})
         resp = conn.getresponse()
-        assert resp.status == 400 and "not valid JSON" in json.loads(resp.read())["error"]
+        assert resp.status == 400 and "not valid JSON" in json.loads(resp.read())["error"]["message"]
         conn.request("POST", "/v1/completions", json.dumps({"prompt": [5, 6], "max_tokens": 1}))
         resp = conn.getresponse()
         assert resp.status == 200, resp.read()
