@@ -244,3 +244,35 @@ def test_bad_check_input_exit_2(root: Path, tmp_path: Path) -> None:
         res = runner.invoke(app, argv)
         assert res.exit_code == 2, res.output
         assert needle in " ".join(res.output.split()), res.output
+
+
+def test_vllms_own_peft_helper_agrees(root: Path) -> None:
+    """vLLM's real PEFTHelper / LoRAConfig (when vLLM is importable, e.g. a ``pip install --no-deps vllm``
+    test environment): every export --for vllm is legal with the scale adapterlab meant, and the crafted
+    violations vLLM itself checks are refused by both."""
+    peft_helper = pytest.importorskip("vllm.lora.peft_helper")
+    lora_config = pytest.importorskip("vllm.config.lora")
+    from adapterlab.jobs.check import check_vllm
+
+    cfg = lora_config.LoRAConfig(max_lora_rank=64)
+    for kind, extra in (("lora", []), ("dylora", ["--rank", "3"]), ("shira", ["--energy", "0.9"])):
+        out = root / f"vllm-helper-{kind}"
+        shutil.rmtree(out, ignore_errors=True)
+        res = _export(root, make_adapter(kind, root), out, "--for", "vllm", "--served-name", SERVED, *extra)
+        assert res.exit_code == 0, res.output
+        helper = peft_helper.PEFTHelper.from_local_dir(str(out), max_position_embeddings=256)
+        helper.validate_legal(cfg)  # raises on anything vLLM refuses
+        written = json.loads((out / "adapter_config.json").read_text())
+        assert helper.vllm_lora_scaling_factor == pytest.approx(written["lora_alpha"] / written["r"], rel=1e-12)
+        assert check_vllm(out, served_name=SERVED, max_lora_rank=64) == []
+    for name, change in (
+        ("mts", {"modules_to_save": ["lm_head"]}),
+        ("dora", {"use_dora": True}),
+        ("bias", {"bias": "all"}),
+        ("rank", {"r": 128}),
+    ):
+        f = _good(root, f"vllm-helper-bad-{name}")
+        _edit_config(f, **change)
+        with pytest.raises(ValueError):
+            peft_helper.PEFTHelper.from_local_dir(str(f), max_position_embeddings=256).validate_legal(cfg)
+        assert check_vllm(f, max_lora_rank=64) != []

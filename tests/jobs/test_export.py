@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from adapterlab.jobs.check import check_vllm
 from adapterlab.jobs.export import export_lora
 from tests.extraction._export_kinds import rel, written_deltas
 from tests.merging._helpers import make_lora_dirs
@@ -42,6 +43,7 @@ def test_shared_basis_member_is_exact(loras: list[Path], tmp_path: Path) -> None
         assert rel(got[m], U @ sig[f"{m}.sigma"][i].double() @ V) < 1e-6
     written = json.loads((out / "adapter_config.json").read_text())
     assert written["r"] == 8 and written["base_model_name_or_path"] == "org/base"
+    assert check_vllm(out, served_name="org/base") == []
     with pytest.raises(ValueError, match="--member 'nope' is not in the shared-basis bundle; it holds: task0"):
         export_lora(bundle_dir, tmp_path / "x", member="nope")
     with pytest.raises(ValueError, match="choose one with --member NAME"):
@@ -54,7 +56,8 @@ def test_rmm_task_reconstruction_is_exact(loras: list[Path], tmp_path: Path) -> 
 
     merge_dir = tmp_path / "rmm"
     merge_adapters({f"t{i}": p for i, p in enumerate(loras)}, "rmm", K=2).save(merge_dir)
-    ex = export_lora(merge_dir, tmp_path / "t1", task="t1")
+    ex = export_lora(merge_dir, tmp_path / "t1", task="t1", for_vllm=True)
+    assert check_vllm(tmp_path / "t1") == []
     assert ex.exact and ex.kind == "rmm" and ex.source["task"] == "t1"
     t = load_file(str(merge_dir / "rmm_bundle.safetensors"))
     cfg = json.loads((merge_dir / "rmm_config.json").read_text())
