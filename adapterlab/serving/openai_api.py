@@ -262,6 +262,8 @@ def parse_completion(body: Mapping[str, Any], *, base_name: str, max_new_tokens:
     for key, empty in (("echo", False), ("suffix", None)):
         if body.get(key) not in (None, empty):
             raise _bad(f"{key} {_short(body[key])} is not supported; leave it out", key)
+    if "max_new_tokens" in body and "max_tokens" in body and body["max_new_tokens"] != body["max_tokens"]:
+        raise _bad("max_tokens and max_new_tokens (its older name) disagree; give one of them", "max_tokens")
     key = "max_new_tokens" if "max_new_tokens" in body else "max_tokens"
     n = body.get(key, 16)
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= max_new_tokens:

@@ -4,6 +4,7 @@ what :meth:`AdapterServer.generate` answers in-process."""
 
 from __future__ import annotations
 
+import http.client as _http_client
 import json
 import time
 import urllib.error
@@ -309,3 +310,67 @@ def test_text_stream_oracle():
     assert "".join(got) == s.text and s.push(8, 0x41) == ""
     s = TextStream(decode, ("q",), stream=False)
     assert [s.push(i, t) for i, t in enumerate(b"abqc")] == ["", "", "", ""] and s.text == "ab" and s.stopped
+
+
+def test_an_error_after_the_stream_started_is_one_error_event(served, tmp_path):
+    http, client, _ = served
+    broken = make_lora(tmp_path / "broken", seed=4)
+    (broken / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    http.server.register("broken", broken)  # known, so the request is queued; it fails when loaded
+    with pytest.raises(openai.APIError) as err:
+        list(client.completions.create(model="broken", prompt="hi", max_tokens=4, stream=True))
+    assert "broken" in err.value.message and err.value.body["type"] == "invalid_request_error"
+    assert client.completions.create(model="a", prompt="hi", max_tokens=2).choices[0].text is not None
+
+
+def test_step_hook_sees_every_token_and_ends_rows(served):
+    """``generate(on_step=)``: the live tokens it is told are the completions (oracle: a run without the
+    hook); a row it stops ends with that step's token and ``finish_reason="stop"``, the others are unchanged."""
+    server = served[0].server
+    reqs = [Request("hook one", "a", 6), Request([5, 6, 7], "b", 9), Request("third", None, 4)]
+    want = server.generate(reqs)
+    seen: dict[int, list[int]] = {i: [] for i in range(len(reqs))}
+
+    def record(indices, step, tokens, live):
+        for b, i in enumerate(indices):
+            if bool(live[b]):
+                assert step == len(seen[i])
+                seen[i].append(int(tokens[b]))
+        return None
+
+    got = server.generate(reqs, on_step=record)
+    assert [c.tokens for c in got] == [w.tokens for w in want]
+    assert [seen[i] for i in range(len(reqs))] == [w.tokens for w in want]
+
+    def stop_row_1_at_step_2(indices, step, tokens, live):
+        import torch
+
+        return torch.tensor([i == 1 and step == 2 for i in indices])
+
+    got = server.generate(reqs, on_step=stop_row_1_at_step_2)
+    assert got[1].tokens == want[1].tokens[:3] and got[1].finish_reason == "stop"
+    assert [got[i].tokens for i in (0, 2)] == [want[i].tokens for i in (0, 2)]
+
+
+def test_a_client_that_leaves_a_stream_ends_its_row(served, monkeypatch):
+    http, _, _ = served
+    want = _want(http.server, "go on", "a", 200)
+    assert want.finish_reason == "length" and len(want.tokens) == 200  # runs to the budget when nobody leaves
+    finished = []
+    finish = http._finish
+    monkeypatch.setattr(http, "_finish", lambda job, res: finished.append(res) or finish(job, res))
+    conn = _http_client.HTTPConnection("127.0.0.1", http.port, timeout=60)
+    body = {"model": "a", "prompt": "go on", "max_tokens": 200, "stream": True}
+    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.getheader("Content-Type").startswith("text/event-stream")
+    assert resp.fp.readline()  # the first chunk's size line: the stream has started
+    conn.sock.shutdown(2)
+    conn.close()
+    for _ in range(1000):
+        if finished:
+            break
+        time.sleep(0.01)
+    (res,) = finished
+    assert res.finish_reason == "stop" and len(res.tokens) < 200
+    assert res.tokens == want.tokens[: len(res.tokens)]
