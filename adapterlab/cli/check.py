@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from adapterlab.cli._common import console, err_console, user_errors
+from adapterlab.cli._common import console, err_console, hub_option, resolve_hub, user_errors
 
 HELP = (
     "Check that a serving engine accepts an adapter folder (--for vllm): one line per violation and exit code 2 on "
@@ -29,17 +29,17 @@ def command(
     max_lora_rank: int | None = typer.Option(
         None, "--max-lora-rank", help="vLLM's --max-lora-rank (16 by default there)."
     ),
-    hub: Path | None = typer.Option(None, "--hub", envvar="ADAPTERLAB_HUB", help="Registry root for hub: refs."),
+    hub: Path | None = hub_option("Registry root for hub: refs"),
 ) -> None:
     from adapterlab.jobs.check import SERVERS, check_vllm
 
     if for_ not in SERVERS:
         raise ValueError(f"--for {for_!r}: choose one of: {', '.join(SERVERS)}")
     registry = None
-    if hub is not None and adapter.startswith("hub:"):
+    if adapter.startswith("hub:"):
         from adapterlab.registry import AdapterRegistry
 
-        registry = AdapterRegistry(hub)
+        registry = AdapterRegistry(resolve_hub(hub))
     problems = check_vllm(adapter, base=base, served_name=served_name, max_lora_rank=max_lora_rank, registry=registry)
     if problems:
         for line in problems:

@@ -9,7 +9,15 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from adapterlab.cli._common import console, progress, setup_logging, user_errors
+from adapterlab.cli._common import (
+    console,
+    hub_option,
+    progress,
+    resolve_hub,
+    setup_logging,
+    short_module_names,
+    user_errors,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -27,9 +35,10 @@ def summary(result: Any, output: Path | None, limit: int = 40) -> Table:
     table = Table(title=f"adapterlab export ({result.kind} -> lora){f' -> {output}' if output else ''}")
     for col in ("module", "shape", "how", "rank", "from rank", "rel. error", "energy"):
         table.add_column(col, justify="left" if col in ("module", "how") else "right", overflow="fold")
-    for m in result.modules[:limit]:
+    short, dropped = short_module_names([m.name for m in result.modules])
+    for m, name in zip(result.modules[:limit], short):
         table.add_row(
-            m.name,
+            name,
             "x".join(map(str, m.shape)),
             m.how,
             str(m.rank),
@@ -43,7 +52,7 @@ def summary(result: Any, output: Path | None, limit: int = 40) -> Table:
     table.caption = (
         f"{'exact' if result.exact else 'truncated'}: total relative error {result.total_error:.3e}, worst module "
         f"{worst:.3e}; written rank {result.rank}{' (vLLM)' if result.for_vllm else ''}, {result.dtype}; "
-        f"{result.seconds:.2f} s"
+        f"{result.seconds:.2f} s" + (f"; module names without {', '.join(dropped)}" if dropped else "")
     )
     return table
 
@@ -78,9 +87,7 @@ def command(
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder."),
     put: str | None = typer.Option(None, "--put", help="Also put the exported LoRA into the registry under this name."),
-    hub: Path | None = typer.Option(
-        None, "--hub", envvar="ADAPTERLAB_HUB", help="Registry root for hub: refs and --put (default ./hub)."
-    ),
+    hub: Path | None = hub_option("Registry root for hub: refs and --put"),
     rows: int = typer.Option(40, "--rows", help="Rows shown in the table."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
@@ -103,7 +110,7 @@ def command(
         dtype=dtype,
         overwrite=overwrite,
         put=put,
-        hub=hub,
+        hub=resolve_hub(hub),
     )
     with progress() as prog:
         job = run_export(plan, progress=rich_factory(prog))

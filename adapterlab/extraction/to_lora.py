@@ -633,6 +633,14 @@ def lora_input(
     text = os.fspath(adapter)
     folder, recorded = _folder_of(text, where, registry)
     peft_type = _peft_type_of_folder(folder, where)
+    from adapterlab.adapter_config import read_adapter_config
+
+    raw, _ = read_adapter_config(folder / "adapter_config.json")
+    if raw.get("modules_to_save"):
+        raise ValueError(
+            f"{where}: {text!r} has modules_to_save={list(raw['modules_to_save'])}: full copies of layers are not "
+            f"a LoRA delta (and vLLM serves no modules_to_save); save the adapter without them to export it"
+        )
     if peft_type not in TUNER_KINDS:
         src = resolve_adapter(folder, where=where, name=text[4:] if text.startswith("hub:") else None)
         if text.startswith("hub:"):
@@ -640,10 +648,8 @@ def lora_input(
         return _from_source(src)
     from peft import PeftModel
 
-    from adapterlab.adapter_config import read_adapter_config
     from adapterlab.io import check_safetensors, sha256_file
 
-    raw, _ = read_adapter_config(folder / "adapter_config.json")
     weights = folder / "adapter_model.safetensors"
     check_safetensors(weights)  # pickle / corrupt files: one line naming the file, before peft reads it
     model = _load_base(base, raw.get("base_model_name_or_path"), where)

@@ -225,6 +225,11 @@ def test_bad_export_sources_exit_2(root: Path, tmp_path: Path) -> None:
         assert res.exit_code == 2, res.output
         assert needle in " ".join(res.output.split()), res.output
         assert not out.exists()
+    mts = tmp_path / "mts"
+    shutil.copytree(make_adapter("lora", root), mts)
+    _edit_config(mts, modules_to_save=["lm_head"])
+    res = runner.invoke(app, ["export", str(mts), "-o", str(out)])
+    assert res.exit_code == 2 and "modules_to_save=['lm_head']" in res.output and not out.exists()
     (tmp_path / "pickle").mkdir()
     (tmp_path / "pickle" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
     (tmp_path / "pickle" / "adapter_model.bin").write_bytes(b"\x80\x04junk")

@@ -186,3 +186,29 @@ def test_peft_loads_the_export_and_adds_the_delta(root: Path) -> None:
     for m, D in true.items():
         w = merged.get_submodule(m).weight.detach().double()
         assert rel(w - before[f"{m}.weight"].double(), D) < 1e-5
+
+
+def test_embedding_and_lm_head_loras_export_exactly(root: Path) -> None:
+    """LoRA on embed_tokens (peft's transposed lora_embedding_A/B) and lm_head: peft merging the export
+    gives the weights peft merging the original gives."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from tests.extraction._export_kinds import base_model
+
+    src, out = root / "emb-lora", root / "emb-export"
+    pm = get_peft_model(base_model(), LoraConfig(r=4, lora_alpha=3, target_modules=["embed_tokens", "lm_head"]))
+    with torch.no_grad():
+        for _, p in pm.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn_like(p) * 0.3)
+    pm.save_pretrained(str(src), save_embedding_layers=False)
+    to_lora(lora_input(src), for_vllm=True).save(out)
+    want = PeftModel.from_pretrained(base_model(), str(src)).merge_and_unload()
+    got = PeftModel.from_pretrained(base_model(), str(out)).merge_and_unload()
+    for name in ("model.embed_tokens", "lm_head"):
+        w0 = base_model().get_submodule(name).weight
+        delta_want = (want.get_submodule(name).weight - w0).detach().double()
+        assert float(delta_want.norm()) > 0
+        assert rel((got.get_submodule(name).weight - w0).detach().double(), delta_want) < 1e-5
+    t = load_file(str(out / "adapter_model.safetensors"))
+    assert any(k.endswith("embed_tokens.lora_embedding_A") for k in t)
