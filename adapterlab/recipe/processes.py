@@ -11,7 +11,7 @@ after the last synchronised step stops the write on every rank. In one process b
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from adapterlab import distributed
 
@@ -58,7 +58,7 @@ def on_rank0(fn: Callable[[], T], what: str) -> T:
         raise error
     if reason is not None:
         raise RankZeroFailed(what, reason)
-    return got_value  # type: ignore[no-any-return]
+    return cast(T, got_value)
 
 
 def agree(error: BaseException | None, what: str) -> None:

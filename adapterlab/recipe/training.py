@@ -21,7 +21,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from pydantic import ValidationError
@@ -605,7 +605,7 @@ def train_adapter(
             if prune_out is not None:
                 info = result.prune
                 on_rank0(lambda: _save_pruned(model, tok, prune_out, recipe.overwrite, info), "saving the pruned base")
-                model.config._name_or_path = str(prune_out)  # the base the adapter belongs to
+                cast(Any, model).config._name_or_path = str(prune_out)  # the base the adapter belongs to
         dataset = tokenize_for_training(
             tok, recipe.data.task, n=recipe.data.max_examples, seed=recipe.data.seed, max_length=recipe.data.max_length
         )
