@@ -148,6 +148,22 @@ class _Job:
             halt[0][halt[1]] = True
 
 
+@dataclass
+class _Stream:
+    """A streamed answer: its events (None = ``[DONE]``) and its jobs, cancelled when it is closed
+    (also when it never started: a generator that never ran would not run its ``finally``)."""
+
+    events: Iterator[dict[str, Any] | None]
+    jobs: list[_Job]
+
+    def close(self) -> None:
+        close = getattr(self.events, "close", None)
+        if close is not None:
+            close()
+        for job in self.jobs:
+            job.cancel()  # a finished job only gets the flag
+
+
 class _HTTPServer(ThreadingHTTPServer):
     """The listener: daemon handler threads; errors a handler did not answer are logged, not printed."""
 
@@ -403,7 +419,7 @@ class ServingHTTP:
             _, body = _error_of(exc)
             raise HTTPError(400, str(exc).splitlines()[0], param=param, code=body["error"]["code"]) from None
 
-    def _generate(self, kind: str, body: dict[str, Any]) -> dict[str, Any] | Iterator[dict[str, Any] | None]:
+    def _generate(self, kind: str, body: dict[str, Any]) -> dict[str, Any] | _Stream:
         """A completion or chat request: parse, validate, queue; the answer, or its stream of events."""
         parse = parse_chat if kind == "chat" else parse_completion
         gen = parse(body, base_name=self.base_name, max_new_tokens=self.max_new_tokens)
@@ -447,7 +463,7 @@ class ServingHTTP:
             for job in jobs:
                 self.queue.put_nowait(job)
         if gen.stream:
-            return self._events(gen, jobs, sink)
+            return _Stream(self._events(gen, jobs, sink), jobs)
         choices = self._collect(jobs, sink)
         build = chat_body if kind == "chat" else completion_body
         return build(gen, new_id(kind), now(), choices)
@@ -607,7 +623,7 @@ class ServingHTTP:
                 short = self.responses.get(code, ("error",))[0]
                 self._send_error(HTTPError(int(code), message or short, close=True))
 
-            def _answer(self, route: Callable[[], dict[str, Any] | Iterator[dict[str, Any] | None]]) -> None:
+            def _answer(self, route: Callable[[], dict[str, Any] | _Stream]) -> None:
                 """Run ``route`` and send its JSON or its event stream, or the error it raised."""
                 try:
                     result = route()
@@ -625,7 +641,7 @@ class ServingHTTP:
                 except (*_GONE, TimeoutError) as exc:
                     self._gone(exc)
 
-            def _stream(self, events: Iterator[dict[str, Any] | None]) -> None:
+            def _stream(self, stream: _Stream) -> None:
                 """Server-sent events, one chunk of the chunked body each (HTTP/1.0: until close)."""
                 chunked = self.request_version != "HTTP/1.0"
                 try:
@@ -637,7 +653,7 @@ class ServingHTTP:
                     else:
                         self.send_header("Connection", "close")
                     self.end_headers()
-                    for event in events:
+                    for event in stream.events:
                         data = b"data: " + (b"[DONE]" if event is None else json.dumps(event).encode()) + b"\n\n"
                         self.wfile.write(b"%X\r\n%s\r\n" % (len(data), data) if chunked else data)
                     if chunked:
@@ -648,9 +664,7 @@ class ServingHTTP:
                     logger.exception("a streamed answer failed")
                     self.close_connection = True
                 finally:
-                    close = getattr(events, "close", None)
-                    if close is not None:
-                        close()  # cancels the jobs still running
+                    stream.close()  # cancels the jobs still running
 
             def handle_expect_100(self) -> bool:
                 try:
