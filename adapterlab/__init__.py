@@ -54,6 +54,7 @@ _EXPORTS: dict[str, str] = {
     "SharedBasisBundle": "adapterlab.compression",
     "compress_adapters": "adapterlab.compression",
     "export_lora": "adapterlab.jobs.export",
+    "compensate": "adapterlab.extraction",
     "ExtractResult": "adapterlab.extraction",
     "extract_lora": "adapterlab.extraction",
     "MergeResult": "adapterlab.merging",
@@ -78,7 +79,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the names as plain imports
 
     # bases: models, pruning, quantization, evaluation
     from adapterlab.evaluate import perplexity, sparsity_report, task_accuracy
-    from adapterlab.extraction import ExtractResult, extract_lora
+    from adapterlab.extraction import ExtractResult, compensate, extract_lora
     from adapterlab.folding import merge
     from adapterlab.jobs.export import export_lora
     from adapterlab.merging import MergeResult, RMMBundle, merge_adapters, resolve_adapter
@@ -129,6 +130,7 @@ __all__ = [
     "MergeResult",
     "RMMBundle",
     "SharedBasisBundle",
+    "compensate",
     "compress_adapters",
     "export_lora",
     "extract_lora",

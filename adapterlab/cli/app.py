@@ -8,6 +8,7 @@ from adapterlab.cli import (
     assets,
     bench,
     check,
+    compensate,
     compress,
     demo,
     evaluate,
@@ -45,6 +46,7 @@ app.command("train", help=train.HELP)(train.command)
 app.command("merge", help=merge.HELP)(merge.command)
 app.command("extract", help=extract.HELP)(extract.command)
 app.command("compress", help=compress.HELP)(compress.command)
+app.command("compensate", help=compensate.HELP)(compensate.command)
 app.command("export", help=export.HELP)(export.command)
 app.command("check", help=check.HELP)(check.command)
 app.add_typer(hub.app, name="hub", help=hub.HELP)
