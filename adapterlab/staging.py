@@ -49,9 +49,25 @@ def check_output_dir(path: str | os.PathLike[str], overwrite: bool = False) -> P
     return out
 
 
+def default_permissions(folder: Path) -> None:
+    """Give ``folder`` and everything under it the umask's default modes (0777 / 0666 minus the umask).
+
+    ``mkdtemp`` creates the stage 0700 and atomic writers create files 0600; without this every staged
+    output would land readable by its owner only.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.rglob("*"):
+        if path.is_symlink():
+            continue
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 @contextlib.contextmanager
 def staged_dir(path: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces ``path`` by rename, on error it is removed.
+    """Yield a temporary sibling folder; on success it gets the umask's default permissions and replaces
+    ``path`` by rename, on error it is removed.
 
     Nothing partial is ever left at ``path``.
     """
@@ -61,6 +77,7 @@ def staged_dir(path: str | os.PathLike[str], overwrite: bool = False) -> Iterato
     old: Path | None = None
     try:
         yield stage
+        default_permissions(stage)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)

@@ -79,3 +79,27 @@ def test_prune_under_a_file_is_one_line_before_loading(tmp_path: Path) -> None:
     assert res.exit_code == 2, res.output
     lines = [ln for ln in res.output.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and "cannot be created" in lines[0] and "is a file, not a folder" in lines[0], res.output
+
+
+def test_a_staged_folder_lands_with_the_umask_default_permissions(tmp_path):
+    """mkdtemp makes the stage 0700 and mkstemp makes files 0600; the landed output has the umask's modes."""
+    import os
+    import tempfile
+
+    from adapterlab.staging import staged_dir
+
+    old = os.umask(0o027)
+    try:
+        with staged_dir(tmp_path / "out") as stage:
+            (stage / "sub").mkdir(mode=0o700)
+            fd, name = tempfile.mkstemp(dir=stage / "sub")  # 0600
+            os.close(fd)
+            (stage / "a.json").write_text("{}")
+            os.chmod(stage / "a.json", 0o600)
+    finally:
+        os.umask(old)
+    out = tmp_path / "out"
+    assert out.stat().st_mode & 0o777 == 0o750
+    assert (out / "sub").stat().st_mode & 0o777 == 0o750
+    assert (out / "a.json").stat().st_mode & 0o777 == 0o640
+    assert (out / "sub" / Path(name).name).stat().st_mode & 0o777 == 0o640

@@ -96,16 +96,6 @@ def _validate_model_config(path: Path, nm: tuple[int, int] | None, seqlen: int |
             )
 
 
-def _default_permissions(folder: Path) -> None:
-    """mkdtemp and atomic writers create 0700/0600 entries; give them the umask's defaults."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for path in folder.iterdir():
-        if path.is_file():
-            path.chmod(0o666 & ~umask)
-
-
 def check_prune(
     *,
     output: str | os.PathLike[str],
@@ -205,7 +195,6 @@ def run_prune(plan: PrunePlan, *, progress: ProgressFactory | None = None) -> Pr
             }
         )
         (stage / "sparsity_report.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        _default_permissions(stage)
     return PruneJobResult(output=plan.output, report=report, info=info)
 
 

@@ -167,16 +167,6 @@ def _set_config_dtype(folder: Path, dtype: torch.dtype) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def default_permissions(folder: Path) -> None:
-    """Staging folders are created 0700: give the folder and its files the umask's defaults."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for path in folder.iterdir():
-        if path.is_file():
-            path.chmod(0o666 & ~umask)
-
-
 def prune_into(
     source: str | os.PathLike[str],
     folder: str | os.PathLike[str],
@@ -341,7 +331,6 @@ def prune_checkpoint(
             progress=progress,
             **method_kwargs,
         )
-        default_permissions(stage)
     result.output = Path(output)
     result.shards = [result.output / p.name for p in result.shards]
     return result
