@@ -71,6 +71,13 @@ METHOD_TENSORS: dict[str, _Rule] = {
     ),
 }
 
+#: Factors without a rank pair whose shape carries the base module's size: (component, axis, "in" | "out").
+#: SPP: alpha (groups, d_in), beta (d_out, 1); SNELL: P (heads, d_in, r/heads), Q (heads, d_out, r/heads).
+_BASE_AXES: dict[str, tuple[tuple[str, int, str], ...]] = {
+    "ADAPTERLAB_SPP": (("spp_alpha", 1, "in"), ("spp_beta", 0, "out")),
+    "ADAPTERLAB_SNELL": (("snell_P", 1, "in"), ("snell_Q", 1, "out")),
+}
+
 
 def _fail(where: str, what: str) -> ValueError:
     return ValueError(f"put: {where}: {what}")
@@ -243,6 +250,19 @@ def check_adapter(src: Path, base: nn.Module | None = None) -> None:
                     where,
                     f"tensor {b_key!r} has shape {list(b.shape)}, but base module {mod!r} has {io[1]} "
                     f"outputs (an adapter of another base?)",
+                )
+        io = _base_io(module, False, False) if module is not None else None
+        for key_name, axis, side in _BASE_AXES.get(peft_type, ()):
+            key = have.get(key_name)
+            if key is None or io is None:
+                continue
+            shape = list(tensors[key].shape)
+            want = io[0] if side == "in" else io[1]
+            if axis >= len(shape) or shape[axis] != want:
+                what = f"takes {want} inputs" if side == "in" else f"has {want} outputs"
+                raise _fail(
+                    where,
+                    f"tensor {key!r} has shape {shape}, but base module {mod!r} {what} (an adapter of another base?)",
                 )
         if peft_type == "ADAPTERLAB_SHIRA":
             values = tensors[have["adapterlab_shira_values"]]

@@ -369,8 +369,6 @@ def test_every_adapterlab_method_is_accepted_and_checked_against_its_base(tmp_pa
     for name, cfg in configs.items():
         get_peft_model(tiny_llama(hidden_size=32), cfg).save_pretrained(str(tmp_path / name))
         reg.put(tmp_path / name, name, base=tiny_llama(hidden_size=32))
-        if name in ("snell", "spp"):  # no shape rule for these yet (module names only)
-            continue
         before = snapshot(reg.root)
         with pytest.raises(
             ValueError, match=r"^put: \S+: tensor '\S+' (has shape|is) .*\(an adapter of another base\?\)$"
