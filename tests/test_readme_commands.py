@@ -45,6 +45,11 @@ NOT_RUN = {
     "pip install -e .": "installs packages; CI's set-up runs it (.ci/run)",
     "pip install -e .[dev]": "installs packages; CI's set-up runs it (.ci/run)",
     "ADAPTERLAB_REQUIRE_ASSETS=1 python -m pytest -q": "the test suite itself (.ci/run runs this line verbatim)",
+    "torchrun --nproc_per_node 2 -m adapterlab train recipes/train/sentiment_lora.yaml --no-put": (
+        "two processes; tests/distributed/test_train_launch.py launches adapterlab train with a real torchrun"
+    ),
+    "accelerate launch --multi_gpu --num_processes 2 -m adapterlab train recipes/train/sentiment_lora.yaml "
+    "--no-put": "two processes; the torchrun launch in tests/distributed/test_train_launch.py covers the same path",
 }
 
 _TRAIN_CHEAP = ["--set", "trainer.max_steps=2", "--set", "eval.n=8", "--set", "data.max_examples=16"]
