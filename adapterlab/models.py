@@ -200,12 +200,25 @@ def load_model(
     return model
 
 
+#: Files of which a model folder holds at least one when it carries a tokenizer.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "tokenizer_config.json")
+
+
 def load_tokenizer(name_or_path: str | os.PathLike[str] | None = None) -> Any:
     """Load the tokenizer that goes with :func:`load_model` (pad token set to EOS if missing)."""
     from transformers import AutoTokenizer
 
     path = resolve_model_path(name_or_path)
-    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    if path.is_dir() and not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"model folder {str(path)!r} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)}); "
+            f"save it next to the weights with tokenizer.save_pretrained(folder)"
+        )
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:  # transformers' many-line reasons
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise ValueError(f"model folder {str(path)!r}: its tokenizer does not load ({reason})") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

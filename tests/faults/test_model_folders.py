@@ -172,3 +172,35 @@ def test_serve_model_other_bad_folders(good, tmp_path):
 def test_a_good_folder_still_loads(good):
     assert check_model_folder(good) == good
     assert sum(p.numel() for p in load_model(good).parameters()) > 0
+
+
+def test_a_folder_without_a_working_tokenizer_is_one_line(good, tmp_path):
+    """eval and prune read the tokenizer first: no tokenizer files, or files transformers cannot load
+    (its reasons run over several lines), give one line naming the folder; nothing is written."""
+    from adapterlab.models import load_tokenizer
+
+    bare = _copy(good, tmp_path / "bare")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (bare / name).unlink()
+    broken = _copy(good, tmp_path / "broken")
+    (broken / "tokenizer.json").write_text("{not json", encoding="utf-8")
+    missing = (
+        f"model folder '{bare}' has no tokenizer (none of tokenizer.json, tokenizer.model, vocab.json, vocab.txt, "
+        "tokenizer_config.json); save it next to the weights with tokenizer.save_pretrained(folder)"
+    )
+    with pytest.raises(FileNotFoundError) as err:
+        load_tokenizer(bare)
+    assert str(err.value) == missing
+    with pytest.raises(ValueError, match=rf"^model folder '{broken}': its tokenizer does not load \(.+\)$") as err:
+        load_tokenizer(broken)
+    assert "\n" not in str(err.value)
+    before = _tree(tmp_path)
+    out = tmp_path / "out"
+    for args in (
+        ["eval", "--model", str(bare), "--task", "sentiment", "--n", "2"],
+        ["prune", "--model", str(bare), "--method", "magnitude", "--sparsity", "0.5", "-o", str(out)],
+    ):
+        assert _one_line(runner.invoke(app, args)) == f"error: {missing}"
+    line = _one_line(runner.invoke(app, ["eval", "--model", str(broken), "--task", "sentiment", "--n", "2"]))
+    assert line.startswith(f"error: model folder '{broken}': its tokenizer does not load (")
+    assert _tree(tmp_path) == before and not out.exists()
